@@ -1,0 +1,41 @@
+# peftsweep: `make sweep` runs a sweep, `make test` runs the tests; both set everything up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+SPACE ?= lora_rank_lr
+ARGS ?=
+PYTEST_ARGS ?=
+# Installed first and pinned: a looser torch lets pip pull a multi-GB CUDA build on a CPU-only machine.
+# On a GPU machine the same pin brings the CUDA build.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help install sweep test browser clean
+
+help:  ## list targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+install: $(STAMP)  ## create .venv and install peftsweep into it
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $@
+
+sweep: $(STAMP)  ## run sweep SPACE (default lora_rank_lr); ARGS="--set train.epochs=2" passes options
+	$(BIN)/peftsweep run $(SPACE) $(ARGS)
+
+browser:  ## headless Chromium + chromedriver for the report's browser test (Debian packages)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make browser: run as root, or: sudo apt-get install chromium chromium-driver" >&2; exit 2; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+test: $(STAMP) browser  ## run the test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:  ## remove runs/ and test artifacts (keeps .venv and the model cache)
+	rm -rf runs test-artifacts .pytest_cache

@@ -1,0 +1,175 @@
+"""`peftsweep`: run sweeps, rebuild reports, export results."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hpo.errors import SweepError
+
+app = typer.Typer(
+    help="Hyperparameter sweeps for parameter-efficient fine-tuning, on Ray Tune and Optuna.\n\n"
+    "A sweep file (sweeps/NAME.yaml) declares the model, data and search space; `run` trains every trial, "
+    "records it in runs/NAME/results.db and writes runs/NAME/report.html.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RunsDir = Annotated[
+    Optional[str], typer.Option("--runs-dir", help="folder holding the runs (default: $PEFTSWEEP_RUNS or ./runs)")
+]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"peftsweep: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _grid_size(spec) -> str:
+    dims = spec.search.space.values()
+    if spec.search.algorithm == "grid":
+        return f"{math.prod(len(d.values) for d in dims) * spec.search.num_samples} trials (grid)"
+    return f"{spec.search.num_samples} trials ({spec.search.algorithm})"
+
+
+@app.command()
+def run(
+    sweep: Annotated[str, typer.Argument(help="sweep name (sweeps/NAME.yaml) or path to a sweep file")],
+    name: Annotated[Optional[str], typer.Option("--name", help="run name (default: the sweep's name)")] = None,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="override a value: --set train.epochs=2 (repeatable)")
+    ] = [],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run of the same name")] = False,
+    address: Annotated[
+        Optional[str], typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster to attach to (default: start Ray locally)")
+    ] = None,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Run a sweep: every trial through Ray Tune, results to the store, then the report."""
+    from hpo.spec import NAME_RE, load_sweep
+
+    try:
+        loaded = load_sweep(sweep, set_)
+        run_name = name or loaded.name
+        if not NAME_RE.match(run_name):
+            raise SweepError(f"--name '{run_name}': use letters, digits, '.', '_' and '-' only")
+        typer.echo(f"Sweep {loaded.path}: {_grid_size(loaded.spec)}, scheduler {loaded.spec.scheduler.name}", err=True)
+        from hpo.driver import run_sweep
+
+        run_dir = run_sweep(loaded, name=run_name, runs_dir=runs_dir, overwrite=overwrite, address=address, overrides=set_)
+    except SweepError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("peftsweep: interrupted; finished trials are in the store", err=True)
+        raise typer.Exit(130)
+    typer.echo(str(run_dir / "report.html"))
+
+
+def _open_store(name: str, runs_dir: str | None):
+    from hpo.driver import runs_root
+    from hpo.store import Store
+
+    root = runs_root(runs_dir)
+    path = root / name / "results.db"
+    if not path.is_file():
+        known = sorted(p.parent.name for p in root.glob("*/results.db"))
+        raise SweepError(f"no run '{name}' in {root}/ (runs: {', '.join(known) or 'none'}); run it first: peftsweep run SWEEP")
+    return Store.open(path)
+
+
+@app.command()
+def report(name: Annotated[str, typer.Argument(help="run name")], runs_dir: RunsDir = None) -> None:
+    """Rebuild runs/NAME/report.html from the store (also while the sweep is running)."""
+    from analysis.report import write_report
+
+    try:
+        store = _open_store(name, runs_dir)
+        path = write_report(store, store.path.parent / "report.html")
+    except SweepError as exc:
+        _fail(str(exc))
+    typer.echo(str(path))
+
+
+@app.command()
+def export(
+    name: Annotated[str, typer.Argument(help="run name")],
+    format: Annotated[str, typer.Option("--format", "-f", help="csv or json")] = "csv",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="file to write (default: standard output)")] = None,
+    runs_dir: RunsDir = None,
+) -> None:
+    """One row per trial: status, searched parameters, best-epoch metrics and cost."""
+    from analysis.load import load_trials
+
+    try:
+        if format not in ("csv", "json"):
+            raise SweepError(f"--format '{format}': use csv or json")
+        table = load_trials(_open_store(name, runs_dir))
+    except SweepError as exc:
+        _fail(str(exc))
+    text = table.to_csv(index=False) if format == "csv" else table.to_json(orient="records", indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    tmp = output.with_name(output.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(output)
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror}")
+    typer.echo(f"{len(table)} trials -> {output}", err=True)
+
+
+@app.command()
+def validate(sweeps: Annotated[list[str], typer.Argument(help="sweep names or files")]) -> None:
+    """Check sweep files without running them."""
+    from hpo.spec import load_sweep
+
+    failed = 0
+    for ref in sweeps:
+        try:
+            loaded = load_sweep(ref)
+        except SweepError as exc:
+            typer.echo(f"peftsweep: error: {exc}", err=True)
+            failed += 1
+            continue
+        typer.echo(f"ok {loaded.path}: {_grid_size(loaded.spec)}")
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command("ls")
+def ls(runs_dir: RunsDir = None) -> None:
+    """List the sweep files and the runs."""
+    from hpo.driver import runs_root
+    from hpo.spec import available_sweeps, load_sweep, sweeps_dir
+
+    typer.echo(f"Sweeps in {sweeps_dir()}/:")
+    for ref in available_sweeps():
+        try:
+            loaded = load_sweep(ref)
+            typer.echo(f"  {ref:<20} {_grid_size(loaded.spec):<24} {loaded.spec.description}")
+        except SweepError as exc:
+            typer.echo(f"  {ref:<20} invalid: {exc}")
+    root = runs_root(runs_dir)
+    typer.echo(f"Runs in {root}/:")
+    import sqlite3
+
+    for db in sorted(root.glob("*/results.db")):
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            status = conn.execute("SELECT status FROM sweep").fetchone()[0]
+            trials = conn.execute("SELECT count(*) FROM trials").fetchone()[0]
+            conn.close()
+        except sqlite3.Error:
+            status, trials = "unreadable", "?"
+        typer.echo(f"  {db.parent.name:<20} {status:<12} {trials} trials")
+
+
+if __name__ == "__main__":
+    app()

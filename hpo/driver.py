@@ -1,0 +1,323 @@
+"""The sweep driver: a spec in, Ray Tune runs the trials, the store and the report come out.
+
+Ray Tune does the scheduling and searching (grid, random, Optuna TPE; FIFO or ASHA); this module
+only translates the spec, connects the worker to Tune, and records what Tune reports.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from hpo.errors import SweepError
+from hpo.progress import ProgressCallback
+from hpo.spec import Dimension, Sweep, SweepSpec, coerce_value
+from hpo.store import COMPLETED, EARLY_STOPPED, ERROR, Store
+
+_RAY_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}  # Tune's own result keys
+VERSIONED_PACKAGES = ("peftsweep", "torch", "transformers", "peft", "ray", "optuna", "pydantic")
+
+
+def runs_root(runs_dir: str | None = None) -> Path:
+    return Path(runs_dir or os.environ.get("PEFTSWEEP_RUNS", "runs"))
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    name: str | None = None,
+    runs_dir: str | None = None,
+    overwrite: bool = False,
+    address: str | None = None,
+    overrides: list[str] = (),
+) -> Path:
+    """Run a validated sweep to the end; returns the run folder (store + report)."""
+    name = name or sweep.name
+    run_dir = runs_root(runs_dir) / name
+    _preflight(sweep.spec)
+    _prepare_run_dir(run_dir, overwrite)
+
+    import ray
+
+    store = Store.create(
+        run_dir / "results.db",
+        name=name,
+        sweep_file=str(sweep.path),
+        spec={**sweep.spec.model_dump(mode="json"), "overrides": list(overrides)},
+        searched=list(sweep.spec.search.space),
+        objectives=[o.model_dump() for o in sweep.spec.objectives],
+        versions=_versions(),
+        git_commit=_git_commit(),
+    )
+    progress = ProgressCallback(sweep.spec, name)
+    try:
+        _init_ray(address)
+        progress.say(f"Ray {'cluster ' + address if address else 'started locally'}; resources: {_resources()}")
+        progress.say(_baseline_message(sweep.spec))
+        prompts, references, baseline = _baseline(sweep.spec)
+        store.set_baseline(zip(range(len(prompts)), prompts, references, baseline))
+        tuner = _tuner(sweep.spec, baseline, run_dir, [StoreCallback(store, sweep.spec), progress])
+        progress.start()
+        try:
+            results = tuner.fit()
+        finally:
+            progress.stop()
+        errors = sum(1 for r in results if r.error is not None)
+        store.finish("completed" if errors < len(results) else "failed", note=f"{errors} of {len(results)} trials failed" if errors else None)
+    except KeyboardInterrupt:
+        store.finish("interrupted")
+        raise
+    except BaseException:
+        store.finish("failed")
+        raise
+    finally:
+        if ray.is_initialized() and not address:
+            ray.shutdown()
+
+    from analysis.report import write_report
+
+    report = write_report(store, run_dir / "report.html")
+    store.close()
+    progress.say(f"Report: {report}")
+    return run_dir
+
+
+def _preflight(spec: SweepSpec) -> None:
+    """Check data and model paths before Ray starts, so bad input costs nothing."""
+    from trainers.data import DataError, load_records
+    from trainers.model import ModelError, resolve_model
+
+    try:
+        records = load_records(spec.data.source)
+        if spec.model.name != "tiny":
+            resolve_model(spec.model)
+    except (DataError, ModelError) as exc:
+        raise SweepError(str(exc)) from None
+    n_eval = round(len(records) * spec.data.eval_fraction)
+    if n_eval < 1 or n_eval >= len(records):
+        raise SweepError(
+            f"data.eval_fraction {spec.data.eval_fraction} of {len(records)} records leaves an empty split; change it or add records"
+        )
+
+
+def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists():
+        if not overwrite:
+            raise SweepError(
+                f"{run_dir} already exists: pass --overwrite to replace it, or --name NAME to keep both"
+            )
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise SweepError(f"cannot create {run_dir}: {exc.strerror}; choose a writable --runs-dir") from None
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=True,
+        )
+    except ConnectionError as exc:
+        raise SweepError(f"Ray cluster at {address} does not answer ({exc}); check --address / RAY_ADDRESS") from None
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+
+
+def _resources() -> str:
+    import ray
+
+    res = ray.cluster_resources()
+    return f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+
+
+def _baseline_message(spec: SweepSpec) -> str:
+    msg = f"Answering {spec.eval.num_prompts} judged prompts with the untouched base model ({spec.model.name})"
+    if spec.model.name == "tiny":
+        from trainers.tiny_model import TINY_MODEL_VERSION, default_cache_dir
+
+        if not (default_cache_dir() / f"tiny-{TINY_MODEL_VERSION}").is_dir():
+            msg += "; first use: pre-training the built-in tiny model (once, about 2 minutes)"
+    return msg + " ..."
+
+
+def _baseline(spec: SweepSpec) -> tuple[list[str], list[str], list[str]]:
+    """The base model's answers, generated once per sweep on a worker (the driver never loads a model)."""
+    import ray
+
+    from trainers.worker import baseline_answers
+
+    task = ray.remote(baseline_answers).options(
+        num_cpus=spec.resources.cpus_per_trial, num_gpus=spec.resources.gpus_per_trial, max_retries=0
+    )
+    try:
+        return ray.get(task.remote(spec.trial_config({})))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if exc.cause is not None else exc
+        raise SweepError(f"the base model could not answer the judged prompts: {_last_line(str(cause))}") from None
+
+
+def _tune_dimension(dim: Dimension, name: str, algorithm: str) -> Any:
+    from ray import tune
+
+    if dim.kind == "grid":
+        values = [coerce_value(name, v) for v in dim.values]
+        return tune.grid_search(values) if algorithm in ("grid", "random") else tune.choice(values)
+    if dim.kind == "choice":
+        return tune.choice([coerce_value(name, v) for v in dim.values])
+    low, high = dim.values
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform}[dim.kind](low, high) if dim.kind != "int" else tune.randint(low, high + 1)
+
+
+def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[Any]) -> Any:
+    from ray import tune
+
+    objective = spec.tune_objective
+    search = spec.search
+    param_space = {name: _tune_dimension(dim, name, search.algorithm) for name, dim in search.space.items()}
+    if search.algorithm == "tpe":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search.seed))
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=search.seed)
+    scheduler = None
+    if spec.scheduler.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_epochs(spec),
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec, baseline=baseline),
+        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=objective.metric,
+            mode=objective.mode,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent_trials,
+            reuse_actors=False,  # a fresh process per trial: memory (and GPU memory) is freed between trials
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(run_dir.resolve()),
+            callbacks=callbacks,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def max_epochs(spec: SweepSpec) -> int:
+    dim = spec.search.space.get("epochs")
+    if dim is None:
+        return spec.train.epochs
+    return int(max(dim.values)) if dim.kind in ("grid", "choice") else int(dim.values[1])
+
+
+class TrialFailed(RuntimeError):
+    """The worker ended a trial with a failed status (e.g. a non-finite loss)."""
+
+
+def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> None:
+    """The Ray Tune trainable: a thin adapter from Tune to the worker."""
+    import ray
+    from ray import tune
+
+    from trainers.worker import TrainStatus, train
+
+    config = spec.trial_config(params)
+    placement = {"node": ray.util.get_node_ip_address(), "devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+    def report(metrics: dict[str, Any]) -> None:
+        held_seconds = metrics["train_seconds"] + metrics["eval_seconds"]
+        gpu_hours = held_seconds * spec.resources.gpus_per_trial / 3600
+        tune.report({**metrics, **placement, "gpu_hours": gpu_hours, "cost_usd": gpu_hours * spec.cost.usd_per_gpu_hour})
+
+    result = train(config, baseline, report)
+    if result.status is TrainStatus.FAILED:
+        raise TrialFailed(result.error)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+class StoreCallback(Callback):
+    """Writes every trial, epoch and answer to the results store as Tune reports them."""
+
+    def __init__(self, store: Store, spec: SweepSpec):
+        self.store = store
+        self.spec = spec
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.store.add_trial(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = int(result["epoch"])
+        if epoch == 1:
+            self.store.set_trial_placement(trial.trial_id, result.get("node"), result.get("devices"))
+        self.store.add_epoch(trial.trial_id, epoch, {k: v for k, v in result.items() if k not in _RAY_KEYS})
+        self.store.add_answers(
+            trial.trial_id, epoch, ((i, a, v) for i, (a, v) in enumerate(zip(result["answers"], result["verdicts"])))
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        planned = self.spec.trial_config(trial.config).train.epochs
+        done = int((trial.last_result or {}).get("epoch", 0))
+        self.store.set_trial_status(trial.trial_id, COMPLETED if done >= planned else EARLY_STOPPED)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.store.set_trial_status(trial.trial_id, ERROR, _last_line(str(trial.get_error() or "unknown error")))
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

@@ -1,0 +1,106 @@
+"""Progress while a sweep runs: a live table of trials on a terminal, one line per event elsewhere."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.tune import Callback
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from hpo.spec import SweepSpec
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class ProgressCallback(Callback):
+    """Shows each trial's status, parameters and latest metrics."""
+
+    def __init__(self, spec: SweepSpec, name: str, console: Console | None = None):
+        self.spec = spec
+        self.name = name
+        self.console = console or Console(stderr=True)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.live: Live | None = None
+        self.started = time.monotonic()
+
+    # --- plain lines, for logs and non-terminals ------------------------------------------------
+
+    def say(self, message: str) -> None:
+        if self.live is not None:
+            self.live.console.print(message)
+        else:
+            self.console.print(message, highlight=False)
+
+    def _event(self, message: str) -> None:
+        if self.live is None:
+            elapsed = time.monotonic() - self.started
+            self.console.print(f"[{elapsed:6.0f}s] {message}", highlight=False, markup=False)
+        else:
+            self.live.update(self._table())
+
+    # --- the live table --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        if self.console.is_terminal:
+            self.live = Live(self._table(), console=self.console, refresh_per_second=2, transient=False)
+            self.live.start()
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.update(self._table())
+            self.live.stop()
+            self.live = None
+
+    def _table(self) -> Table:
+        searched = list(self.spec.search.space)
+        elapsed = time.monotonic() - self.started
+        table = Table(title=f"sweep {self.name} — {len(self.rows)} trials, {elapsed:.0f}s", title_justify="left")
+        for column in ["trial", "status", *searched, "epoch", "eval_ppl", "win_rate", "train_s"]:
+            table.add_column(column, justify="left" if column in ("trial", "status") else "right")
+        for trial_id, row in self.rows.items():
+            table.add_row(
+                trial_id,
+                row["status"],
+                *(_fmt(row["params"].get(k, "")) for k in searched),
+                f"{row.get('epoch', '')}/{row['epochs']}",
+                _fmt(row.get("eval_ppl", "")),
+                _fmt(row.get("win_rate", "")),
+                _fmt(row.get("train_seconds", "")),
+            )
+        return table
+
+    def _params(self, trial: Any) -> str:
+        return " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+
+    # --- Tune's hooks ----------------------------------------------------------------------------
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        epochs = self.spec.trial_config(trial.config).train.epochs
+        self.rows[trial.trial_id] = {"status": "running", "params": dict(trial.config), "epochs": epochs}
+        self._event(f"trial {trial.trial_id} started: {self._params(trial)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = self.rows[trial.trial_id]
+        row.update({k: result[k] for k in ("epoch", "eval_ppl", "win_rate", "train_seconds")})
+        self._event(
+            f"trial {trial.trial_id} epoch {result['epoch']}/{row['epochs']}: eval_ppl={result['eval_ppl']:.3f}"
+            f" win_rate={result['win_rate']:.2f} train_seconds={result['train_seconds']:.1f}"
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        row = self.rows[trial.trial_id]
+        row["status"] = "completed" if row.get("epoch", 0) >= row["epochs"] else "early_stopped"
+        self._event(f"trial {trial.trial_id} {row['status']}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.rows[trial.trial_id]["status"] = "error"
+        error = str(trial.get_error() or "unknown error").strip().splitlines()
+        self._event(f"trial {trial.trial_id} failed: {error[-1] if error else 'unknown error'}")

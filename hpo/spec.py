@@ -1,0 +1,293 @@
+"""Sweep files: YAML + `--set` overrides -> a validated `SweepSpec`.
+
+Every problem is raised as one `SweepError` line that names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import os
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hpo.errors import SweepError
+from trainers.config import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    ResourceConfig,
+    TrainConfig,
+    TrialConfig,
+)
+
+EPOCH_METRICS = ("win_rate", "eval_ppl")  # reported by the worker after every epoch
+COST_METRICS = ("train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Dimension(_Strict):
+    """One searched parameter: exactly one of the keys below."""
+
+    grid: list[Any] | None = Field(None, description="every value is tried (Cartesian product with other grids)")
+    choice: list[Any] | None = Field(None, description="one value sampled per trial")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], sampled uniformly")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], sampled on a log scale")
+    int: tuple[builtins.int, builtins.int] | None = Field(None, description="[low, high], an integer sampled uniformly, both ends included")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Dimension":
+        kinds = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of {', '.join(type(self).model_fields)} (got {', '.join(kinds) or 'none'})")
+        values = getattr(self, kinds[0])
+        if kinds[0] in ("grid", "choice") and not values:
+            raise ValueError(f"empty {kinds[0]}: list at least one value")
+        if kinds[0] in ("uniform", "loguniform", "int") and not values[0] < values[1]:
+            raise ValueError(f"{kinds[0]} range [{values[0]}, {values[1]}] is empty: low must be below high")
+        if kinds[0] == "loguniform" and values[0] <= 0:
+            raise ValueError("loguniform needs a positive low end")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+    @property
+    def values(self) -> Any:
+        return getattr(self, self.kind)
+
+
+class SearchSpec(_Strict):
+    algorithm: Literal["grid", "random", "tpe"] = Field("grid", description="grid: every grid point; random: Ray Tune's sampler; tpe: Optuna's TPE")
+    space: dict[str, Dimension] = Field(default_factory=dict, description="searched fields of `train`, each a Dimension")
+    num_samples: int = Field(1, ge=1, description="trials for random/tpe; repeats of the whole grid for grid")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="cap on trials running at once (default: as resources allow)")
+    seed: int = Field(0, description="seed of the search algorithm")
+
+
+class SchedulerSpec(_Strict):
+    name: Literal["fifo", "asha"] = Field("fifo", description="fifo: run every trial to the end; asha: stop weak trials early")
+    grace_period: int = Field(1, ge=1, description="asha: epochs every trial gets before it can be stopped")
+    reduction_factor: float = Field(2, gt=1, description="asha: keep 1/reduction_factor of trials at each rung")
+
+
+class Objective(_Strict):
+    metric: Literal["win_rate", "eval_ppl", "train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb"]
+    mode: Literal["min", "max"]
+
+
+class CostSpec(_Strict):
+    usd_per_gpu_hour: float = Field(0.0, ge=0, description="price of one GPU-hour, for cost_usd")
+
+
+class SweepSpec(_Strict):
+    description: str = Field("", description="one line on what the sweep asks")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = Field(TrainConfig(), description="fixed training values; searched ones are overridden per trial")
+    search: SearchSpec = SearchSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric="win_rate", mode="max"), Objective(metric="train_seconds", mode="min")],
+        min_length=1,
+        description="what is optimized; the first per-epoch metric (win_rate or eval_ppl) drives search and early stopping",
+    )
+    eval: EvalConfig = EvalConfig()
+    resources: ResourceConfig = ResourceConfig()
+    cost: CostSpec = CostSpec()
+
+    @property
+    def tune_objective(self) -> Objective:
+        """The objective Ray Tune's searcher and scheduler optimize: the first per-epoch one."""
+        return next(o for o in self.objectives if o.metric in EPOCH_METRICS)
+
+    def trial_config(self, params: dict[str, Any]) -> TrialConfig:
+        """The full configuration of one trial with searched `params`."""
+        return TrialConfig(
+            model=self.model,
+            data=self.data,
+            train=TrainConfig(**{**self.train.model_dump(), **params}),
+            eval=self.eval,
+            resources=self.resources,
+        )
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A loaded sweep: its name, where it came from, and its validated spec."""
+
+    name: str
+    path: Path
+    spec: SweepSpec
+    raw: dict[str, Any]  # the YAML after overrides, as written by the user
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that reads 1e-3 as a float (YAML 1.1 insists on a dot: 1.0e-3)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
+    list("-+0123456789."),
+)
+
+
+def sweeps_dir() -> Path:
+    return Path(os.environ.get("PEFTSWEEP_SWEEPS", "sweeps"))
+
+
+def available_sweeps() -> list[str]:
+    return sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
+
+
+def resolve_sweep(ref: str) -> Path:
+    """A sweep named by path, or by its file's stem in `sweeps/`."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    candidate = sweeps_dir() / f"{ref}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = available_sweeps()
+    close = difflib.get_close_matches(ref, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise SweepError(
+        f"unknown sweep '{ref}': no file {ref} nor {candidate}; {hint}available: {', '.join(names) or 'none'}"
+    )
+
+
+def load_sweep(ref: str, overrides: list[str] = ()) -> Sweep:
+    """Read, override and validate a sweep file; raise one SweepError line on any problem."""
+    path = resolve_sweep(ref)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SweepError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SweepError(f"{where}: YAML syntax error: {problem}; fix the file's syntax") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: expected a mapping of sections (model, train, search, ...), got {type(raw).__name__}")
+    from_cli: set[str] = set()
+    for item in overrides:
+        key = _apply_override(raw, item)
+        from_cli.add(key)
+    spec = _validate(raw, path, from_cli)
+    return Sweep(name=path.stem, path=path, spec=spec, raw=raw)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SweepError(f"--set '{item}': expected KEY=VALUE with a dotted key, e.g. --set train.epochs=2")
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise SweepError(f"--set '{item}': '{prefix}' is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.load(value, Loader=_Loader) if value.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+    return key
+
+
+def _validate(raw: dict[str, Any], path: Path, from_cli: set[str]) -> SweepSpec:
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SweepError(_describe(exc.errors()[0], path, from_cli, SweepSpec)) from None
+    _check_space(spec, path)
+    if not any(o.metric in EPOCH_METRICS for o in spec.objectives):
+        raise SweepError(
+            f"{path}: objectives: name at least one per-epoch metric ({' or '.join(EPOCH_METRICS)}) for the search to optimize"
+        )
+    return spec
+
+
+def _describe(error: dict[str, Any], path: Path, from_cli: set[str], root: type[BaseModel]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "(top level)"
+    origin = " (from --set)" if any(key == k or key.startswith(k + ".") for k in from_cli) else ""
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(root, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+        return f"{path}: {key}{origin}: unknown key; {hint}"
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    msg = error["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return f"{path}: {key}{origin}: {msg[0].lower() + msg[1:]}{shown}"
+
+
+def _fields_at(model: Any, loc: list[str]) -> list[str]:
+    """Valid keys of the section at `loc` (for 'did you mean')."""
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            model = model.model_fields[part].annotation
+        elif typing.get_origin(model) is dict:
+            model = typing.get_args(model)[1]
+        elif typing.get_origin(model) is list:
+            model = typing.get_args(model)[0]
+        else:
+            return []
+        model = next((a for a in typing.get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), model)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _check_space(spec: SweepSpec, path: Path) -> None:
+    """Every searched name is a train field and every value it can take is a valid one."""
+    fields = list(TrainConfig.model_fields)
+    base = spec.train.model_dump()
+    for name, dim in spec.search.space.items():
+        where = f"{path}: search.space.{name}"
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"searchable: {', '.join(fields)}"
+            raise SweepError(f"{where}: not a field of train; {hint}")
+        if spec.search.algorithm == "grid" and dim.kind != "grid":
+            raise SweepError(
+                f"{where}: search.algorithm 'grid' takes only grid values, not {dim.kind}; use 'grid: [...]' or algorithm random/tpe"
+            )
+        values = dim.values if dim.kind in ("grid", "choice") else list(dim.values)
+        for i, value in enumerate(values):
+            try:
+                TrainConfig(**{**base, name: value})
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                idx = f"{dim.kind}[{i}]"
+                raise SweepError(f"{where}.{idx}: {err['msg'][0].lower() + err['msg'][1:]} (got {value!r})") from None
+
+
+def coerce_value(name: str, value: Any) -> Any:
+    """A searched value as the train field holds it (e.g. '1e-3' -> 0.001)."""
+    return getattr(TrainConfig(**{name: value}), name)

@@ -1,0 +1,285 @@
+"""The results store: one SQLite file per sweep (`runs/<name>/results.db`).
+
+The driver writes it as Ray Tune reports results; `analysis` and `export` read it.
+Every write is its own transaction and the file is in WAL mode, so readers work
+while a sweep is still writing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from hpo.errors import SweepError
+
+SCHEMA_VERSION = 1
+
+# Per-epoch metrics kept as columns; anything else a worker reports goes to metrics_json.
+EPOCH_COLUMNS = (
+    "train_loss",
+    "eval_ppl",
+    "win_rate",
+    "wins",
+    "losses",
+    "ties",
+    "train_seconds",
+    "eval_seconds",
+    "peak_memory_gb",
+    "tokens_trained",
+    "gpu_hours",
+    "cost_usd",
+)
+
+_SCHEMA = f"""
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE sweep (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    sweep_file TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    searched_json TEXT NOT NULL,
+    objectives_json TEXT NOT NULL,
+    versions_json TEXT NOT NULL,
+    git_commit TEXT,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    status TEXT NOT NULL,
+    note TEXT
+);
+CREATE TABLE trials (
+    trial_id TEXT PRIMARY KEY,
+    params_json TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    started_at REAL,
+    ended_at REAL,
+    node TEXT,
+    devices TEXT
+);
+CREATE TABLE epochs (
+    trial_id TEXT NOT NULL REFERENCES trials(trial_id),
+    epoch INTEGER NOT NULL,
+    {", ".join(f"{c} REAL" for c in EPOCH_COLUMNS)},
+    metrics_json TEXT NOT NULL,
+    PRIMARY KEY (trial_id, epoch)
+);
+CREATE TABLE baseline (
+    prompt_id INTEGER PRIMARY KEY,
+    prompt TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    answer TEXT NOT NULL
+);
+CREATE TABLE answers (
+    trial_id TEXT NOT NULL REFERENCES trials(trial_id),
+    epoch INTEGER NOT NULL,
+    prompt_id INTEGER NOT NULL REFERENCES baseline(prompt_id),
+    answer TEXT NOT NULL,
+    verdict REAL NOT NULL,
+    PRIMARY KEY (trial_id, epoch, prompt_id)
+);
+"""
+
+# Trial statuses, as recorded in `trials.status`.
+PENDING, RUNNING, COMPLETED, EARLY_STOPPED, ERROR = (
+    "pending",
+    "running",
+    "completed",
+    "early_stopped",
+    "error",
+)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+class Store:
+    """Reads and writes one sweep's results file."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection):
+        self.path = path
+        self.conn = conn
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        name: str,
+        sweep_file: str,
+        spec: dict[str, Any],
+        searched: list[str],
+        objectives: list[dict[str, str]],
+        versions: dict[str, str],
+        git_commit: str | None,
+    ) -> "Store":
+        """Create a new store; the file must not exist yet."""
+        if path.exists():
+            raise SweepError(f"{path}: a results store already exists there")
+        conn = _connect(path)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(_SCHEMA)
+        with _tx(conn):
+            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            conn.execute(
+                "INSERT INTO sweep (id, name, sweep_file, spec_json, searched_json, objectives_json,"
+                " versions_json, git_commit, started_at, status) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    sweep_file,
+                    json.dumps(spec),
+                    json.dumps(searched),
+                    json.dumps(objectives),
+                    json.dumps(versions),
+                    git_commit,
+                    time.time(),
+                    RUNNING,
+                ),
+            )
+        return cls(path, conn)
+
+    @classmethod
+    def open(cls, path: Path) -> "Store":
+        """Open an existing store, checking that this version of peftsweep can read it."""
+        if not path.is_file():
+            raise SweepError(f"{path}: no results store there (run the sweep first: peftsweep run SWEEP)")
+        conn = _connect(path)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise SweepError(f"{path}: not a peftsweep results store ({exc})") from None
+        version = int(row["value"]) if row else None
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise SweepError(
+                f"{path}: results store schema version {version}, this peftsweep reads version "
+                f"{SCHEMA_VERSION}; use the peftsweep version that wrote it"
+            )
+        return cls(path, conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- writes, one transaction each ---------------------------------------------------------
+
+    def add_trial(self, trial_id: str, params: dict[str, Any], *, node: str | None = None) -> None:
+        with _tx(self.conn):
+            self.conn.execute(
+                "INSERT INTO trials (trial_id, params_json, status, started_at, node) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(trial_id) DO UPDATE SET status = excluded.status, started_at = excluded.started_at",
+                (trial_id, json.dumps(params), RUNNING, time.time(), node),
+            )
+
+    def set_trial_status(self, trial_id: str, status: str, error: str | None = None) -> None:
+        ended_at = None if status in (PENDING, RUNNING) else time.time()
+        with _tx(self.conn):
+            self.conn.execute(
+                "UPDATE trials SET status = ?, error = ?, ended_at = ? WHERE trial_id = ?",
+                (status, error, ended_at, trial_id),
+            )
+
+    def set_trial_placement(self, trial_id: str, node: str | None, devices: str | None) -> None:
+        with _tx(self.conn):
+            self.conn.execute(
+                "UPDATE trials SET node = ?, devices = ? WHERE trial_id = ?", (node, devices, trial_id)
+            )
+
+    def add_epoch(self, trial_id: str, epoch: int, metrics: dict[str, Any]) -> None:
+        columns = {c: metrics.get(c) for c in EPOCH_COLUMNS}
+        extra = {
+            k: v
+            for k, v in metrics.items()
+            if k not in EPOCH_COLUMNS and k not in ("trial_id", "epoch") and _is_scalar(v)
+        }
+        with _tx(self.conn):
+            self.conn.execute(
+                f"INSERT OR REPLACE INTO epochs (trial_id, epoch, {', '.join(EPOCH_COLUMNS)}, metrics_json)"
+                f" VALUES (?, ?, {', '.join('?' for _ in EPOCH_COLUMNS)}, ?)",
+                (trial_id, epoch, *columns.values(), json.dumps(extra)),
+            )
+
+    def set_baseline(self, rows: Iterable[tuple[int, str, str, str]]) -> None:
+        """Store the base model's answers: (prompt_id, prompt, reference, answer) rows."""
+        with _tx(self.conn):
+            self.conn.executemany("INSERT OR REPLACE INTO baseline VALUES (?, ?, ?, ?)", rows)
+
+    def add_answers(self, trial_id: str, epoch: int, rows: Iterable[tuple[int, str, float]]) -> None:
+        """Store a trial's answers at one epoch: (prompt_id, answer, verdict) rows."""
+        with _tx(self.conn):
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
+                ((trial_id, epoch, pid, answer, verdict) for pid, answer, verdict in rows),
+            )
+
+    def finish(self, status: str, note: str | None = None) -> None:
+        with _tx(self.conn):
+            self.conn.execute(
+                "UPDATE sweep SET status = ?, note = ?, finished_at = ? WHERE id = 1",
+                (status, note, time.time()),
+            )
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    def sweep(self) -> dict[str, Any]:
+        row = dict(self.conn.execute("SELECT * FROM sweep WHERE id = 1").fetchone())
+        for key in ("spec", "searched", "objectives", "versions"):
+            row[key] = json.loads(row.pop(f"{key}_json"))
+        return row
+
+    def trials(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM trials ORDER BY started_at, trial_id").fetchall()
+        out = []
+        for row in rows:
+            trial = dict(row)
+            trial["params"] = json.loads(trial.pop("params_json"))
+            out.append(trial)
+        return out
+
+    def epochs(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM epochs ORDER BY trial_id, epoch").fetchall()
+        out = []
+        for row in rows:
+            epoch = dict(row)
+            epoch.update(json.loads(epoch.pop("metrics_json")))
+            out.append(epoch)
+        return out
+
+    def baseline(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM baseline ORDER BY prompt_id")]
+
+    def answers(self, trial_id: str | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM answers", ()
+        if trial_id is not None:
+            query, args = query + " WHERE trial_id = ?", (trial_id,)
+        return [dict(r) for r in self.conn.execute(query + " ORDER BY trial_id, epoch, prompt_id", args)]
+
+
+class _tx:
+    """One explicit transaction (the connection runs in autocommit mode otherwise)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None

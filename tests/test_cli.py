@@ -1,0 +1,88 @@
+"""The command line: help, validate, ls, and bad input answered with one line and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import peftsweep
+
+
+def test_help_lists_the_commands():
+    proc = peftsweep("--help")
+    assert proc.returncode == 0
+    for command in ("run", "report", "export", "validate", "ls"):
+        assert command in proc.stdout
+
+
+def test_validate_shipped_sweeps():
+    proc = peftsweep("validate", "smoke", "lora_rank_lr")
+    assert proc.returncode == 0, proc.stderr
+    assert "ok sweeps/lora_rank_lr.yaml: 8 trials (grid)" in proc.stdout
+
+
+def test_ls_shows_sweeps_and_runs(tmp_path):
+    proc = peftsweep("ls", "--runs-dir", str(tmp_path))
+    assert proc.returncode == 0
+    assert "lora_rank_lr" in proc.stdout and "smoke" in proc.stdout
+
+
+BAD = {
+    "yaml": ("train: {epochs: [1\n", ":2: YAML syntax error"),
+    "unknown_key": ("train: {lora_rank: 8}\n", "train.lora_rank: unknown key; did you mean 'lora_r'?"),
+    "wrong_type": ("train: {epochs: many}\n", "train.epochs: input should be a valid integer"),
+    "rank_zero": ("search:\n  space:\n    lora_r: {grid: [0]}\n", "search.space.lora_r.grid[0]"),
+    "negative_lr": ("train: {learning_rate: -1e-3}\n", "train.learning_rate: input should be greater than 0"),
+    "empty_grid": ("search:\n  space:\n    learning_rate: {grid: []}\n", "empty grid"),
+    "missing_data": ("data: {source: no/such/file.jsonl}\nsearch:\n  space:\n    lora_r: {grid: [4]}\n", "no file no/such/file.jsonl"),
+    "missing_model": ("model: {name: ./no/such/model}\nsearch:\n  space:\n    lora_r: {grid: [4]}\n", "no folder no/such/model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_sweep_file_fails_before_ray_with_one_line(tmp_path, case):
+    text, expected = BAD[case]
+    sweep = tmp_path / f"{case}.yaml"
+    sweep.write_text(text)
+    runs = tmp_path / "runs"
+    proc = peftsweep("run", str(sweep), "--runs-dir", str(runs))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("peftsweep: error: ") and expected in lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert "Ray" not in proc.stderr  # nothing started
+    assert not runs.exists()  # nothing written
+
+
+def test_unknown_sweep_name(tmp_path):
+    proc = peftsweep("run", "lora_rank_l", "--runs-dir", str(tmp_path / "runs"))
+    assert proc.returncode == 2
+    assert "unknown sweep 'lora_rank_l'" in proc.stderr and "did you mean 'lora_rank_lr'" in proc.stderr
+
+
+def test_bad_override(tmp_path):
+    proc = peftsweep("run", "smoke", "--set", "train.epochs=0", "--runs-dir", str(tmp_path / "runs"))
+    assert proc.returncode == 2
+    assert "train.epochs (from --set)" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_runs_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = peftsweep("run", "smoke", "--runs-dir", str(blocker / "runs"))
+    assert proc.returncode == 2
+    assert "cannot create" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [("report", "nope"), ("export", "nope")])
+def test_report_and_export_of_a_missing_run(tmp_path, command):
+    proc = peftsweep(*command, "--runs-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert "no run 'nope'" in proc.stderr
+
+
+def test_export_rejects_unknown_format(tmp_path):
+    proc = peftsweep("export", "nope", "--format", "xml", "--runs-dir", str(tmp_path))
+    assert proc.returncode == 2 and "--format 'xml'" in proc.stderr
