@@ -1,0 +1,117 @@
+"""Read a sweep's results store into DataFrames: one row per trial, per epoch, or per judged answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from hpo.store import EPOCH_COLUMNS, Store
+
+# Measured afresh at each epoch, so they can pick a trial's best epoch. The costs (train_seconds,
+# gpu_hours, ...) are cumulative: by them the best epoch would always be the first.
+QUALITY_METRICS = ("win_rate", "eval_ppl")
+
+# Taken from a trial's best epoch.
+BEST_EPOCH_METRICS = ("eval_ppl", "win_rate", "wins", "losses", "ties")
+
+# The trial's totals (its last epoch's), and its peak memory over all epochs.
+TRIAL_METRICS = ("train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
+
+
+def param_columns(store: Store) -> list[str]:
+    """The searched parameter names, then `epochs` when trials carry it and it is not searched."""
+    columns = list(store.sweep()["searched"])
+    if "epochs" not in columns and any("epochs" in t["params"] for t in store.trials()):
+        columns.append("epochs")
+    return columns
+
+
+def selection_objective(objectives: list[dict[str, str]], epochs: pd.DataFrame) -> tuple[str, str]:
+    """(metric, mode) that picks a trial's best epoch and the best trial.
+
+    The sweep's first objective among QUALITY_METRICS that some epoch reported (a sweep without a
+    judge has no win_rate); else the lowest eval_ppl.
+    """
+    for objective in objectives:
+        if objective["metric"] in QUALITY_METRICS and epochs[objective["metric"]].notna().any():
+            return objective["metric"], objective["mode"]
+    return "eval_ppl", "min"
+
+
+def load_trials(store: Store) -> pd.DataFrame:
+    """One row per trial: status, searched params, best-epoch metrics, totals; trials without epochs keep NaNs."""
+    params = param_columns(store)
+    columns = [
+        "trial_id", "status", *params, "epochs_completed", "best_epoch",
+        *BEST_EPOCH_METRICS, *TRIAL_METRICS, "error",
+    ]  # fmt: skip
+    trials = store.trials()
+    if not trials:
+        return pd.DataFrame(columns=columns)
+
+    epochs = _epoch_frame(store)
+    metric, mode = selection_objective(store.sweep()["objectives"], epochs)
+    rows = []
+    for trial in trials:
+        row = {"trial_id": trial["trial_id"], "status": trial["status"]}
+        row |= {p: trial["params"].get(p, np.nan) for p in params}
+        own = epochs[epochs["trial_id"] == trial["trial_id"]].sort_values("epoch")
+        row["epochs_completed"] = len(own)
+        best = _best_epoch(own, metric, mode)
+        row["best_epoch"] = np.nan if best is None else best["epoch"]
+        row |= {m: np.nan if best is None else best[m] for m in BEST_EPOCH_METRICS}
+        last = own.iloc[-1] if len(own) else None
+        row |= {m: np.nan if last is None else last[m] for m in ("train_seconds", "gpu_hours", "cost_usd")}
+        row["peak_memory_gb"] = own["peak_memory_gb"].max() if len(own) else np.nan
+        row["error"] = trial["error"]
+        rows.append(row)
+
+    df = pd.DataFrame(rows, columns=columns)
+    numeric = ["best_epoch", *BEST_EPOCH_METRICS, *TRIAL_METRICS]
+    df[numeric] = df[numeric].astype("float64")
+    df["epochs_completed"] = df["epochs_completed"].astype("int64")
+    return df
+
+
+def load_epochs(store: Store) -> pd.DataFrame:
+    """One row per trial and epoch: trial_id, status, params, epoch, then every metric reported."""
+    params = param_columns(store)
+    trials = pd.DataFrame(
+        [{"trial_id": t["trial_id"], "status": t["status"]} | {p: t["params"].get(p, np.nan) for p in params}
+         for t in store.trials()],
+        columns=["trial_id", "status", *params],
+    )  # fmt: skip
+    epochs = _epoch_frame(store)
+    return trials.merge(epochs, on="trial_id", how="inner")[
+        ["trial_id", "status", *params, *epochs.columns.drop("trial_id")]
+    ]
+
+
+def load_answers(store: Store, trial_id: str | None = None) -> pd.DataFrame:
+    """One row per judged answer (all trials, or one), with the prompt, reference and base model's answer."""
+    columns = ["trial_id", "epoch", "prompt_id", "prompt", "reference", "base_answer", "answer", "verdict"]
+    answers = pd.DataFrame(store.answers(trial_id), columns=["trial_id", "epoch", "prompt_id", "answer", "verdict"])
+    baseline = pd.DataFrame(store.baseline(), columns=["prompt_id", "prompt", "reference", "answer"])
+    baseline = baseline.rename(columns={"answer": "base_answer"})
+    return answers.merge(baseline, on="prompt_id", how="left")[columns]
+
+
+def _epoch_frame(store: Store) -> pd.DataFrame:
+    frame = pd.DataFrame(store.epochs())
+    if frame.empty:
+        return pd.DataFrame(columns=["trial_id", "epoch", *EPOCH_COLUMNS])
+    return frame
+
+
+def _best_epoch(own: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The trial's epoch with the best `metric` (the earliest among ties, being the cheapest).
+
+    A trial that never reported the metric keeps its last epoch: what it ended with.
+    """
+    if own.empty:
+        return None
+    scored = own[own[metric].notna()]
+    if scored.empty:
+        return own.iloc[-1]
+    values = scored[metric].to_numpy(dtype=float)
+    return scored.iloc[int(np.argmax(values) if mode == "max" else np.argmin(values))]
