@@ -128,6 +128,8 @@ def _init_ray(address: str | None) -> None:
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for local clusters, said explicitly: no warning
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         ray.init(
@@ -281,6 +283,10 @@ class StoreCallback(Callback):
     def __init__(self, store: Store, spec: SweepSpec):
         self.store = store
         self.spec = spec
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks into its experiment state; a SQLite connection does not pickle.
+        return {"spec": self.spec, "store": None}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.store.add_trial(trial.trial_id, trial.config)

@@ -30,18 +30,22 @@ class ProgressCallback(Callback):
         self.live: Live | None = None
         self.started = time.monotonic()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks into its experiment state; consoles and live displays do not pickle.
+        return {**self.__dict__, "console": None, "live": None}
+
     # --- plain lines, for logs and non-terminals ------------------------------------------------
 
     def say(self, message: str) -> None:
         if self.live is not None:
             self.live.console.print(message)
         else:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, soft_wrap=True)
 
     def _event(self, message: str) -> None:
         if self.live is None:
             elapsed = time.monotonic() - self.started
-            self.console.print(f"[{elapsed:6.0f}s] {message}", highlight=False, markup=False)
+            self.console.print(f"[{elapsed:6.0f}s] {message}", highlight=False, markup=False, soft_wrap=True)
         else:
             self.live.update(self._table())
 
