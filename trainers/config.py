@@ -1,0 +1,73 @@
+"""Typed configuration of one trial: what the worker needs to load, adapt, train and evaluate.
+
+A sweep file's `model`, `data`, `train` and `eval` sections validate into these; the
+search space names fields of `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field("tiny", description="'tiny' (the built-in pre-trained model), a Hugging Face model id, or a local folder")
+    revision: str | None = Field(None, description="model revision (branch, tag or commit) for hub ids")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the base model is loaded in")
+
+
+class DataConfig(_Strict):
+    source: str = Field("tinyworld", description="'tinyworld' (built-in) or a JSONL file of instruction/input/output records")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="seeded fraction of records held out for evaluation")
+    max_length: int = Field(128, ge=16, description="tokens per example; longer examples are truncated from the right")
+    seed: int = Field(0, description="seed of the train/eval split")
+
+
+class TrainConfig(_Strict):
+    method: Literal["lora"] = Field("lora", description="PEFT method, by registered name")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="peak learning rate (AdamW)")
+    epochs: int = Field(3, ge=1, le=1000, description="passes over the training split")
+    batch_size: int = Field(16, ge=1, description="examples per optimizer step")
+    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(16, gt=0, description="LoRA alpha (scaling = alpha / r)")
+    lora_alpha_per_rank: float | None = Field(None, gt=0, description="if set, alpha = this x lora_r (overrides lora_alpha)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1, description="module names LoRA adapts")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps, then a constant learning rate")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    seed: int = Field(0, description="seed of initialisation and data order")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value):
+        return tuple(m.strip() for m in value.split(",") if m.strip()) if isinstance(value, str) else value
+
+
+class EvalConfig(_Strict):
+    judge: Literal["reference"] = Field("reference", description="how answers are judged against the base model's")
+    metric: Literal["token_f1", "exact_match"] = Field("token_f1", description="similarity of an answer to the reference answer")
+    tie_margin: float = Field(0.0, ge=0, le=1, description="score differences up to this count as a tie")
+    num_prompts: int = Field(50, ge=1, description="judged prompts, taken from the eval split")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per answer (greedy)")
+    batch_size: int = Field(32, ge=1, description="examples per evaluation batch")
+
+
+class ResourceConfig(_Strict):
+    cpus_per_trial: float = Field(1, gt=0, description="CPUs each trial holds (also its torch threads)")
+    gpus_per_trial: float = Field(0, ge=0, description="GPUs each trial holds; Ray sets CUDA_VISIBLE_DEVICES")
+
+
+class TrialConfig(_Strict):
+    """Everything one trial needs; built per trial from the sweep and the searched values."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    resources: ResourceConfig = ResourceConfig()

@@ -1,0 +1,94 @@
+"""Per-epoch evaluation, kept cheap: perplexity, greedy answers, and a judge against the base model."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Any, Iterable
+
+import torch
+
+from trainers.data import IGNORE_INDEX
+
+WIN, TIE, LOSS = 1.0, 0.5, 0.0
+
+
+@torch.no_grad()
+def perplexity(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> float:
+    """exp(total NLL / total predicted tokens): token-weighted, over labelled tokens only."""
+    total_nll, total_tokens = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += int((labels != IGNORE_INDEX).sum())
+    return math.exp(total_nll / total_tokens)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int, device: torch.device
+) -> list[str]:
+    """Greedy answers, batched with left padding, cut at the end-of-sequence token."""
+    answers: list[str] = []
+    tokenizer.padding_side = "left"
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return answers
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """SQuAD-style F1 of word overlap between an answer and the reference."""
+    a, r = _words(answer), _words(reference)
+    common = sum((Counter(a) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(answer: str, reference: str) -> float:
+    return float(_words(answer) == _words(reference))
+
+
+SIMILARITY = {"token_f1": token_f1, "exact_match": exact_match}
+
+
+def judge_against_reference(
+    answers: list[str], baseline: list[str], references: list[str], *, metric: str, tie_margin: float
+) -> list[float]:
+    """Per prompt: WIN if the trial's answer is closer to the reference than the base model's, TIE within the margin."""
+    score = SIMILARITY[metric]
+    verdicts = []
+    for answer, base, ref in zip(answers, baseline, references, strict=True):
+        diff = score(answer, ref) - score(base, ref)
+        verdicts.append(WIN if diff > tie_margin else LOSS if diff < -tie_margin else TIE)
+    return verdicts
+
+
+def win_rate(verdicts: list[float]) -> dict[str, float]:
+    """Wins, losses, ties and the win rate (a tie counts one half)."""
+    return {
+        "win_rate": sum(verdicts) / len(verdicts),
+        "wins": sum(v == WIN for v in verdicts),
+        "losses": sum(v == LOSS for v in verdicts),
+        "ties": sum(v == TIE for v in verdicts),
+    }
