@@ -51,26 +51,56 @@ def load_trials(store: Store) -> pd.DataFrame:
 
     epochs = _epoch_frame(store)
     metric, mode = selection_objective(store.sweep()["objectives"], epochs)
+    folded = folded_epochs(store.sweep()["spec"])
     rows = []
     for trial in trials:
-        row = {"trial_id": trial["trial_id"], "status": trial["status"]}
-        row |= {p: trial["params"].get(p, np.nan) for p in params}
         own = epochs[epochs["trial_id"] == trial["trial_id"]].sort_values("epoch")
-        row["epochs_completed"] = len(own)
-        best = _best_epoch(own, metric, mode)
-        row["best_epoch"] = np.nan if best is None else best["epoch"]
-        row |= {m: np.nan if best is None else best[m] for m in BEST_EPOCH_METRICS}
-        last = own.iloc[-1] if len(own) else None
-        row |= {m: np.nan if last is None else last[m] for m in ("train_seconds", "gpu_hours", "cost_usd")}
-        row["peak_memory_gb"] = own["peak_memory_gb"].max() if len(own) else np.nan
-        row["error"] = trial["error"]
-        rows.append(row)
+        if folded is None:
+            rows.append(_trial_row(trial, own, params, metric, mode))
+            continue
+        # One training answered every epochs value: each (configuration, epochs) point is its own
+        # result, read off the first `value` epochs, with the cost paid up to there.
+        for value in folded:
+            reached = own[own["epoch"] <= value]
+            row = _trial_row(trial, reached, params, metric, mode)
+            row |= {"trial_id": f"{trial['trial_id']}@{value}", "epochs": value}
+            if len(reached) >= value:
+                row["status"] = "completed"
+            rows.append(row)
 
     df = pd.DataFrame(rows, columns=columns)
     numeric = ["best_epoch", *BEST_EPOCH_METRICS, *TRIAL_METRICS]
     df[numeric] = df[numeric].astype("float64")
     df["epochs_completed"] = df["epochs_completed"].astype("int64")
     return df
+
+
+def training_id(trial_id: str) -> str:
+    """The Ray Tune trial that trained a row: folded rows are named `<trial_id>@<epochs>`."""
+    return trial_id.split("@", 1)[0]
+
+
+def folded_epochs(spec: dict) -> list[int] | None:
+    """The epochs values a folded grid answers (see hpo.spec.SweepSpec.folded_epochs), from the stored spec."""
+    search = spec.get("search", {})
+    grid = (search.get("space", {}).get("epochs") or {}).get("grid")
+    if not grid or search.get("algorithm") != "grid" or not search.get("fold_epochs", True):
+        return None
+    return sorted({int(v) for v in grid})
+
+
+def _trial_row(trial: dict, own: pd.DataFrame, params: list[str], metric: str, mode: str) -> dict:
+    row = {"trial_id": trial["trial_id"], "status": trial["status"]}
+    row |= {p: trial["params"].get(p, np.nan) for p in params}
+    row["epochs_completed"] = len(own)
+    best = _best_epoch(own, metric, mode)
+    row["best_epoch"] = np.nan if best is None else best["epoch"]
+    row |= {m: np.nan if best is None else best[m] for m in BEST_EPOCH_METRICS}
+    last = own.iloc[-1] if len(own) else None
+    row |= {m: np.nan if last is None else last[m] for m in ("train_seconds", "gpu_hours", "cost_usd")}
+    row["peak_memory_gb"] = own["peak_memory_gb"].max() if len(own) else np.nan
+    row["error"] = trial["error"]
+    return row
 
 
 def load_epochs(store: Store) -> pd.DataFrame:
@@ -90,6 +120,7 @@ def load_epochs(store: Store) -> pd.DataFrame:
 def load_answers(store: Store, trial_id: str | None = None) -> pd.DataFrame:
     """One row per judged answer (all trials, or one), with the prompt, reference and base model's answer."""
     columns = ["trial_id", "epoch", "prompt_id", "prompt", "reference", "base_answer", "answer", "verdict"]
+    trial_id = None if trial_id is None else training_id(trial_id)
     answers = pd.DataFrame(store.answers(trial_id), columns=["trial_id", "epoch", "prompt_id", "answer", "verdict"])
     baseline = pd.DataFrame(store.baseline(), columns=["prompt_id", "prompt", "reference", "answer"])
     baseline = baseline.rename(columns={"answer": "base_answer"})

@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from analysis.frontier import pareto_front
-from analysis.load import load_answers, load_epochs, load_trials, param_columns, selection_objective
+from analysis.load import load_answers, load_epochs, load_trials, param_columns, selection_objective, training_id
 from hpo.store import COMPLETED, EARLY_STOPPED, ERROR, PENDING, RUNNING, Store
 
 # Trials that ran to their end: only these can be on a frontier or be the best trial.
@@ -106,7 +106,9 @@ def report_data(store: Store) -> ReportData:
             frontiers.append(plot)
         else:
             notes.append(f"No trial has reported {y} yet, so there is no {title} figure.")
-    order = {trial_id: i for i, trial_id in enumerate(trials["trial_id"])}
+    order: dict[str, int] = {}
+    for i, trial_id in enumerate(trials["trial_id"]):
+        order.setdefault(training_id(trial_id), i)  # folded rows (id@epochs) share one training's curve
     for y, y_mode in (("eval_ppl", "min"), ("win_rate", "max")):
         plot = _curves_plot(epochs, order, y, y_mode)
         if plot:
@@ -282,7 +284,7 @@ def write_report(store: Store, path: Path) -> Path:
 
 def render_report(data: ReportData) -> str:
     """The HTML page for `data`; plotly.js is inlined once, in the first figure."""
-    colours = _trial_colours(data.trials["trial_id"])
+    colours = _trial_colours(data.trials["trial_id"].map(training_id).drop_duplicates())
     figures = [_frontier_figure(p, data.params) for p in data.frontiers]
     figures += [_curves_figure(p, colours, data.best_trial) for p in data.curves]
     divs = [
@@ -307,7 +309,8 @@ def render_report(data: ReportData) -> str:
     if sweep.get("git_commit"):
         meta.append(f"git {sweep['git_commit'][:12]}")
     meta.append(f"sweep file {sweep['sweep_file']}")
-    notes = "".join(f'<p class="note">{escape(n)}</p>' for n in data.notes)
+    sweep_note = [f"Sweep: {sweep['note']}."] if sweep.get("note") else []
+    notes = "".join(f'<p class="note">{escape(n)}</p>' for n in [*sweep_note, *data.notes])
 
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -390,7 +393,7 @@ def _curves_figure(plot: CurvesPlot, colours: dict[str, str], best_trial: str | 
         status = group["status"].iloc[0]
         label, symbol, status_colour, dash = _style(status)
         legend: dict[str, Any] = {}
-        if trial_id == best_trial:
+        if best_trial is not None and trial_id == training_id(best_trial):
             name, colour = f"{trial_id} ★ best", "#111"
         elif by_status:
             name, colour = label, status_colour
@@ -404,7 +407,7 @@ def _curves_figure(plot: CurvesPlot, colours: dict[str, str], best_trial: str | 
                 y=group[plot.metric],
                 mode="lines+markers",
                 name=escape(name),
-                line={"color": colour, "dash": dash, "width": 3 if trial_id == best_trial else 1.5},
+                line={"color": colour, "dash": dash, "width": 3 if best_trial is not None and trial_id == training_id(best_trial) else 1.5},
                 marker={"symbol": symbol, "size": 7},
                 hovertemplate=f"{escape(trial_id)}<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>",
                 **legend,

@@ -32,9 +32,13 @@ def _fail(message: str) -> None:
 
 
 def _grid_size(spec) -> str:
-    dims = spec.search.space.values()
     if spec.search.algorithm == "grid":
-        return f"{math.prod(len(d.values) for d in dims) * spec.search.num_samples} trials (grid)"
+        sizes = {name: len(d.values) for name, d in spec.search.space.items()}
+        total = math.prod(sizes.values()) * spec.search.num_samples
+        if spec.folded_epochs:
+            trainings = total // sizes["epochs"]
+            return f"{trainings} trials (grid, epochs folded: {total} results)"
+        return f"{total} trials (grid)"
     return f"{spec.search.num_samples} trials ({spec.search.algorithm})"
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from hpo.errors import SweepError
@@ -69,12 +69,17 @@ def run_sweep(
         store.set_baseline(zip(range(len(prompts)), prompts, references, baseline))
         tuner = _tuner(sweep.spec, baseline, run_dir, [StoreCallback(store, sweep.spec), progress])
         progress.start()
+        started = time.monotonic()
         try:
             results = tuner.fit()
         finally:
             progress.stop()
         errors = sum(1 for r in results if r.error is not None)
-        store.finish("completed" if errors < len(results) else "failed", note=f"{errors} of {len(results)} trials failed" if errors else None)
+        notes = [f"{errors} of {len(results)} trials failed" if errors else None, _budget_note(sweep.spec, store, time.monotonic() - started)]
+        note = "; ".join(n for n in notes if n) or None
+        if note:
+            progress.say(f"Note: {note}")
+        store.finish("completed" if errors < len(results) else "failed", note=note)
     except KeyboardInterrupt:
         store.finish("interrupted")
         raise
@@ -189,28 +194,66 @@ def _tune_dimension(dim: Dimension, name: str, algorithm: str) -> Any:
     return {"uniform": tune.uniform, "loguniform": tune.loguniform}[dim.kind](low, high) if dim.kind != "int" else tune.randint(low, high + 1)
 
 
-def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[Any]) -> Any:
-    from ray import tune
-
-    objective = spec.tune_objective
+def _search_alg(spec: SweepSpec) -> Any:
+    """Ray Tune's searcher for the spec: its basic generator (grid, random) or Optuna's samplers."""
     search = spec.search
-    param_space = {name: _tune_dimension(dim, name, search.algorithm) for name, dim in search.space.items()}
-    if search.algorithm == "tpe":
+    if search.algorithm in ("tpe", "nsga2"):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search.seed))
-    else:
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+        sampler = (
+            optuna.samplers.NSGAIISampler(seed=search.seed)
+            if search.algorithm == "nsga2"
+            else optuna.samplers.TPESampler(seed=search.seed)
+        )
+        if spec.multi_objective:
+            return OptunaSearch(
+                metric=[o.metric for o in spec.objectives], mode=[o.mode for o in spec.objectives], sampler=sampler
+            )
+        return OptunaSearch(metric=spec.tune_objective.metric, mode=spec.tune_objective.mode, sampler=sampler)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=search.seed)
+    return BasicVariantGenerator(random_state=search.seed)
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """The searched values in Ray Tune's terms; folded epochs are not searched (one training answers them all)."""
+    folded = spec.folded_epochs is not None
+    return {
+        name: _tune_dimension(dim, name, spec.search.algorithm)
+        for name, dim in spec.search.space.items()
+        if not (folded and name == "epochs")
+    }
+
+
+class GpuHoursBudget(Stopper):
+    """Stops the sweep once the trials together have spent `budget` GPU-hours."""
+
+    def __init__(self, budget: float):
+        self.budget = budget
+        self.spent: dict[str, float] = {}
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        self.spent[trial_id] = float(result.get("gpu_hours", 0.0))
+        return False
+
+    def stop_all(self) -> bool:
+        return sum(self.spent.values()) >= self.budget
+
+
+def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[Any]) -> Any:
+    from ray import tune
+
+    objective = spec.tune_objective
     scheduler = None
     if spec.scheduler.name == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
+            metric=objective.metric,
+            mode=objective.mode,
             max_t=max_epochs(spec),
             grace_period=spec.scheduler.grace_period,
             reduction_factor=spec.scheduler.reduction_factor,
@@ -219,26 +262,40 @@ def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[
         tune.with_parameters(run_trial, spec=spec, baseline=baseline),
         {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
     )
+    budget = spec.search.gpu_hours_budget
     return tune.Tuner(
         trainable,
-        param_space=param_space,
+        param_space=param_space(spec),
         tune_config=tune.TuneConfig(
-            metric=objective.metric,
-            mode=objective.mode,
-            search_alg=search_alg,
+            search_alg=_search_alg(spec),
             scheduler=scheduler,
-            num_samples=search.num_samples,
-            max_concurrent_trials=search.max_concurrent_trials,
+            num_samples=spec.search.num_samples,
+            max_concurrent_trials=spec.search.max_concurrent_trials,
+            time_budget_s=spec.search.time_budget_s,
             reuse_actors=False,  # a fresh process per trial: memory (and GPU memory) is freed between trials
         ),
         run_config=tune.RunConfig(
             name="tune",
             storage_path=str(run_dir.resolve()),
             callbacks=callbacks,
+            stop=GpuHoursBudget(budget) if budget else None,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
+
+
+def _budget_note(spec: SweepSpec, store: Store, seconds: float) -> str | None:
+    """Which budget, if any, ended the sweep."""
+    if spec.search.time_budget_s and seconds >= spec.search.time_budget_s:
+        return f"the wall-clock budget ({spec.search.time_budget_s:g} s) ended the sweep"
+    if spec.search.gpu_hours_budget:
+        last: dict[str, float] = {}
+        for epoch in store.epochs():
+            last[epoch["trial_id"]] = epoch["gpu_hours"] or 0.0
+        if sum(last.values()) >= spec.search.gpu_hours_budget:
+            return f"the GPU-hours budget ({spec.search.gpu_hours_budget:g}) ended the sweep"
+    return None
 
 
 def max_epochs(spec: SweepSpec) -> int:

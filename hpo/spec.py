@@ -69,11 +69,18 @@ class Dimension(_Strict):
 
 
 class SearchSpec(_Strict):
-    algorithm: Literal["grid", "random", "tpe"] = Field("grid", description="grid: every grid point; random: Ray Tune's sampler; tpe: Optuna's TPE")
+    algorithm: Literal["grid", "random", "tpe", "nsga2"] = Field(
+        "grid",
+        description="grid: every grid point; random: Ray Tune's sampler; tpe: Optuna's TPE (multi-objective with "
+        "several per-trial objectives); nsga2: Optuna's NSGA-II, multi-objective",
+    )
     space: dict[str, Dimension] = Field(default_factory=dict, description="searched fields of `train`, each a Dimension")
     num_samples: int = Field(1, ge=1, description="trials for random/tpe; repeats of the whole grid for grid")
     max_concurrent_trials: int | None = Field(None, ge=1, description="cap on trials running at once (default: as resources allow)")
     seed: int = Field(0, description="seed of the search algorithm")
+    time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget of the sweep; when spent, running trials stop and no new one starts")
+    gpu_hours_budget: float | None = Field(None, gt=0, description="GPU-hours budget over all trials; when spent, running trials stop and no new one starts")
+    fold_epochs: bool = Field(True, description="grid over epochs: train each configuration once, to the largest value, and read every smaller one off its epochs")
 
 
 class SchedulerSpec(_Strict):
@@ -108,12 +115,27 @@ class SweepSpec(_Strict):
     cost: CostSpec = CostSpec()
 
     @property
+    def multi_objective(self) -> bool:
+        """Optuna searches several objectives at once (tpe or nsga2 with more than one objective)."""
+        return self.search.algorithm in ("tpe", "nsga2") and len(self.objectives) > 1
+
+    @property
+    def folded_epochs(self) -> list[int] | None:
+        """The epochs values one training answers, when epochs are folded (see README: epochs as a budget)."""
+        dim = self.search.space.get("epochs")
+        if dim is None or dim.kind != "grid" or not self.search.fold_epochs or self.search.algorithm != "grid":
+            return None
+        return sorted({int(v) for v in dim.values})
+
+    @property
     def tune_objective(self) -> Objective:
         """The objective Ray Tune's searcher and scheduler optimize: the first per-epoch one."""
         return next(o for o in self.objectives if o.metric in EPOCH_METRICS)
 
     def trial_config(self, params: dict[str, Any]) -> TrialConfig:
         """The full configuration of one trial with searched `params`."""
+        if self.folded_epochs and "epochs" not in params:
+            params = {**params, "epochs": max(self.folded_epochs)}
         return TrialConfig(
             model=self.model,
             data=self.data,
@@ -227,6 +249,8 @@ def _validate(raw: dict[str, Any], path: Path, from_cli: set[str]) -> SweepSpec:
         raise SweepError(
             f"{path}: objectives: name at least one per-epoch metric ({' or '.join(EPOCH_METRICS)}) for the search to optimize"
         )
+    if spec.search.algorithm == "nsga2" and len(spec.objectives) < 2:
+        raise SweepError(f"{path}: search.algorithm 'nsga2' is multi-objective: list at least two objectives")
     return spec
 
 
