@@ -74,6 +74,7 @@ def run_sweep(
             results = tuner.fit()
         finally:
             progress.stop()
+        store.end_unfinished(EARLY_STOPPED)  # trials a budget cut off mid-epoch
         errors = sum(1 for r in results if r.error is not None)
         notes = [f"{errors} of {len(results)} trials failed" if errors else None, _budget_note(sweep.spec, store, time.monotonic() - started)]
         note = "; ".join(n for n in notes if n) or None

@@ -191,6 +191,14 @@ class Store:
                 (status, error, ended_at, trial_id),
             )
 
+    def end_unfinished(self, status: str) -> int:
+        """Give every trial still pending or running `status` (the sweep ended around it); returns how many."""
+        with _tx(self.conn):
+            cursor = self.conn.execute(
+                "UPDATE trials SET status = ?, ended_at = ? WHERE status IN (?, ?)", (status, time.time(), PENDING, RUNNING)
+            )
+        return cursor.rowcount
+
     def set_trial_placement(self, trial_id: str, node: str | None, devices: str | None) -> None:
         with _tx(self.conn):
             self.conn.execute(

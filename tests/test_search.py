@@ -1,0 +1,117 @@
+"""Search and scheduling through Ray Tune and Optuna: seeding, multi-objective, folding, ASHA, budgets."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from ray import tune
+
+from hpo.driver import GpuHoursBudget, _search_alg, param_space
+from hpo.spec import load_sweep
+from tests.conftest import REPO, peftsweep
+
+
+def _first_suggestions(spec, n: int = 4) -> list[dict]:
+    searcher = _search_alg(spec)
+    searcher.set_search_properties(None, None, param_space(spec))
+    return [searcher.suggest(f"t{i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("sweep", ["tpe_asha", "pareto"])
+def test_same_seed_proposes_the_same_first_trials(sweep, monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = load_sweep(sweep).spec
+    first, again = _first_suggestions(spec), _first_suggestions(spec)
+    assert first == again
+    assert len({json.dumps(s, sort_keys=True) for s in first}) == len(first)  # and they are distinct trials
+    other = load_sweep(sweep, ["search.seed=1"]).spec
+    assert _first_suggestions(other) != first
+
+
+def test_multi_objective_search_gets_every_objective(monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = load_sweep("pareto").spec
+    searcher = _search_alg(spec)
+    assert spec.multi_objective
+    assert searcher.metric == ["win_rate", "train_seconds"] and searcher.mode == ["max", "min"]
+    assert type(searcher._sampler).__name__ == "NSGAIISampler"
+    single = load_sweep("tpe_asha").spec
+    assert not single.multi_objective and _search_alg(single).metric == "win_rate"
+
+
+def test_folded_epochs_are_not_searched(monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = load_sweep("llm_league").spec
+    assert spec.folded_epochs == [5, 10, 20, 30]
+    assert "epochs" not in param_space(spec)
+    assert spec.trial_config({"learning_rate": 1e-5, "lora_r": 8}).train.epochs == 30
+    unfolded = load_sweep("llm_league", ["search.fold_epochs=false"]).spec
+    assert unfolded.folded_epochs is None
+    assert param_space(unfolded)["epochs"] == tune.grid_search([5, 10, 20, 30])
+
+
+def test_gpu_hours_budget_stops_all_once_spent():
+    budget = GpuHoursBudget(1.0)
+    assert budget("a", {"gpu_hours": 0.4}) is False and not budget.stop_all()
+    budget("b", {"gpu_hours": 0.5})
+    budget("a", {"gpu_hours": 0.45})  # cumulative per trial: the latest value counts, not the sum of reports
+    assert not budget.stop_all()
+    budget("b", {"gpu_hours": 0.6})
+    assert budget.stop_all()
+
+
+def _export(runs: Path, name: str) -> list[dict]:
+    proc = peftsweep("export", name, "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stderr
+    return list(csv.DictReader(io.StringIO(proc.stdout)))
+
+
+def test_epoch_folding_trains_each_configuration_once(tmp_path, tiny_model_dir):
+    runs = tmp_path / "runs"
+    proc = peftsweep(
+        "run", "smoke", "--name", "folded", "--runs-dir", str(runs),
+        "--set", "search.space.epochs={grid: [1, 2, 3]}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    conn = sqlite3.connect(runs / "folded" / "results.db")
+    assert conn.execute("SELECT count(*) FROM trials").fetchone()[0] == 2  # trainings: one per learning rate
+    assert conn.execute("SELECT count(DISTINCT trial_id || epoch) FROM epochs").fetchone()[0] == 6
+    rows = _export(runs, "folded")
+    assert len(rows) == 6  # results: one per (learning rate, epochs)
+    by_config: dict[str, list[dict]] = {}
+    for row in rows:
+        by_config.setdefault(row["learning_rate"], []).append(row)
+    for points in by_config.values():
+        points.sort(key=lambda r: int(r["epochs"]))
+        assert [int(r["epochs"]) for r in points] == [1, 2, 3]
+        assert [int(r["epochs_completed"]) for r in points] == [1, 2, 3]
+        seconds = [float(r["train_seconds"]) for r in points]
+        assert seconds[0] < seconds[1] < seconds[2]  # each point carries its own cumulative cost
+        assert len({r["trial_id"].split("@")[0] for r in points}) == 1  # all read off one training
+
+
+def test_tpe_with_asha_stops_weak_trials_early(tmp_path, tiny_model_dir):
+    runs = tmp_path / "runs"
+    proc = peftsweep(
+        "run", "tpe_asha", "--runs-dir", str(runs),
+        "--set", "search.num_samples=6",
+        "--set", "search.space.epochs={choice: [3]}",
+        "--set", "objectives=[{metric: eval_ppl, mode: min}]",
+        "--set", "eval.num_prompts=8", "--set", "eval.max_new_tokens=12",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _export(runs, "tpe_asha")
+    assert len(rows) == 6
+    stopped = [r for r in rows if r["status"] == "early_stopped"]
+    assert stopped, [(r["status"], r["epochs_completed"]) for r in rows]
+    for row in stopped:
+        assert int(row["epochs_completed"]) < 3
+        assert float(row["eval_ppl"]) > 1 and float(row["train_seconds"]) > 0  # metrics up to the stop are kept
+    assert any(r["status"] == "completed" and r["epochs_completed"] == "3" for r in rows)
+    html = (runs / "tpe_asha" / "report.html").read_text()
+    assert "early stopped" in html
