@@ -134,8 +134,8 @@ def _init_ray(address: str | None) -> None:
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if not address:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for local clusters, said explicitly: no warning
+    # Ray says at every local start that it enabled token authentication, its default: not news to our users.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         ray.init(
