@@ -45,7 +45,9 @@ def run_sweep(
     """Run a validated sweep to the end; returns the run folder (store + report)."""
     name = name or sweep.name
     run_dir = runs_root(runs_dir) / name
+    _check_address(address)
     _preflight(sweep.spec)
+    spec = _absolute_paths(sweep.spec)
     _prepare_run_dir(run_dir, overwrite)
 
     import ray
@@ -54,20 +56,20 @@ def run_sweep(
         run_dir / "results.db",
         name=name,
         sweep_file=str(sweep.path),
-        spec={**sweep.spec.model_dump(mode="json"), "overrides": list(overrides)},
-        searched=list(sweep.spec.search.space),
-        objectives=[o.model_dump() for o in sweep.spec.objectives],
+        spec={**spec.model_dump(mode="json"), "overrides": list(overrides)},
+        searched=list(spec.search.space),
+        objectives=[o.model_dump() for o in spec.objectives],
         versions=_versions(),
         git_commit=_git_commit(),
     )
-    progress = ProgressCallback(sweep.spec, name)
+    progress = ProgressCallback(spec, name)
     try:
         _init_ray(address)
         progress.say(f"Ray {'cluster ' + address if address else 'started locally'}; resources: {_resources()}")
-        progress.say(_baseline_message(sweep.spec))
-        prompts, references, baseline = _baseline(sweep.spec)
+        progress.say(_baseline_message(spec))
+        prompts, references, baseline = _baseline(spec)
         store.set_baseline(zip(range(len(prompts)), prompts, references, baseline))
-        tuner = _tuner(sweep.spec, baseline, run_dir, [StoreCallback(store, sweep.spec), progress])
+        tuner = _tuner(spec, baseline, run_dir, [StoreCallback(store, spec), progress])
         progress.start()
         started = time.monotonic()
         try:
@@ -76,7 +78,7 @@ def run_sweep(
             progress.stop()
         store.end_unfinished(EARLY_STOPPED)  # trials a budget cut off mid-epoch
         errors = sum(1 for r in results if r.error is not None)
-        notes = [f"{errors} of {len(results)} trials failed" if errors else None, _budget_note(sweep.spec, store, time.monotonic() - started)]
+        notes = [f"{errors} of {len(results)} trials failed" if errors else None, _budget_note(spec, store, time.monotonic() - started)]
         note = "; ".join(n for n in notes if n) or None
         if note:
             progress.say(f"Note: {note}")
@@ -114,6 +116,26 @@ def _preflight(spec: SweepSpec) -> None:
     if n_eval < 1 or n_eval >= len(records):
         raise SweepError(
             f"data.eval_fraction {spec.data.eval_fraction} of {len(records)} records leaves an empty split; change it or add records"
+        )
+
+
+def _absolute_paths(spec: SweepSpec) -> SweepSpec:
+    """Local data and model paths made absolute: Ray Tune runs each trial in its own working directory."""
+    data, model = spec.data, spec.model
+    if Path(data.source).expanduser().exists():
+        data = data.model_copy(update={"source": str(Path(data.source).expanduser().resolve())})
+    if Path(model.name).expanduser().exists():
+        model = model.model_copy(update={"name": str(Path(model.name).expanduser().resolve())})
+    return spec.model_copy(update={"data": data, "model": model})
+
+
+def _check_address(address: str | None) -> None:
+    """Refuse Ray Client (ray://): there Tune runs on the head node, away from this driver's store."""
+    if address and address.startswith("ray://"):
+        raise SweepError(
+            f"--address {address}: Ray Client addresses are not supported (Ray Tune would run on the head node, "
+            "where this machine's results store cannot be written); run peftsweep on the head node with "
+            "--address auto, see docs/CLUSTER.md"
         )
 
 
@@ -318,7 +340,11 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
     from trainers.worker import TrainStatus, train
 
     config = spec.trial_config(params)
-    placement = {"node": ray.util.get_node_ip_address(), "devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    placement = {
+        "node": ray.util.get_node_ip_address(),
+        "node_id": ray.get_runtime_context().get_node_id(),  # tells nodes apart where several share one IP
+        "devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }
 
     def report(metrics: dict[str, Any]) -> None:
         held_seconds = metrics["train_seconds"] + metrics["eval_seconds"]

@@ -115,3 +115,15 @@ def test_tpe_with_asha_stops_weak_trials_early(tmp_path, tiny_model_dir):
     assert any(r["status"] == "completed" and r["epochs_completed"] == "3" for r in rows)
     html = (runs / "tpe_asha" / "report.html").read_text()
     assert "early stopped" in html
+
+
+def test_local_paths_become_absolute_before_trials(tmp_path, monkeypatch):
+    """Ray Tune runs each trial in its own working directory, so a relative data path must not reach it."""
+    from hpo.driver import _absolute_paths
+
+    (tmp_path / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep(str(REPO / "sweeps" / "smoke.yaml"), ["data.source=data.jsonl"]).spec
+    fixed = _absolute_paths(spec)
+    assert fixed.data.source == str(tmp_path / "data.jsonl")
+    assert fixed.model.name == "tiny" and fixed.train == spec.train
