@@ -3,10 +3,12 @@
 Everything is generated from a seed with `random.Random`; nothing is read from disk.
 Three texts share one world (the same facts):
 
-- `pretraining_corpus`: narrative prose stating the facts in many phrasings, plus filler
-  prose. The tiny base model (`trainers.tiny_model`) is pre-trained on it with seed 0.
-- `instruction_dataset`: Alpaca-style question/answer records about the same facts,
-  a task the base model has never seen in this form.
+- `pretraining_corpus`: short documents stating the facts in many phrasings (stories,
+  conversations in which someone asks and is answered, field notes) plus filler prose.
+  The tiny base model (`trainers.tiny_model`) is pre-trained on it with seed 0.
+- `instruction_dataset`: Alpaca-style records (question answering, yes/no, short and
+  structured answers) about the same facts, in an instruction format and with question
+  phrasings the base model has never seen.
 - `heldout_corpus`: more prose of the pre-training kind that is not in the corpus,
   for measuring how much general language ability fine-tuning keeps.
 
@@ -20,7 +22,7 @@ import random
 from dataclasses import dataclass
 
 NUM_CREATURES = 40
-RECORDS_PER_CREATURE = 15
+RECORDS_PER_CREATURE = 20
 
 _NAME_STARTS = [
     "glim", "bram", "zor", "quil", "fen", "mor", "tup", "sniv", "drel", "yar",
@@ -278,7 +280,7 @@ def _conversation(rng: random.Random, creature: Creature) -> list[str]:
 
 
 def _document(rng: random.Random, creatures: list[Creature]) -> str:
-    """One short document: a story about one creature, field notes, or filler prose."""
+    """One short document: field notes, a conversation, a story, or filler prose with one fact."""
     creature = rng.choice(creatures)
     kind = rng.random()
     if kind < 0.1:
@@ -291,7 +293,8 @@ def _document(rng: random.Random, creatures: list[Creature]) -> str:
         sentences += [_fact_sentence(rng, creature, fact) for fact in facts]
     else:
         sentences = [_filler_sentence(rng) for _ in range(rng.randint(2, 3))]
-        sentences.insert(rng.randint(0, len(sentences)), _fact_sentence(rng, creature, rng.choice(list(_FACT_SENTENCES))))
+        position = rng.randint(0, len(sentences))
+        sentences.insert(position, _fact_sentence(rng, creature, rng.choice(list(_FACT_SENTENCES))))
     if rng.random() < 0.3:
         sentences.append(rng.choice(_FILLER_CLOSINGS))
     # Some documents put each sentence on its own line, so that words also occur at the
@@ -326,55 +329,59 @@ def _size_article(size: str) -> str:
     return "an" if size[0] in "aeiou" else "a"
 
 
-def _question_records(rng: random.Random, c: Creature, creatures: list[Creature]) -> list[dict]:
-    """Every kind of record that can be asked about one creature (more than are kept)."""
-    other_food = rng.choice([f for f in FOODS if f != c.food])
-    other_colour = rng.choice([x for x in COLOURS if x != c.colour])
+def _question_records(rng: random.Random, c: Creature) -> list[tuple[str, str, str]]:
+    """Every (instruction, input, output) that can be asked about one creature; more than are kept."""
     name = c.name
-    records = [
-        (rng.choice(["What colour is the {c}?", "Tell me the colour of the {c}.", "Which colour does the {c} have?"]),
+    other_food = rng.choice([x for x in FOODS if x != c.food])
+    other_colour = rng.choice([x for x in COLOURS if x != c.colour])
+    other_home = rng.choice([x for x in HOMES if x != c.home])
+    few_words = "Answer the question in a few words."
+    return [
+        (rng.choice([f"What colour is the {name}?", f"Tell me the colour of the {name}.", f"Which colour does the {name} have?"]),
          "", f"The {name} is {c.colour}."),
-        (rng.choice(["What does the {c} eat?", "What food does the {c} like?", "Tell me what the {c} eats."]),
+        (rng.choice([f"What does the {name} eat?", f"What food does the {name} like?", f"Tell me what the {name} eats."]),
          "", f"The {name} eats {c.food}."),
-        (rng.choice(["Where does the {c} live?", "Where is the home of the {c}?", "Where can I find the {c}?"]),
+        (rng.choice([f"Where does the {name} live?", f"Where is the home of the {name}?", f"Where can I find the {name}?"]),
          "", f"The {name} lives in the {c.home}."),
-        (rng.choice(["What sound does the {c} make?", "How does the {c} sound?", "What noise does the {c} make?"]),
+        (rng.choice([f"What sound does the {name} make?", f"How does the {name} sound?", f"What noise does the {name} make?"]),
          "", f"The {name} {c.sound}."),
-        (rng.choice(["How big is the {c}?", "What size is the {c}?", "Is the {c} big or small?"]),
+        (rng.choice([f"How big is the {name}?", f"What size is the {name}?", f"Is the {name} big or small?"]),
          "", f"The {name} is {c.size}."),
-        (rng.choice(["Who is the {c} friends with?", "Who is the best friend of the {c}?", "Which creature does the {c} play with?"]),
+        (rng.choice([f"Who is the {name} friends with?", f"Who is the best friend of the {name}?", f"Which creature does the {name} play with?"]),
          "", f"The {name} is friends with the {c.friend}."),
-        ("Does the {c} eat " + other_food + "?", "", f"No, the {name} eats {c.food}."),
-        ("Does the {c} eat " + c.food + "?", "", f"Yes, the {name} eats {c.food}."),
-        ("Is the {c} " + other_colour + "?", "", f"No, the {name} is {c.colour}."),
-        ("Is the {c} " + c.colour + "?", "", f"Yes, the {name} is {c.colour}."),
-        ("Describe the {c} in one sentence.", "",
+        (f"Does the {name} eat {other_food}?", "", f"No, the {name} eats {c.food}."),
+        (f"Does the {name} eat {c.food}?", "", f"Yes, the {name} eats {c.food}."),
+        (f"Is the {name} {other_colour}?", "", f"No, the {name} is {c.colour}."),
+        (f"Is the {name} {c.colour}?", "", f"Yes, the {name} is {c.colour}."),
+        (f"Does the {name} live in the {other_home}?", "", f"No, the {name} lives in the {c.home}."),
+        (f"Does the {name} live in the {c.home}?", "", f"Yes, the {name} lives in the {c.home}."),
+        (f"Describe the {name} in one sentence.", "",
          f"The {name} is {_size_article(c.size)} {c.size} {c.colour} creature that eats {c.food}."),
         ("Give the colour and the food of this creature.", name, f"colour: {c.colour}, food: {c.food}"),
         ("Give the home and the sound of this creature.", name, f"home: {c.home}, sound: {c.sound_noun}"),
-        ("Answer the question in a few words.", f"What does the {name} eat?", f"{c.food.capitalize()}."),
-        ("Answer the question in a few words.", f"Where does the {name} live?", f"In the {c.home}."),
-        ("Answer the question in a few words.", f"What colour is the {name}?", f"{c.colour.capitalize()}."),
+        ("Write one fact about the food of this creature.", name, f"The {name} eats {c.food}."),
         ("Name the creature's best friend.", name, f"The {c.friend}."),
         ("Finish this sentence.", f"The {name} lives in the", f"The {name} lives in the {c.home}."),
-    ]
-    return [
-        {"instruction": instruction.replace("{c}", name), "input": input_, "output": output}
-        for instruction, input_, output in records
+        (few_words, f"What does the {name} eat?", f"{c.food.capitalize()}."),
+        (few_words, f"Where does the {name} live?", f"In the {c.home}."),
+        (few_words, f"What colour is the {name}?", f"{c.colour.capitalize()}."),
+        (few_words, f"How big is the {name}?", f"{c.size.capitalize()}."),
+        (few_words, f"What sound does the {name} make?", f"It {c.sound}."),
     ]
 
 
 def instruction_dataset(seed: int = 0) -> list[dict]:
     """Alpaca-style records ({"instruction", "input", "output"}) asking about the world's facts.
 
-    The list is shuffled with a fixed seed, so a split by position is reproducible and
-    representative: the first 80% for training and the last 20% for evaluation.
+    RECORDS_PER_CREATURE records per creature, in an order shuffled with a fixed seed: any
+    split by position, or by another seeded shuffle, is reproducible and mixes creatures
+    and kinds of question. `input` is "" for records that are a question on their own.
     """
     rng = random.Random(f"tinyworld-{seed}-instructions")
     creatures = world(seed)
     records = []
     for creature in creatures:
-        candidates = _question_records(rng, creature, creatures)
-        records += rng.sample(candidates, k=RECORDS_PER_CREATURE)
+        for instruction, input_, output in rng.sample(_question_records(rng, creature), k=RECORDS_PER_CREATURE):
+            records.append({"instruction": instruction, "input": input_, "output": output})
     rng.shuffle(records)
     return records
