@@ -1,4 +1,7 @@
-"""Per-epoch evaluation, kept cheap: perplexity, greedy answers, and a judge against the base model."""
+"""Per-epoch evaluation, kept cheap: perplexity, greedy answers, reference metrics and win-rate counts.
+
+The judges that compare a trial's answers with the base model's are in `trainers.judges`.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,19 @@ from typing import Any, Iterable
 import torch
 
 from trainers.data import IGNORE_INDEX
+from trainers.stats import wilson_interval
 
 WIN, TIE, LOSS = 1.0, 0.5, 0.0
 
 
 @torch.no_grad()
 def perplexity(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> float:
-    """exp(total NLL / total predicted tokens): token-weighted, over labelled tokens only."""
+    """exp(total NLL / total predicted tokens): token-weighted, over labelled tokens only.
+
+    Labelled tokens are the response tokens (and EOS) of instruction data; padding and prompt
+    tokens carry IGNORE_INDEX. Examples longer than the max length were truncated from the right
+    by `trainers.data.tokenize`, so only the response tokens that fit are scored.
+    """
     total_nll, total_tokens = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -27,6 +36,8 @@ def perplexity(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: t
         )
         total_nll += nll.item()
         total_tokens += int((labels != IGNORE_INDEX).sum())
+    if total_tokens == 0:
+        raise ValueError("perplexity: no response token fits in max_length; raise data.max_length")
     return math.exp(total_nll / total_tokens)
 
 
@@ -66,10 +77,36 @@ def token_f1(answer: str, reference: str) -> float:
 
 
 def exact_match(answer: str, reference: str) -> float:
+    """1.0 when the answer's words equal the reference's (case and punctuation ignored), else 0.0."""
     return float(_words(answer) == _words(reference))
 
 
-SIMILARITY = {"token_f1": token_f1, "exact_match": exact_match}
+def chrf(answer: str, reference: str) -> float:
+    """sacrebleu's sentence-level chrF (character n-gram F-score, beta 2), scaled to 0..1."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().sentence_score(answer, [reference]).score / 100
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F1: the longest common subsequence of words, as precision over the answer and recall over the reference."""
+    a, r = _words(answer), _words(reference)
+    if not a or not r:
+        return 0.0
+    previous = [0] * (len(r) + 1)  # previous[j]: LCS of the answer's words so far and r[:j]
+    for word in a:
+        row = [0]
+        for j, ref_word in enumerate(r, 1):
+            row.append(previous[j - 1] + 1 if word == ref_word else max(previous[j], row[j - 1]))
+        previous = row
+    common = previous[-1]
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+SIMILARITY = {"token_f1": token_f1, "exact_match": exact_match, "chrf": chrf, "rouge_l": rouge_l}
 
 
 def judge_against_reference(
@@ -85,10 +122,14 @@ def judge_against_reference(
 
 
 def win_rate(verdicts: list[float]) -> dict[str, float]:
-    """Wins, losses, ties and the win rate (a tie counts one half)."""
+    """Wins, losses, ties, the win rate (a tie counts one half) and its 95% Wilson interval."""
+    wins, losses, ties = (sum(v == outcome for v in verdicts) for outcome in (WIN, LOSS, TIE))
+    low, high = wilson_interval(wins, losses, ties)
     return {
         "win_rate": sum(verdicts) / len(verdicts),
-        "wins": sum(v == WIN for v in verdicts),
-        "losses": sum(v == LOSS for v in verdicts),
-        "ties": sum(v == TIE for v in verdicts),
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "win_rate_low": low,
+        "win_rate_high": high,
     }
