@@ -22,7 +22,7 @@ import plotly.io as pio
 
 from analysis.frontier import pareto_front
 from analysis.load import load_answers, load_epochs, load_trials, param_columns, selection_objective, training_id
-from hpo.store import COMPLETED, EARLY_STOPPED, ERROR, PENDING, RUNNING, Store
+from hpo.store import COMPLETED, DIVERGED, EARLY_STOPPED, ERROR, OOM, PENDING, RUNNING, Store
 
 # Trials that ran to their end: only these can be on a frontier or be the best trial.
 FINISHED = (COMPLETED, EARLY_STOPPED)
@@ -32,6 +32,8 @@ STATUS_STYLE = {
     COMPLETED: ("completed", "circle", "#1f77b4", "solid"),
     EARLY_STOPPED: ("early stopped", "triangle-down", "#ff7f0e", "dash"),
     ERROR: ("error", "x", "#d62728", "dot"),
+    DIVERGED: ("diverged", "star-triangle-up", "#8c564b", "dot"),
+    OOM: ("out of memory", "square-x", "#e377c2", "dot"),
     RUNNING: ("running", "circle-open", "#7f7f7f", "dashdot"),
     PENDING: ("pending", "circle-open", "#bbbbbb", "dashdot"),
 }

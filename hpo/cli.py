@@ -69,7 +69,30 @@ def run(
     except SweepError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        typer.echo("peftsweep: interrupted; finished trials are in the store", err=True)
+        typer.echo(f"peftsweep: interrupted; finished trials are in the store (peftsweep resume {run_name} continues)", err=True)
+        raise typer.Exit(130)
+    typer.echo(str(run_dir / "report.html"))
+
+
+@app.command()
+def resume(
+    name: Annotated[str, typer.Argument(help="run name (runs/NAME)")],
+    address: Annotated[
+        Optional[str], typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster to attach to (default: start Ray locally)")
+    ] = None,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Continue a sweep whose driver stopped (killed, interrupted, a lost head node): finished
+    trials are kept and not run again, unfinished ones restart from their last finished epoch."""
+    try:
+        _open_store(name, runs_dir).close()  # a clear error for an unknown run
+        from hpo.driver import resume_sweep
+
+        run_dir = resume_sweep(name, runs_dir=runs_dir, address=address)
+    except SweepError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo(f"peftsweep: interrupted; finished trials are in the store (peftsweep resume {name} continues)", err=True)
         raise typer.Exit(130)
     typer.echo(str(run_dir / "report.html"))
 

@@ -22,7 +22,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from hpo.errors import SweepError
 from hpo.progress import ProgressCallback
 from hpo.spec import Dimension, Sweep, SweepSpec, coerce_value
-from hpo.store import COMPLETED, EARLY_STOPPED, ERROR, Store
+from hpo.store import COMPLETED, EARLY_STOPPED, ERROR, STATUS_KEY, Store
 
 _RAY_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}  # Tune's own result keys
 VERSIONED_PACKAGES = ("peftsweep", "torch", "transformers", "peft", "ray", "optuna", "pydantic")
@@ -48,40 +48,88 @@ def run_sweep(
     _preflight(sweep.spec)
     spec = _absolute_paths(sweep.spec)
     _prepare_run_dir(run_dir, overwrite)
+    with _driver_lock(run_dir):
+        store = Store.create(
+            run_dir / "results.db",
+            name=name,
+            sweep_file=str(sweep.path),
+            spec={**spec.model_dump(mode="json"), "overrides": list(overrides)},
+            searched=list(spec.search.space),
+            objectives=[o.model_dump() for o in spec.objectives],
+            versions=_versions(),
+            git_commit=_git_commit(),
+        )
+        progress = ProgressCallback(spec, name)
 
+        def tuner() -> Any:
+            progress.say(_baseline_message(spec))
+            prompts, references, baseline = _baseline(spec)
+            store.set_baseline(zip(range(len(prompts)), prompts, references, baseline))
+            return _tuner(spec, baseline, run_dir, [StoreCallback(store, spec), progress])
+
+        return _drive(tuner, store, spec, progress, run_dir, address)
+
+
+def resume_sweep(name: str, *, runs_dir: str | None = None, address: str | None = None) -> Path:
+    """Continue a sweep whose driver died, from Ray Tune's saved experiment state.
+
+    Finished trials are not run again; unfinished ones restart from their last epoch checkpoint.
+    """
+    from ray import tune
+
+    run_dir = runs_root(runs_dir) / name
+    _check_address(address)
+    with _driver_lock(run_dir):
+        store = Store.open(run_dir / "results.db")
+        sweep = store.sweep()
+        if sweep["status"] == "completed":
+            store.close()
+            raise SweepError(f"sweep {name} has completed; nothing to resume (its report: peftsweep report {name})")
+        experiment = run_dir / "tune"
+        if not tune.Tuner.can_restore(str(experiment.resolve())):
+            store.close()
+            raise SweepError(
+                f"sweep {name} stopped before its first trial started, so there is nothing to resume; "
+                f"run it again with --overwrite"
+            )
+        spec = SweepSpec.model_validate({k: v for k, v in sweep["spec"].items() if k != "overrides"})
+        baseline = [row["answer"] for row in store.baseline()]
+        store.reopen()
+        progress = ProgressCallback(spec, name)
+        progress.say(f"Resuming sweep {name} ({len(store.trials())} trials so far) from {experiment}")
+
+        def tuner() -> Any:
+            # Tune restores the searcher, the scheduler and the callbacks (they reopen the store) with the trials.
+            return tune.Tuner.restore(
+                str(experiment.resolve()), trainable=_trainable(spec, baseline), resume_unfinished=True, resume_errored=True
+            )
+
+        return _drive(tuner, store, spec, progress, run_dir, address)
+
+
+def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCallback, run_dir: Path, address: str | None) -> Path:
+    """Start Ray, run the tuner to the end, close the store's sweep record and write the report."""
     import ray
 
-    store = Store.create(
-        run_dir / "results.db",
-        name=name,
-        sweep_file=str(sweep.path),
-        spec={**spec.model_dump(mode="json"), "overrides": list(overrides)},
-        searched=list(spec.search.space),
-        objectives=[o.model_dump() for o in spec.objectives],
-        versions=_versions(),
-        git_commit=_git_commit(),
-    )
-    progress = ProgressCallback(spec, name)
     try:
         _init_ray(address)
         progress.say(f"Ray {'cluster ' + address if address else 'started locally'}; resources: {_resources()}")
-        progress.say(_baseline_message(spec))
-        prompts, references, baseline = _baseline(spec)
-        store.set_baseline(zip(range(len(prompts)), prompts, references, baseline))
-        tuner = _tuner(spec, baseline, run_dir, [StoreCallback(store, spec), progress])
+        tuner = make_tuner()
         progress.start()
         started = time.monotonic()
         try:
-            results = tuner.fit()
+            tuner.fit()
         finally:
             progress.stop()
         store.end_unfinished(EARLY_STOPPED)  # trials a budget cut off mid-epoch
-        errors = sum(1 for r in results if r.error is not None)
-        notes = [f"{errors} of {len(results)} trials failed" if errors else None, _budget_note(spec, store, time.monotonic() - started)]
+        statuses = [t["status"] for t in store.trials()]
+        errors = sum(s not in (COMPLETED, EARLY_STOPPED) for s in statuses)
+        failed = f"{errors} of {len(statuses)} trials failed ({_census(statuses)})" if errors else None
+        notes = [failed, _budget_note(spec, store, time.monotonic() - started)]
         note = "; ".join(n for n in notes if n) or None
         if note:
             progress.say(f"Note: {note}")
-        store.finish("completed" if errors < len(results) else "failed", note=note)
+        store.finish("completed" if errors < len(statuses) else "failed", note=note)
     except KeyboardInterrupt:
         store.finish("interrupted")
         raise
@@ -98,6 +146,31 @@ def run_sweep(
     store.close()
     progress.say(f"Report: {report}")
     return run_dir
+
+
+class _driver_lock:
+    """One driver per run folder: `resume` must not start a second driver on a live sweep.
+
+    An OS file lock, so a killed driver (even kill -9) releases it.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "driver.lock"
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        if not self.path.parent.is_dir():
+            raise SweepError(f"no sweep at {self.path.parent} (peftsweep ls lists the runs)")
+        self.file = self.path.open("w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise SweepError(f"{self.path.parent}: a driver is still running this sweep; wait for it or stop it first") from None
+
+    def __exit__(self, *exc_info) -> None:
+        self.file.close()
 
 
 def _preflight(spec: SweepSpec) -> None:
@@ -142,7 +215,8 @@ def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists():
         if not overwrite:
             raise SweepError(
-                f"{run_dir} already exists: pass --overwrite to replace it, or --name NAME to keep both"
+                f"{run_dir} already exists: `peftsweep resume {run_dir.name}` continues it, "
+                "--overwrite replaces it, --name NAME keeps both"
             )
         shutil.rmtree(run_dir)
     try:
@@ -264,6 +338,15 @@ class GpuHoursBudget(Stopper):
         return sum(self.spent.values()) >= self.budget
 
 
+def _trainable(spec: SweepSpec, baseline: list[str]) -> Any:
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec, baseline=baseline),
+        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
+    )
+
+
 def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[Any]) -> Any:
     from ray import tune
 
@@ -273,17 +356,14 @@ def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr="epoch",
             metric=objective.metric,
             mode=objective.mode,
             max_t=max_epochs(spec),
             grace_period=spec.scheduler.grace_period,
             reduction_factor=spec.scheduler.reduction_factor,
         )
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec, baseline=baseline),
-        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
-    )
+    trainable = _trainable(spec, baseline)
     budget = spec.search.gpu_hours_budget
     return tune.Tuner(
         trainable,
@@ -302,7 +382,8 @@ def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[
             callbacks=callbacks,
             stop=GpuHoursBudget(budget) if budget else None,
             verbose=0,
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=spec.search.max_retries),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
 
@@ -327,32 +408,69 @@ def max_epochs(spec: SweepSpec) -> int:
     return int(max(dim.values)) if dim.kind in ("grid", "choice") else int(dim.values[1])
 
 
-class TrialFailed(RuntimeError):
-    """The worker ended a trial with a failed status (e.g. a non-finite loss)."""
-
-
 def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> None:
-    """The Ray Tune trainable: a thin adapter from Tune to the worker."""
+    """The Ray Tune trainable: a thin adapter from Tune to the worker.
+
+    Every epoch is checkpointed, so a trial whose process or node is lost restarts from its last
+    epoch (`search.max_retries`). A failure in training itself (divergence, out of memory, an
+    exception) is deterministic: it ends the trial with a closing report instead of an error, so
+    Tune does not retry it, and the searcher sees the trial's last (or worst) objective values.
+    """
+    import tempfile
+
     import ray
+    import torch
     from ray import tune
 
-    from trainers.worker import TrainStatus, train
+    from trainers.worker import TrainResult, TrainStatus, train
 
     config = spec.trial_config(params)
     placement = {
         "node": ray.util.get_node_ip_address(),
         "node_id": ray.get_runtime_context().get_node_id(),  # tells nodes apart where several share one IP
         "devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "worker_pid": os.getpid(),
     }
 
-    def report(metrics: dict[str, Any]) -> None:
+    def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         held_seconds = metrics["train_seconds"] + metrics["eval_seconds"]
         gpu_hours = held_seconds * spec.resources.gpus_per_trial / 3600
-        tune.report({**metrics, **placement, "gpu_hours": gpu_hours, "cost_usd": gpu_hours * spec.cost.usd_per_gpu_hour})
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / "state.pt")
+            tune.report(
+                {**metrics, **placement, "gpu_hours": gpu_hours, "cost_usd": gpu_hours * spec.cost.usd_per_gpu_hour},
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
 
-    result = train(config, baseline, report)
-    if result.status is TrainStatus.FAILED:
-        raise TrialFailed(result.error)
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", weights_only=False)
+    try:
+        result = train(config, baseline, report, state)
+    except Exception as exc:
+        result = TrainResult(TrainStatus.ERROR, 0, {}, _last_line(f"{type(exc).__name__}: {exc}"))
+    if result.status is not TrainStatus.SUCCESS:
+        tune.report(_closing_report(spec, result))
+
+
+def _closing_report(spec: SweepSpec, result: Any) -> dict[str, Any]:
+    """The last report of a failed trial: its status and error, and for the searcher and scheduler
+    each objective's value at the last finished epoch, or the worst value if none finished."""
+    closing = {STATUS_KEY: result.status.value, "error": result.error, "epoch": result.epochs_completed}
+    for objective in spec.objectives:
+        worst = float("inf") if objective.mode == "min" else 0.0
+        closing[objective.metric] = result.last_metrics.get(objective.metric, worst)
+    return closing
+
+
+def _census(statuses: list[str]) -> str:
+    counts: dict[str, int] = {}
+    for status in statuses:
+        if status not in (COMPLETED, EARLY_STOPPED):
+            counts[status] = counts.get(status, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
 def _last_line(text: str) -> str:
@@ -364,17 +482,28 @@ class StoreCallback(Callback):
     """Writes every trial, epoch and answer to the results store as Tune reports them."""
 
     def __init__(self, store: Store, spec: SweepSpec):
-        self.store = store
+        self._store: Store | None = store
+        self.path = store.path.resolve()
         self.spec = spec
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles callbacks into its experiment state; a SQLite connection does not pickle.
-        return {"spec": self.spec, "store": None}
+        # Tune pickles callbacks into its experiment state; a SQLite connection does not pickle,
+        # so a restored callback (peftsweep resume) reopens the store by its path.
+        return {"spec": self.spec, "path": self.path, "_store": None}
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store.open(self.path)
+        return self._store
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.store.add_trial(trial.trial_id, trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if STATUS_KEY in result:
+            self.store.set_trial_status(trial.trial_id, result[STATUS_KEY], result["error"])
+            return
         epoch = int(result["epoch"])
         if epoch == 1:
             self.store.set_trial_placement(trial.trial_id, result.get("node"), result.get("devices"))
@@ -384,6 +513,8 @@ class StoreCallback(Callback):
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if STATUS_KEY in (trial.last_result or {}):
+            return  # the closing report recorded how it failed
         planned = self.spec.trial_config(trial.config).train.epochs
         done = int((trial.last_result or {}).get("epoch", 0))
         self.store.set_trial_status(trial.trial_id, COMPLETED if done >= planned else EARLY_STOPPED)

@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from hpo.spec import SweepSpec
+from hpo.store import STATUS_KEY
 
 
 def _fmt(value: Any) -> str:
@@ -33,6 +34,10 @@ class ProgressCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks into its experiment state; consoles and live displays do not pickle.
         return {**self.__dict__, "console": None, "live": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Restored by `peftsweep resume`: report one line per event.
+        self.__dict__.update(state, console=Console(stderr=True))
 
     # --- plain lines, for logs and non-terminals ------------------------------------------------
 
@@ -93,6 +98,10 @@ class ProgressCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self.rows[trial.trial_id]
+        if STATUS_KEY in result:
+            row["status"] = result[STATUS_KEY]
+            self._event(f"trial {trial.trial_id} {result[STATUS_KEY]}: {result['error']}")
+            return
         row.update({k: result[k] for k in ("epoch", "eval_ppl", "win_rate", "train_seconds")})
         self._event(
             f"trial {trial.trial_id} epoch {result['epoch']}/{row['epochs']}: eval_ppl={result['eval_ppl']:.3f}"
@@ -101,8 +110,15 @@ class ProgressCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self.rows[trial.trial_id]
+        if STATUS_KEY in (trial.last_result or {}):
+            return  # its closing report said how it ended
         row["status"] = "completed" if row.get("epoch", 0) >= row["epochs"] else "early_stopped"
         self._event(f"trial {trial.trial_id} {row['status']}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.rows[trial.trial_id]["status"] = "restarting"
+        epoch = (trial.last_result or {}).get("epoch", 0)
+        self._event(f"trial {trial.trial_id} lost its process; restarting from epoch {epoch} (retry {trial.num_failures} of {self.spec.search.max_retries})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.rows[trial.trial_id]["status"] = "error"

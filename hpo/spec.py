@@ -81,6 +81,7 @@ class SearchSpec(_Strict):
     time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget of the sweep; when spent, running trials stop and no new one starts")
     gpu_hours_budget: float | None = Field(None, gt=0, description="GPU-hours budget over all trials; when spent, running trials stop and no new one starts")
     fold_epochs: bool = Field(True, description="grid over epochs: train each configuration once, to the largest value, and read every smaller one off its epochs")
+    max_retries: int = Field(1, ge=0, description="restarts of a trial whose process or node was lost, from its last epoch; errors in training itself are not retried")
 
 
 class SchedulerSpec(_Strict):

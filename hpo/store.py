@@ -83,13 +83,17 @@ CREATE TABLE answers (
 """
 
 # Trial statuses, as recorded in `trials.status`.
-PENDING, RUNNING, COMPLETED, EARLY_STOPPED, ERROR = (
+PENDING, RUNNING, COMPLETED, EARLY_STOPPED, ERROR, DIVERGED, OOM = (
     "pending",
     "running",
     "completed",
     "early_stopped",
-    "error",
+    "error",  # an exception in training, or a process lost more often than search.max_retries
+    "diverged",  # the training loss became NaN or infinite
+    "oom",  # out of memory, or over resources.max_memory_gb
 )
+# Key of a trial's closing report (one of the failed statuses above): how it ended, not a new epoch.
+STATUS_KEY = "trial_status"
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -231,6 +235,11 @@ class Store:
                 "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
                 ((trial_id, epoch, pid, answer, verdict) for pid, answer, verdict in rows),
             )
+
+    def reopen(self) -> None:
+        """Mark a stopped sweep as running again (peftsweep resume)."""
+        with _tx(self.conn):
+            self.conn.execute("UPDATE sweep SET status = ?, note = NULL, finished_at = NULL WHERE id = 1", (RUNNING,))
 
     def finish(self, status: str, note: str | None = None) -> None:
         with _tx(self.conn):

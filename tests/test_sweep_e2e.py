@@ -98,5 +98,5 @@ def test_a_second_run_with_the_same_name_is_refused(smoke_run):
     before = (runs / "smoke" / "results.db").stat().st_mtime_ns
     proc = peftsweep("run", "smoke", "--runs-dir", str(runs))
     assert proc.returncode == 2
-    assert "already exists: pass --overwrite" in proc.stderr
+    assert "already exists: `peftsweep resume" in proc.stderr and "--overwrite replaces it" in proc.stderr
     assert (runs / "smoke" / "results.db").stat().st_mtime_ns == before

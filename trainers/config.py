@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -50,17 +50,47 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    judge: Literal["reference"] = Field("reference", description="how answers are judged against the base model's")
-    metric: Literal["token_f1", "exact_match"] = Field("token_f1", description="similarity of an answer to the reference answer")
-    tie_margin: float = Field(0.0, ge=0, le=1, description="score differences up to this count as a tie")
+    judge: Literal["reference", "hf", "openai"] = Field(
+        "reference",
+        description="how a trial's answers are judged against the base model's: reference (offline metric), "
+        "hf (a local causal LM, pairwise) or openai (an OpenAI-compatible chat endpoint, pairwise)",
+    )
+    metric: Literal["token_f1", "exact_match", "chrf", "rouge_l"] = Field(
+        "token_f1", description="reference judge: similarity of an answer to the reference answer"
+    )
+    tie_margin: float = Field(0.0, ge=0, le=1, description="reference judge: score differences up to this count as a tie")
+    judge_model: str | None = Field(None, description="hf judge: 'tiny', a Hugging Face model id or a local model folder")
+    base_url: str | None = Field(None, description="openai judge: the API's base URL, e.g. http://localhost:8000/v1")
+    api_model: str | None = Field(None, description="openai judge: the model name sent with each request")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", min_length=1, description="openai judge: name of the environment variable holding the API key"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="openai judge: seconds to wait for one reply")
+    max_retries: int = Field(3, ge=0, le=10, description="openai judge: retries, with exponential backoff, on timeouts, 429 and 5xx")
     num_prompts: int = Field(50, ge=1, description="judged prompts, taken from the eval split")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per answer (greedy)")
-    batch_size: int = Field(32, ge=1, description="examples per evaluation batch")
+    batch_size: int = Field(32, ge=1, description="examples per evaluation batch (also the hf judge's batch)")
+
+    @model_validator(mode="after")
+    def _judge_settings(self) -> "EvalConfig":
+        if self.judge == "hf" and not self.judge_model:
+            raise ValueError("judge 'hf' needs judge_model: a model id, a local folder or 'tiny'")
+        if self.judge == "openai":
+            if not self.base_url:
+                raise ValueError("judge 'openai' needs base_url: the endpoint's base URL, e.g. http://localhost:8000/v1")
+            if not self.api_model:
+                raise ValueError("judge 'openai' needs api_model: the model name the endpoint serves")
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url must start with http:// or https:// (got {self.base_url!r})")
+        return self
 
 
 class ResourceConfig(_Strict):
     cpus_per_trial: float = Field(1, gt=0, description="CPUs each trial holds (also its torch threads)")
     gpus_per_trial: float = Field(0, ge=0, description="GPUs each trial holds; Ray sets CUDA_VISIBLE_DEVICES")
+    max_memory_gb: float | None = Field(
+        None, gt=0, description="memory cap per trial: a GPU trial may use this much GPU memory, a CPU trial this much resident memory; over it, the trial ends as oom"
+    )
 
 
 class TrialConfig(_Strict):

@@ -26,7 +26,13 @@ Report = Callable[[dict[str, Any]], None]
 
 class TrainStatus(str, enum.Enum):
     SUCCESS = "success"
-    FAILED = "failed"
+    DIVERGED = "diverged"  # the training loss became NaN or infinite
+    OOM = "oom"  # out of memory, or over the trial's memory cap
+    ERROR = "error"  # an exception; the orchestrator records its last line
+
+
+class MemoryCapExceeded(MemoryError):
+    """A CPU trial's resident memory went over `resources.max_memory_gb`."""
 
 
 @dataclass
@@ -40,13 +46,17 @@ class TrainResult:
 
 
 def setup(config: TrialConfig) -> torch.device:
-    """Seed everything and size torch's thread pool to the CPUs the trial holds."""
+    """Seed everything, size torch's thread pool to the trial's CPUs, and cap its GPU memory if asked."""
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     torch.set_num_threads(max(1, int(config.resources.cpus_per_trial)))
     device = pick_device()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        cap = config.resources.max_memory_gb
+        if cap:
+            total_gb = torch.cuda.get_device_properties(device).total_memory / 1024**3
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total_gb), device)
     return device
 
 
@@ -62,8 +72,12 @@ def baseline_answers(config: TrialConfig) -> tuple[list[str], list[str], list[st
     return prompts, [ex.response for ex in judged], answers
 
 
-def train(config: TrialConfig, baseline: list[str], report: Report) -> TrainResult:
-    """Fine-tune one adapter and report metrics after every epoch."""
+def train(config: TrialConfig, baseline: list[str], report: Report, state: dict[str, Any] | None = None) -> TrainResult:
+    """Fine-tune one adapter and report metrics and a resumable state after every epoch.
+
+    `report(metrics, state)` gets each epoch's metrics and the state to continue from (trainable
+    weights, optimizer, schedule, data order); pass such a `state` back to resume after its epoch.
+    """
     device = setup(config)
     model, tokenizer = load_base_model(config.model, device)
     splits = load_splits(config.data, config.eval.num_prompts)
@@ -73,59 +87,109 @@ def train(config: TrialConfig, baseline: list[str], report: Report) -> TrainResu
     prompts = [ex.prompt for ex in splits.judged]
 
     model = attach_adapter(model, config.train)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     warmup = config.train.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     rng = random.Random(config.train.seed)
+    totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "tokens_trained": 0}
+    first_epoch = 1
+    if state is not None:
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                named[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        totals = dict(state["totals"])
+        first_epoch = state["epoch"] + 1
 
-    train_seconds = eval_seconds = 0.0
-    tokens_trained = 0
     metrics: dict[str, Any] = {}
-    for epoch in range(1, config.train.epochs + 1):
-        model.train()
-        start = time.perf_counter()
-        losses = []
-        for batch in batches(train_set, config.train.batch_size, tokenizer.pad_token_id, rng):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            if not math.isfinite(loss.item()):
-                return TrainResult(TrainStatus.FAILED, epoch - 1, metrics, f"training loss is {loss.item()} at epoch {epoch}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            tokens_trained += int(batch["attention_mask"].sum())
-        train_seconds += time.perf_counter() - start
+    epochs_done = first_epoch - 1
+    estimate = estimate_memory_gb(model, config)
+    cap = config.resources.max_memory_gb if device.type == "cpu" else None
+    try:
+        for epoch in range(first_epoch, config.train.epochs + 1):
+            model.train()
+            start = time.perf_counter()
+            losses = []
+            for batch in batches(train_set, config.train.batch_size, tokenizer.pad_token_id, rng):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = model(**batch).loss
+                if not math.isfinite(loss.item()):  # the divergence guard
+                    return TrainResult(TrainStatus.DIVERGED, epochs_done, metrics, f"training loss is {loss.item()} at epoch {epoch}")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                totals["tokens_trained"] += int(batch["attention_mask"].sum())
+                if cap and peak_memory_gb(device) > cap:
+                    raise MemoryCapExceeded(f"peak resident memory {peak_memory_gb(device):.2f} GB > resources.max_memory_gb {cap:g}")
+            totals["train_seconds"] += time.perf_counter() - start
 
-        model.eval()
-        start = time.perf_counter()
-        eval_ppl = perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), device)
-        answers = generate_answers(
-            model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device
-        )
-        verdicts = judge_against_reference(
-            answers, baseline, references, metric=config.eval.metric, tie_margin=config.eval.tie_margin
-        )
-        eval_seconds += time.perf_counter() - start
+            model.eval()
+            start = time.perf_counter()
+            eval_ppl = perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), device)
+            answers = generate_answers(
+                model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device
+            )
+            verdicts = judge_against_reference(
+                answers, baseline, references, metric=config.eval.metric, tie_margin=config.eval.tie_margin
+            )
+            totals["eval_seconds"] += time.perf_counter() - start
 
-        metrics = {
-            "epoch": epoch,
-            "train_loss": sum(losses) / len(losses),
-            "eval_ppl": eval_ppl,
-            **win_rate(verdicts),
-            "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds,
-            "tokens_trained": tokens_trained,
-            "peak_memory_gb": peak_memory_gb(device),
-            "trainable_params": sum(p.numel() for p in params),
-            "answers": answers,
-            "verdicts": verdicts,
-        }
-        report(metrics)
+            metrics = {
+                "epoch": epoch,
+                "train_loss": sum(losses) / len(losses),
+                "eval_ppl": eval_ppl,
+                **win_rate(verdicts),
+                **totals,
+                "peak_memory_gb": peak_memory_gb(device),
+                "trainable_params": sum(p.numel() for p in params),
+                "resumed_from_epoch": first_epoch - 1,
+                "answers": answers,
+                "verdicts": verdicts,
+            }
+            epochs_done = epoch
+            report(metrics, {
+                "epoch": epoch,
+                "trainable": {n: p.detach().cpu() for n, p in named.items()},
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "totals": dict(totals),
+            })
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        del model, optimizer, params, named
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return TrainResult(
+            TrainStatus.OOM,
+            epochs_done,
+            metrics,
+            f"out of memory at epoch {epochs_done + 1} (batch_size={config.train.batch_size}, "
+            f"max_length={config.data.max_length}, method={config.train.method}; estimated need {estimate:.2f} GB): {detail}",
+        )
     return TrainResult(TrainStatus.SUCCESS, config.train.epochs, metrics)
+
+
+def estimate_memory_gb(model: Any, config: TrialConfig) -> float:
+    """A rough training footprint: weights, gradients and AdamW moments of the trainable
+    weights, and activations (Korthikanti et al. 2022: about 34 x batch x length x hidden
+    bytes per layer in 16-bit precision, ignoring the attention-score term)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 3
+    base = getattr(model, "config", None)
+    hidden, layers = getattr(base, "hidden_size", 0), getattr(base, "num_hidden_layers", 0)
+    element = next(model.parameters()).element_size()
+    activations = 34 * config.train.batch_size * config.data.max_length * hidden * layers * element / 2
+    return (weights + trainable + activations) / 1024**3
 
 
 def peak_memory_gb(device: torch.device) -> float:

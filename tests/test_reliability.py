@@ -1,0 +1,219 @@
+"""Reliability: failed trials end alone with a status, lost trial processes restart from their last
+epoch, and a killed driver's sweep resumes without running finished trials again.
+
+All real: the tiny model, a local Ray runtime, the SQLite store, and real kill -9 signals.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, peftsweep
+from trainers.config import DataConfig, EvalConfig, ModelConfig, ResourceConfig, TrainConfig, TrialConfig
+from trainers.worker import TrainStatus, baseline_answers, train
+
+
+def _config(**train: object) -> TrialConfig:
+    return TrialConfig(
+        data=DataConfig(eval_fraction=0.1),
+        train=TrainConfig(**{"epochs": 2, "learning_rate": 3e-3, "lora_r": 4, **train}),
+        eval=EvalConfig(num_prompts=4, max_new_tokens=8),
+    )
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model_dir) -> list[str]:
+    return baseline_answers(_config())[2]
+
+
+def test_a_resumed_training_matches_an_uninterrupted_one(baseline):
+    """The epoch state the worker reports is enough to continue exactly where it stopped."""
+    straight, saved = [], []
+
+    def keep(metrics, state):
+        straight.append(metrics)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # as the Tune adapter does: saved during the report call
+        saved.append(buffer.getvalue())
+
+    assert train(_config(), baseline, keep).status is TrainStatus.SUCCESS
+    resumed = []
+    state = torch.load(io.BytesIO(saved[0]), weights_only=False)
+    result = train(_config(), baseline, lambda m, s: resumed.append(m), state)
+    assert result.status is TrainStatus.SUCCESS
+    assert [m["epoch"] for m in resumed] == [2]
+    again, first = resumed[0], straight[1]
+    assert again["resumed_from_epoch"] == 1 and first["resumed_from_epoch"] == 0
+    for key in ("train_loss", "eval_ppl"):
+        assert again[key] == pytest.approx(first[key], rel=1e-6), key
+    assert again["answers"] == first["answers"]
+    assert again["tokens_trained"] == first["tokens_trained"]
+
+
+def test_a_nan_loss_ends_the_trial_as_diverged(baseline):
+    # float16 with alpha/r = 2.5e8: the first step moves LoRA's B off zero, the next forward pass
+    # overflows float16 (the classic fp16 divergence) and the loss is NaN.
+    fp16 = _config(lora_alpha=1e9).model_copy(update={"model": ModelConfig(dtype="float16")})
+    result = train(fp16, baseline, lambda m, s: None)
+    assert result.status is TrainStatus.DIVERGED
+    assert result.epochs_completed == 0
+    assert "training loss is" in result.error and "at epoch 1" in result.error
+
+
+def test_a_trial_over_its_memory_cap_ends_as_oom(baseline):
+    """On CPU the cap is checked against peak resident memory; on a GPU torch raises CUDA OOM itself."""
+    capped = _config().model_copy(update={"resources": ResourceConfig(max_memory_gb=0.01)})
+    result = train(capped, baseline, lambda m, s: None)
+    assert result.status is TrainStatus.OOM
+    assert "out of memory at epoch 1" in result.error
+    assert "batch_size=16" in result.error and "estimated need" in result.error
+    assert "resources.max_memory_gb 0.01" in result.error
+
+
+def _sweep_file(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "data: {eval_fraction: 0.1}\n"
+        "eval: {num_prompts: 4, max_new_tokens: 8}\n"
+        "train: {lora_r: 4, learning_rate: 3e-3}\n" + body
+    )
+    return path
+
+
+def test_failed_trials_end_alone_with_their_status(tmp_path, tiny_model_dir):
+    sweep = _sweep_file(
+        tmp_path,
+        "search:\n"
+        "  algorithm: grid\n"
+        "  space:\n"
+        "    lora_alpha: {grid: [8, 1e9]}\n"
+        "    target_modules: {grid: ['q_proj,v_proj', no_such_module]}\n"
+        "train: {epochs: 1, lora_r: 4, learning_rate: 3e-3}\n"
+        "model: {dtype: float16}\n",  # float16 overflows at alpha 1e9: that trial diverges
+    )
+    runs = tmp_path / "runs"
+    proc = peftsweep("run", str(sweep), "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "restarting" not in proc.stderr  # deterministic failures are not retried
+    conn = sqlite3.connect(runs / "sweep" / "results.db")
+    rows = conn.execute("SELECT params_json, status, error FROM trials").fetchall()
+    by_config = {(json.loads(p)["lora_alpha"], ",".join(json.loads(p)["target_modules"])): (s, e) for p, s, e in rows}
+    assert by_config[(8, "q_proj,v_proj")] == ("completed", None)
+    status, error = by_config[(1e9, "q_proj,v_proj")]
+    assert status == "diverged" and "training loss is" in error
+    for alpha in (8, 1e9):
+        status, error = by_config[(alpha, "no_such_module")]
+        assert status == "error" and "no_such_module" in error and "\n" not in error
+    assert conn.execute("SELECT count(*) FROM epochs").fetchone()[0] == 1  # failed trials add no epochs
+    sweep_status, note = conn.execute("SELECT status, note FROM sweep").fetchone()
+    assert sweep_status == "completed"
+    assert note == "3 of 4 trials failed (1 diverged, 2 error)"
+    assert "diverged" in (runs / "sweep" / "report.html").read_text()
+
+
+def _wait_for(condition, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended early: {proc.stderr.read()[-3000:]}")
+        try:
+            if condition():
+                return
+        except sqlite3.OperationalError:
+            pass  # the store is not created yet
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpo.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _query(db: Path, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_killed_trial_process_restarts_from_its_last_epoch(tmp_path, tiny_model_dir):
+    sweep = _sweep_file(tmp_path, "train: {epochs: 3, lora_r: 4, learning_rate: 3e-3}\nsearch: {max_retries: 1}\n")
+    runs = tmp_path / "runs"
+    db = runs / "sweep" / "results.db"
+    proc = _start("run", str(sweep), "--runs-dir", str(runs))
+    _wait_for(lambda: _query(db, "SELECT metrics_json FROM epochs WHERE epoch = 1"), 300, proc)
+    pid = json.loads(_query(db, "SELECT metrics_json FROM epochs WHERE epoch = 1")[0][0])["worker_pid"]
+    os.kill(pid, signal.SIGKILL)  # the trial's worker process is lost, as on a preempted node
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "lost its process; restarting from epoch" in err
+    [(status,)] = _query(db, "SELECT status FROM trials")
+    assert status == "completed"
+    epochs = _query(db, "SELECT epoch, metrics_json FROM epochs ORDER BY epoch")
+    assert [e for e, _ in epochs] == [1, 2, 3]
+    last = json.loads(epochs[-1][1])
+    assert last["resumed_from_epoch"] >= 1 and last["worker_pid"] != pid  # a new process, from a checkpoint
+
+
+def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path, tiny_model_dir):
+    sweep = _sweep_file(
+        tmp_path,
+        "train: {epochs: 6, lora_r: 4}\n"
+        "search:\n"
+        "  algorithm: grid\n"
+        "  max_concurrent_trials: 1\n"
+        "  space: {learning_rate: {grid: [1e-3, 3e-3, 1e-2]}}\n",
+    )
+    runs = tmp_path / "runs"
+    db = runs / "sweep" / "results.db"
+    proc = _start("run", str(sweep), "--runs-dir", str(runs))
+
+    def one_done_and_one_midway() -> bool:
+        done = _query(db, "SELECT max(ended_at) FROM trials WHERE status = 'completed'")[0][0]
+        # Ray Tune saves its experiment state at most every 10 s: let it record the finished trial.
+        return done is not None and time.time() - done > 12 and bool(
+            _query(db, "SELECT 1 FROM epochs JOIN trials USING (trial_id) WHERE status = 'running'")
+        )
+
+    _wait_for(one_done_and_one_midway, 400, proc)
+    proc.send_signal(signal.SIGKILL)  # the driver dies without a word
+    proc.wait(timeout=30)
+    before = {t: (started, status, n) for t, started, status, n in _query(
+        db, "SELECT trial_id, started_at, status, (SELECT count(*) FROM epochs e WHERE e.trial_id = t.trial_id) FROM trials t"
+    )}  # fmt: skip
+    finished = [t for t, (_, status, _) in before.items() if status == "completed"]
+    interrupted = [t for t, (_, status, n) in before.items() if status == "running" and 1 <= n < 6]
+    assert finished and interrupted, before
+    assert _query(db, "SELECT status FROM sweep") == [("running",)]
+
+    resumed = peftsweep("resume", "sweep", "--runs-dir", str(runs))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.strip() == str(runs / "sweep" / "report.html")
+    trials = _query(db, "SELECT trial_id, status, started_at FROM trials")
+    assert len(trials) == 3 and {s for _, s, _ in trials} == {"completed"}
+    for trial_id in finished:  # not run again
+        assert dict((t, s) for t, _, s in trials)[trial_id] == before[trial_id][0]
+    epochs = _query(db, "SELECT trial_id, epoch, metrics_json FROM epochs ORDER BY trial_id, epoch")
+    assert [(t, e) for t, e, _ in epochs] == [(t, e) for t, _, _ in sorted(trials) for e in range(1, 7)]  # each once
+    for trial_id in interrupted:  # restarted from its last checkpoint, not from scratch
+        last = [json.loads(m) for t, e, m in epochs if t == trial_id][-1]
+        assert last["resumed_from_epoch"] >= 1
+    assert _query(db, "SELECT status FROM sweep") == [("completed",)]
+
+    again = peftsweep("resume", "sweep", "--runs-dir", str(runs))
+    assert again.returncode == 2 and "has completed; nothing to resume" in again.stderr
