@@ -12,10 +12,13 @@ from hpo.store import EPOCH_COLUMNS, Store
 QUALITY_METRICS = ("win_rate", "eval_ppl")
 
 # Taken from a trial's best epoch.
-BEST_EPOCH_METRICS = ("eval_ppl", "win_rate", "wins", "losses", "ties")
+BEST_EPOCH_METRICS = (
+    "eval_ppl", "win_rate", "win_rate_low", "win_rate_high", "wins", "losses", "ties",
+    "retention_ppl", "order_agreement", "answer_length_diff",
+)  # fmt: skip
 
 # The trial's totals (its last epoch's), and its peak memory over all epochs.
-TRIAL_METRICS = ("train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
+TRIAL_METRICS = ("train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
 
 
 def param_columns(store: Store) -> list[str]:
@@ -95,9 +98,9 @@ def _trial_row(trial: dict, own: pd.DataFrame, params: list[str], metric: str, m
     row["epochs_completed"] = len(own)
     best = _best_epoch(own, metric, mode)
     row["best_epoch"] = np.nan if best is None else best["epoch"]
-    row |= {m: np.nan if best is None else best[m] for m in BEST_EPOCH_METRICS}
+    row |= {m: np.nan if best is None else best.get(m, np.nan) for m in BEST_EPOCH_METRICS}
     last = own.iloc[-1] if len(own) else None
-    row |= {m: np.nan if last is None else last[m] for m in ("train_seconds", "gpu_hours", "cost_usd")}
+    row |= {m: np.nan if last is None else last.get(m, np.nan) for m in TRIAL_METRICS if m != "peak_memory_gb"}
     row["peak_memory_gb"] = own["peak_memory_gb"].max() if len(own) else np.nan
     row["error"] = trial["error"]
     return row

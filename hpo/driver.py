@@ -63,9 +63,14 @@ def run_sweep(
 
         def tuner() -> Any:
             progress.say(_baseline_message(spec))
-            prompts, references, baseline = _baseline(spec)
-            store.set_baseline(zip(range(len(prompts)), prompts, references, baseline))
-            return _tuner(spec, baseline, run_dir, [StoreCallback(store, spec), progress])
+            base = _baseline(spec)
+            store.set_baseline(
+                zip(range(len(base.prompts)), base.prompts, base.references, base.answers),
+                {"eval_ppl": base.eval_ppl, "retention_ppl": base.retention_ppl},
+            )
+            retention = f", retention_ppl {base.retention_ppl:.3f}" if base.retention_ppl else ""
+            progress.say(f"Base model: eval_ppl {base.eval_ppl:.3f}{retention}")
+            return _tuner(spec, base.answers, run_dir, [StoreCallback(store, spec), progress])
 
         return _drive(tuner, store, spec, progress, run_dir, address)
 
@@ -94,6 +99,9 @@ def resume_sweep(name: str, *, runs_dir: str | None = None, address: str | None 
             )
         spec = SweepSpec.model_validate({k: v for k, v in sweep["spec"].items() if k != "overrides"})
         baseline = [row["answer"] for row in store.baseline()]
+        if not baseline:
+            store.close()
+            raise SweepError(f"sweep {name} stopped before the base model answered; run it again with --overwrite")
         store.reopen()
         progress = ProgressCallback(spec, name)
         progress.say(f"Resuming sweep {name} ({len(store.trials())} trials so far) from {experiment}")
@@ -178,11 +186,19 @@ def _preflight(spec: SweepSpec) -> None:
     from trainers.data import DataError, load_records
     from trainers.model import ModelError, resolve_model
 
+    from trainers.data import load_retention_texts
+    from trainers.judges import JudgeError, make_judge
+
     try:
         records = load_records(spec.data.source)
         if spec.model.name != "tiny":
             resolve_model(spec.model)
-    except (DataError, ModelError) as exc:
+        load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
+        if spec.eval.judge == "hf" and spec.eval.judge_model != "tiny":
+            resolve_model(spec.model.model_copy(update={"name": spec.eval.judge_model}))
+        if spec.eval.judge in ("reference", "openai"):  # an unreachable endpoint fails here, before any training
+            make_judge(spec.eval).check()
+    except (DataError, ModelError, JudgeError) as exc:
         raise SweepError(str(exc)) from None
     n_eval = round(len(records) * spec.data.eval_fraction)
     if n_eval < 1 or n_eval >= len(records):
@@ -193,12 +209,15 @@ def _preflight(spec: SweepSpec) -> None:
 
 def _absolute_paths(spec: SweepSpec) -> SweepSpec:
     """Local data and model paths made absolute: Ray Tune runs each trial in its own working directory."""
-    data, model = spec.data, spec.model
-    if Path(data.source).expanduser().exists():
-        data = data.model_copy(update={"source": str(Path(data.source).expanduser().resolve())})
-    if Path(model.name).expanduser().exists():
-        model = model.model_copy(update={"name": str(Path(model.name).expanduser().resolve())})
-    return spec.model_copy(update={"data": data, "model": model})
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+
+    data = spec.data.model_copy(update={"source": absolute(spec.data.source)})
+    model = spec.model.model_copy(update={"name": absolute(spec.model.name)})
+    evaluation = spec.eval.model_copy(
+        update={"retention_data": absolute(spec.eval.retention_data), "judge_model": absolute(spec.eval.judge_model)}
+    )
+    return spec.model_copy(update={"data": data, "model": model, "eval": evaluation})
 
 
 def _check_address(address: str | None) -> None:
@@ -262,7 +281,7 @@ def _baseline_message(spec: SweepSpec) -> str:
     return msg + " ..."
 
 
-def _baseline(spec: SweepSpec) -> tuple[list[str], list[str], list[str]]:
+def _baseline(spec: SweepSpec) -> Any:
     """The base model's answers, generated once per sweep on a worker (the driver never loads a model)."""
     import ray
 

@@ -15,18 +15,22 @@ from typing import Any, Iterable
 
 from hpo.errors import SweepError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Per-epoch metrics kept as columns; anything else a worker reports goes to metrics_json.
 EPOCH_COLUMNS = (
     "train_loss",
     "eval_ppl",
     "win_rate",
+    "win_rate_low",
+    "win_rate_high",
     "wins",
     "losses",
     "ties",
     "train_seconds",
     "eval_seconds",
+    "judge_seconds",
+    "retention_ppl",
     "peak_memory_gb",
     "tokens_trained",
     "gpu_hours",
@@ -223,10 +227,12 @@ class Store:
                 (trial_id, epoch, *columns.values(), json.dumps(extra)),
             )
 
-    def set_baseline(self, rows: Iterable[tuple[int, str, str, str]]) -> None:
-        """Store the base model's answers: (prompt_id, prompt, reference, answer) rows."""
+    def set_baseline(self, rows: Iterable[tuple[int, str, str, str]], metrics: dict[str, Any] | None = None) -> None:
+        """Store the base model's answers, (prompt_id, prompt, reference, answer) rows, and its metrics."""
         with _tx(self.conn):
             self.conn.executemany("INSERT OR REPLACE INTO baseline VALUES (?, ?, ?, ?)", rows)
+            if metrics is not None:
+                self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('baseline_metrics', ?)", (json.dumps(metrics),))
 
     def add_answers(self, trial_id: str, epoch: int, rows: Iterable[tuple[int, str, float]]) -> None:
         """Store a trial's answers at one epoch: (prompt_id, answer, verdict) rows."""
@@ -273,6 +279,11 @@ class Store:
             epoch.update(json.loads(epoch.pop("metrics_json")))
             out.append(epoch)
         return out
+
+    def baseline_metrics(self) -> dict[str, Any]:
+        """The untouched base model's eval_ppl and retention_ppl (measured once per sweep)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'baseline_metrics'").fetchone()
+        return json.loads(row["value"]) if row else {}
 
     def baseline(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM baseline ORDER BY prompt_id")]

@@ -34,7 +34,7 @@ def _config(**train: object) -> TrialConfig:
 
 @pytest.fixture(scope="module")
 def baseline(tiny_model_dir) -> list[str]:
-    return baseline_answers(_config())[2]
+    return baseline_answers(_config()).answers
 
 
 def test_a_resumed_training_matches_an_uninterrupted_one(baseline):

@@ -68,6 +68,12 @@ class EvalConfig(_Strict):
     timeout_s: float = Field(60.0, gt=0, description="openai judge: seconds to wait for one reply")
     max_retries: int = Field(3, ge=0, le=10, description="openai judge: retries, with exponential backoff, on timeouts, 429 and 5xx")
     num_prompts: int = Field(50, ge=1, description="judged prompts, taken from the eval split")
+    retention_data: str | None = Field(
+        None,
+        description="text from the base model's own domain (a .txt file, one document per line, or JSONL with 'text'), "
+        "for retention_ppl; the built-in tiny model uses held-out pre-training text",
+    )
+    retention_docs: int = Field(64, ge=1, description="documents of retention_data scored each epoch")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per answer (greedy)")
     batch_size: int = Field(32, ge=1, description="examples per evaluation batch (also the hf judge's batch)")
 

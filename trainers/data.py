@@ -128,3 +128,48 @@ def batches(
             labels[row, :n] = torch.tensor(t.labels)
             mask[row, :n] = 1
         yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def load_retention_texts(model_name: str, source: str | None, limit: int) -> list[str] | None:
+    """Documents from the base model's own domain, for `retention_ppl`: what fine-tuning forgets.
+
+    A .txt file holds one document per line, a JSONL file one {"text": ...} per line; the built-in
+    tiny model defaults to held-out pre-training documents. None: nothing to measure retention on.
+    """
+    if source is None:
+        if model_name != "tiny":
+            return None
+        from trainers.tinyworld import heldout_corpus
+
+        return heldout_corpus()[:limit]
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"eval.retention_data: no file {path}; give a .txt (one document per line) or JSONL file with 'text'")
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{line_no}: malformed JSON ({exc.msg}); one JSON object per line") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise DataError(f"{path}:{line_no}: record lacks text; each line needs a 'text' field")
+                texts.append(record["text"])
+            else:
+                texts.append(line.strip())
+    if not texts:
+        raise DataError(f"{path}: no documents; add text, one document per line")
+    return texts[:limit]
+
+
+def tokenize_text(texts: list[str], tokenizer: Any, max_length: int) -> list[Tokenized]:
+    """Plain text for language-model perplexity: every token is predicted, truncated on the right."""
+    out = []
+    for text in texts:
+        ids = (tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
+        out.append(Tokenized(ids, list(ids)))
+    return out
+

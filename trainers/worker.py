@@ -16,8 +16,9 @@ from typing import Any, Callable
 import torch
 
 from trainers.config import TrialConfig
-from trainers.data import batches, load_splits, tokenize
-from trainers.evaluate import generate_answers, judge_against_reference, perplexity, win_rate
+from trainers.data import batches, load_retention_texts, load_splits, tokenize, tokenize_text
+from trainers.evaluate import generate_answers, perplexity, win_rate
+from trainers.judges import agreement_rate, make_judge
 from trainers.methods import attach_adapter
 from trainers.model import load_base_model, pick_device
 
@@ -60,16 +61,46 @@ def setup(config: TrialConfig) -> torch.device:
     return device
 
 
-def baseline_answers(config: TrialConfig) -> tuple[list[str], list[str], list[str]]:
-    """The untouched base model's answers to the judged prompts: (prompts, references, answers)."""
+@dataclass
+class Baseline:
+    """The untouched base model on the judged prompts and the eval sets, measured once per sweep."""
+
+    prompts: list[str]
+    references: list[str]
+    answers: list[str]
+    eval_ppl: float
+    retention_ppl: float | None
+
+
+def baseline_answers(config: TrialConfig) -> Baseline:
+    """The base model's answers to the judged prompts, and its perplexities before any training."""
     device = setup(config)
     model, tokenizer = load_base_model(config.model, device)
-    judged = load_splits(config.data, config.eval.num_prompts).judged
-    prompts = [ex.prompt for ex in judged]
+    splits = load_splits(config.data, config.eval.num_prompts)
+    prompts = [ex.prompt for ex in splits.judged]
     answers = generate_answers(
         model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device
     )
-    return prompts, [ex.response for ex in judged], answers
+    eval_set = tokenize(splits.eval, tokenizer, config.data.max_length)
+    retention_set = _retention_set(config, tokenizer)
+    return Baseline(
+        prompts=prompts,
+        references=[ex.response for ex in splits.judged],
+        answers=answers,
+        eval_ppl=perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), device),
+        retention_ppl=_retention_ppl(model, retention_set, config, tokenizer.pad_token_id, device),
+    )
+
+
+def _retention_set(config: TrialConfig, tokenizer: Any) -> list | None:
+    texts = load_retention_texts(config.model.name, config.eval.retention_data, config.eval.retention_docs)
+    return None if texts is None else tokenize_text(texts, tokenizer, config.data.max_length)
+
+
+def _retention_ppl(model: Any, retention_set: list | None, config: TrialConfig, pad_id: int, device: torch.device) -> float | None:
+    if retention_set is None:
+        return None
+    return perplexity(model, batches(retention_set, config.eval.batch_size, pad_id), device)
 
 
 def train(config: TrialConfig, baseline: list[str], report: Report, state: dict[str, Any] | None = None) -> TrainResult:
@@ -83,8 +114,10 @@ def train(config: TrialConfig, baseline: list[str], report: Report, state: dict[
     splits = load_splits(config.data, config.eval.num_prompts)
     train_set = tokenize(splits.train, tokenizer, config.data.max_length)
     eval_set = tokenize(splits.eval, tokenizer, config.data.max_length)
+    retention_set = _retention_set(config, tokenizer)
     references = [ex.response for ex in splits.judged]
     prompts = [ex.prompt for ex in splits.judged]
+    judge = make_judge(config.eval, device=device)
 
     model = attach_adapter(model, config.train)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -93,7 +126,7 @@ def train(config: TrialConfig, baseline: list[str], report: Report, state: dict[
     warmup = config.train.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     rng = random.Random(config.train.seed)
-    totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "tokens_trained": 0}
+    totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0}
     first_epoch = 1
     if state is not None:
         with torch.no_grad():
@@ -134,25 +167,30 @@ def train(config: TrialConfig, baseline: list[str], report: Report, state: dict[
             model.eval()
             start = time.perf_counter()
             eval_ppl = perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), device)
+            retention_ppl = _retention_ppl(model, retention_set, config, tokenizer.pad_token_id, device)
             answers = generate_answers(
                 model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device
             )
-            verdicts = judge_against_reference(
-                answers, baseline, references, metric=config.eval.metric, tie_margin=config.eval.tie_margin
-            )
-            totals["eval_seconds"] += time.perf_counter() - start
+            judged = time.perf_counter()
+            verdicts = judge.judge(prompts, answers, baseline, references)
+            totals["judge_seconds"] += time.perf_counter() - judged
+            totals["eval_seconds"] += time.perf_counter() - start  # perplexities, answers and judging
 
+            scores = [v.score for v in verdicts]
             metrics = {
                 "epoch": epoch,
                 "train_loss": sum(losses) / len(losses),
                 "eval_ppl": eval_ppl,
-                **win_rate(verdicts),
+                "retention_ppl": retention_ppl,
+                **win_rate(scores),
+                "order_agreement": agreement_rate(verdicts),
+                "answer_length_diff": _mean_length_diff(answers, baseline),
                 **totals,
                 "peak_memory_gb": peak_memory_gb(device),
                 "trainable_params": sum(p.numel() for p in params),
                 "resumed_from_epoch": first_epoch - 1,
                 "answers": answers,
-                "verdicts": verdicts,
+                "verdicts": scores,
             }
             epochs_done = epoch
             report(metrics, {
@@ -177,6 +215,11 @@ def train(config: TrialConfig, baseline: list[str], report: Report, state: dict[
             f"max_length={config.data.max_length}, method={config.train.method}; estimated need {estimate:.2f} GB): {detail}",
         )
     return TrainResult(TrainStatus.SUCCESS, config.train.epochs, metrics)
+
+
+def _mean_length_diff(answers: list[str], baseline: list[str]) -> float:
+    """Mean words per answer minus the base model's: judges are known to favour longer answers."""
+    return sum(len(a.split()) - len(b.split()) for a, b in zip(answers, baseline, strict=True)) / len(answers)
 
 
 def estimate_memory_gb(model: Any, config: TrialConfig) -> float:
