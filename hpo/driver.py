@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from hpo.spec import Dimension, Sweep, SweepSpec, coerce_value
 from hpo.store import COMPLETED, EARLY_STOPPED, ERROR, STATUS_KEY, Store
 
 _RAY_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}  # Tune's own result keys
+ADDRESS_TIMEOUT_S = 10  # seconds a Ray head node gets to accept a connection
 VERSIONED_PACKAGES = ("peftsweep", "torch", "transformers", "peft", "ray", "optuna", "pydantic")
 
 
@@ -221,13 +223,26 @@ def _absolute_paths(spec: SweepSpec) -> SweepSpec:
 
 
 def _check_address(address: str | None) -> None:
-    """Refuse Ray Client (ray://): there Tune runs on the head node, away from this driver's store."""
-    if address and address.startswith("ray://"):
+    """Refuse Ray Client (ray://), where Tune runs on the head node away from this driver's store,
+    and an address that does not answer (Ray itself would wait minutes for it)."""
+    if not address:
+        return
+    if address.startswith("ray://"):
         raise SweepError(
             f"--address {address}: Ray Client addresses are not supported (Ray Tune would run on the head node, "
             "where this machine's results store cannot be written); run peftsweep on the head node with "
             "--address auto, see docs/CLUSTER.md"
         )
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # 'auto', 'local': Ray finds the cluster itself, and says so quickly when there is none
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as exc:
+        raise SweepError(
+            f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); check the head node's "
+            "address and port (ray start --head prints it) or RAY_ADDRESS"
+        ) from None
 
 
 def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import math
 import os
 import re
 import typing
@@ -82,6 +83,7 @@ class SearchSpec(_Strict):
     gpu_hours_budget: float | None = Field(None, gt=0, description="GPU-hours budget over all trials; when spent, running trials stop and no new one starts")
     fold_epochs: bool = Field(True, description="grid over epochs: train each configuration once, to the largest value, and read every smaller one off its epochs")
     max_retries: int = Field(1, ge=0, description="restarts of a trial whose process or node was lost, from its last epoch; errors in training itself are not retried")
+    max_trials: int = Field(1000, ge=1, description="refuse a sweep of more trials than this (a guard against a mistyped grid); raise it to run more")
 
 
 class SchedulerSpec(_Strict):
@@ -127,6 +129,14 @@ class SweepSpec(_Strict):
         if dim is None or dim.kind != "grid" or not self.search.fold_epochs or self.search.algorithm != "grid":
             return None
         return sorted({int(v) for v in dim.values})
+
+    @property
+    def num_trainings(self) -> int:
+        """Trials the sweep runs: grid points (folded epochs count once) x num_samples, or num_samples."""
+        if self.search.algorithm != "grid":
+            return self.search.num_samples
+        sizes = [len(d.values) for name, d in self.search.space.items() if not (name == "epochs" and self.folded_epochs)]
+        return math.prod(sizes) * self.search.num_samples
 
     @property
     def tune_objective(self) -> Objective:
@@ -252,6 +262,12 @@ def _validate(raw: dict[str, Any], path: Path, from_cli: set[str]) -> SweepSpec:
         )
     if spec.search.algorithm == "nsga2" and len(spec.objectives) < 2:
         raise SweepError(f"{path}: search.algorithm 'nsga2' is multi-objective: list at least two objectives")
+    trials = spec.num_trainings
+    if trials > spec.search.max_trials:
+        raise SweepError(
+            f"{path}: search: {trials} trials is more than search.max_trials ({spec.search.max_trials}); "
+            f"shrink the grid or num_samples, or raise search.max_trials"
+        )
     return spec
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import socket
 
 import pytest
 
@@ -36,6 +36,8 @@ BAD = {
     "negative_lr": ("train: {learning_rate: -1e-3}\n", "train.learning_rate: input should be greater than 0"),
     "empty_grid": ("search:\n  space:\n    learning_rate: {grid: []}\n", "empty grid"),
     "missing_data": ("data: {source: no/such/file.jsonl}\nsearch:\n  space:\n    lora_r: {grid: [4]}\n", "no file no/such/file.jsonl"),
+    "malformed_data": ("data: {source: DATA}\n", "bad.jsonl:2: malformed JSON"),
+    "empty_data": ("data: {source: EMPTY}\n", "empty.jsonl: no records"),
     "missing_model": ("model: {name: ./no/such/model}\nsearch:\n  space:\n    lora_r: {grid: [4]}\n", "no folder no/such/model"),
 }
 
@@ -43,8 +45,10 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_sweep_file_fails_before_ray_with_one_line(tmp_path, case):
     text, expected = BAD[case]
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output"\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
     sweep = tmp_path / f"{case}.yaml"
-    sweep.write_text(text)
+    sweep.write_text(text.replace("DATA", str(tmp_path / "bad.jsonl")).replace("EMPTY", str(tmp_path / "empty.jsonl")))
     runs = tmp_path / "runs"
     proc = peftsweep("run", str(sweep), "--runs-dir", str(runs))
     assert proc.returncode == 2
@@ -86,3 +90,31 @@ def test_report_and_export_of_a_missing_run(tmp_path, command):
 def test_export_rejects_unknown_format(tmp_path):
     proc = peftsweep("export", "nope", "--format", "xml", "--runs-dir", str(tmp_path))
     assert proc.returncode == 2 and "--format 'xml'" in proc.stderr
+
+
+def test_a_ray_address_that_does_not_answer(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = tmp_path / "runs"
+    proc = peftsweep("run", "smoke", "--address", f"127.0.0.1:{port}", "--runs-dir", str(runs), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"peftsweep: error: --address 127.0.0.1:{port}: no Ray cluster answers there")
+    assert "Traceback" not in proc.stderr and not runs.exists()
+
+
+def test_a_store_from_another_schema_version(tmp_path):
+    from hpo.store import SCHEMA_VERSION, Store
+
+    runs = tmp_path / "runs"
+    (runs / "old").mkdir(parents=True)
+    store = Store.create(
+        runs / "old" / "results.db", name="old", sweep_file="x.yaml", spec={}, searched=[], objectives=[], versions={}, git_commit=None
+    )
+    store.conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    store.close()
+    proc = peftsweep("report", "old", "--runs-dir", str(runs))
+    assert proc.returncode == 2
+    assert f"schema version 1, this peftsweep reads version {SCHEMA_VERSION}; use the peftsweep version that wrote it" in proc.stderr
+    assert not (runs / "old" / "report.html").exists()
+
