@@ -22,14 +22,31 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: str = Field("tinyworld", description="'tinyworld' (built-in) or a JSONL file of instruction/input/output records")
+    source: str = Field(
+        "tinyworld", description="'tinyworld' (built-in), a .jsonl, .json, .csv or .parquet file, or a Hugging Face dataset id"
+    )
+    format: Literal["auto", "alpaca", "dolly", "chat", "prompt_completion", "text"] = Field(
+        "auto", description="record format; auto detects it per record from the field names"
+    )
+    split: str = Field("train", min_length=1, description="split of a Hugging Face dataset source")
+    eval_source: str | None = Field(
+        None, description="a separate eval set (same kinds as source; judged prompts are its first records); replaces eval_fraction"
+    )
+    eval_split: str = Field("test", min_length=1, description="split of a Hugging Face dataset eval_source")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="seeded fraction of records held out for evaluation")
+    chat_template: Literal["auto", True, False] = Field(
+        "auto", description="render prompts with the tokenizer's chat template: auto (when it has one), true (required) or false"
+    )
+    system_prompt: str | None = Field(None, description="system message put before each prompt that has none")
+    response_only_loss: bool = Field(True, description="loss and perplexity on response tokens only; false: on prompt tokens too")
     max_length: int = Field(128, ge=16, description="tokens per example; longer examples are truncated from the right")
     seed: int = Field(0, description="seed of the train/eval split")
 
 
 class TrainConfig(_Strict):
-    method: Literal["lora"] = Field("lora", description="PEFT method, by registered name")
+    method: Literal["lora", "dora", "qlora", "prefix", "prompt", "ia3", "full", "none"] = Field(
+        "lora", description="PEFT method, by registered name (trainers/methods.py); none: evaluate the base model untrained"
+    )
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="peak learning rate (AdamW)")
     epochs: int = Field(3, ge=1, le=1000, description="passes over the training split")
     batch_size: int = Field(16, ge=1, description="examples per optimizer step")
@@ -37,11 +54,33 @@ class TrainConfig(_Strict):
     lora_alpha: float = Field(16, gt=0, description="LoRA alpha (scaling = alpha / r)")
     lora_alpha_per_rank: float | None = Field(None, gt=0, description="if set, alpha = this x lora_r (overrides lora_alpha)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1, description="module names LoRA adapts")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "v_proj"), min_length=1, description="module names LoRA/DoRA/QLoRA adapt, or all-linear"
+    )
+    num_virtual_tokens: int = Field(16, ge=1, description="prefix and prompt tuning: virtual tokens trained")
+    qlora_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="qlora: dtype the 4-bit weights are de-quantized to for each matmul"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="mixed precision of training (autocast); fp16 also scales the loss"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, more time")
+    grad_accumulation_steps: int = Field(1, ge=1, description="batches whose gradients add up to one optimizer step")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning rate after warmup: constant, or decaying linearly / by cosine to 0 at the last step"
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup steps, then a constant learning rate")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     seed: int = Field(0, description="seed of initialisation and data order")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_trains_no_epochs(cls, data):
+        # `none` is evaluated once: more epochs of no training would only repeat the evaluation.
+        if isinstance(data, dict) and data.get("method") == "none":
+            return {**data, "epochs": 1}
+        return data
 
     @field_validator("target_modules", mode="before")
     @classmethod
