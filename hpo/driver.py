@@ -185,14 +185,12 @@ class _driver_lock:
 
 def _preflight(spec: SweepSpec) -> None:
     """Check data and model paths before Ray starts, so bad input costs nothing."""
-    from trainers.data import DataError, load_records
+    from trainers.data import DataError, load_retention_texts, load_splits
+    from trainers.judges import JudgeError, make_judge
     from trainers.model import ModelError, resolve_model
 
-    from trainers.data import load_retention_texts
-    from trainers.judges import JudgeError, make_judge
-
     try:
-        records = load_records(spec.data.source)
+        load_splits(spec.data, spec.eval.num_prompts)  # format, files, split sizes (a chat template is checked on the worker)
         if spec.model.name != "tiny":
             resolve_model(spec.model)
         load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
@@ -202,19 +200,15 @@ def _preflight(spec: SweepSpec) -> None:
             make_judge(spec.eval).check()
     except (DataError, ModelError, JudgeError) as exc:
         raise SweepError(str(exc)) from None
-    n_eval = round(len(records) * spec.data.eval_fraction)
-    if n_eval < 1 or n_eval >= len(records):
-        raise SweepError(
-            f"data.eval_fraction {spec.data.eval_fraction} of {len(records)} records leaves an empty split; change it or add records"
-        )
 
 
 def _absolute_paths(spec: SweepSpec) -> SweepSpec:
     """Local data and model paths made absolute: Ray Tune runs each trial in its own working directory."""
+
     def absolute(value: str | None) -> str | None:
         return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
 
-    data = spec.data.model_copy(update={"source": absolute(spec.data.source)})
+    data = spec.data.model_copy(update={"source": absolute(spec.data.source), "eval_source": absolute(spec.data.eval_source)})
     model = spec.model.model_copy(update={"name": absolute(spec.model.name)})
     evaluation = spec.eval.model_copy(
         update={"retention_data": absolute(spec.eval.retention_data), "judge_model": absolute(spec.eval.judge_model)}
@@ -417,7 +411,11 @@ def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[
             stop=GpuHoursBudget(budget) if budget else None,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.search.max_retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(  # the best epochs' adapters, and the latest epoch to resume from
+                num_to_keep=spec.search.keep_best_k,
+                checkpoint_score_attribute=objective.metric,
+                checkpoint_score_order=objective.mode,
+            ),
         ),
     )
 
@@ -453,7 +451,6 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
     import tempfile
 
     import ray
-    import torch
     from ray import tune
 
     from trainers.worker import TrainResult, TrainStatus, train
@@ -466,23 +463,20 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
         "worker_pid": os.getpid(),
     }
 
-    def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    def report(metrics: dict[str, Any], save: Any) -> None:
         held_seconds = metrics["train_seconds"] + metrics["eval_seconds"]
         gpu_hours = held_seconds * spec.resources.gpus_per_trial / 3600
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / "state.pt")
+            save(Path(folder))
             tune.report(
                 {**metrics, **placement, "gpu_hours": gpu_hours, "cost_usd": gpu_hours * spec.cost.usd_per_gpu_hour},
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
 
-    state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", weights_only=False)
+    checkpoint = tune.get_checkpoint()  # set when Tune restarts a lost trial, or on `peftsweep resume`
+    resume_from = Path(checkpoint.to_directory()) if checkpoint is not None else None
     try:
-        result = train(config, baseline, report, state)
+        result = train(config, baseline, report, resume_from)
     except Exception as exc:
         result = TrainResult(TrainStatus.ERROR, 0, {}, _last_line(f"{type(exc).__name__}: {exc}"))
     if result.status is not TrainStatus.SUCCESS:
@@ -545,6 +539,11 @@ class StoreCallback(Callback):
         self.store.add_answers(
             trial.trial_id, epoch, ((i, a, v) for i, (a, v) in enumerate(zip(result["answers"], result["verdicts"])))
         )
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        epoch = (trial.last_result or {}).get("epoch")
+        if epoch is not None and checkpoint is not None:
+            self.store.set_checkpoint(trial.trial_id, int(epoch), checkpoint.path)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if STATUS_KEY in (trial.last_result or {}):

@@ -83,6 +83,7 @@ class SearchSpec(_Strict):
     gpu_hours_budget: float | None = Field(None, gt=0, description="GPU-hours budget over all trials; when spent, running trials stop and no new one starts")
     fold_epochs: bool = Field(True, description="grid over epochs: train each configuration once, to the largest value, and read every smaller one off its epochs")
     max_retries: int = Field(1, ge=0, description="restarts of a trial whose process or node was lost, from its last epoch; errors in training itself are not retried")
+    keep_best_k: int = Field(1, ge=1, description="checkpoints (adapters) each trial keeps: its best epochs by the first per-epoch objective, plus its latest")
     max_trials: int = Field(1000, ge=1, description="refuse a sweep of more trials than this (a guard against a mistyped grid); raise it to run more")
 
 

@@ -68,6 +68,7 @@ CREATE TABLE epochs (
     epoch INTEGER NOT NULL,
     {", ".join(f"{c} REAL" for c in EPOCH_COLUMNS)},
     metrics_json TEXT NOT NULL,
+    checkpoint TEXT,
     PRIMARY KEY (trial_id, epoch)
 );
 CREATE TABLE baseline (
@@ -226,6 +227,11 @@ class Store:
                 f" VALUES (?, ?, {', '.join('?' for _ in EPOCH_COLUMNS)}, ?)",
                 (trial_id, epoch, *columns.values(), json.dumps(extra)),
             )
+
+    def set_checkpoint(self, trial_id: str, epoch: int, path: str) -> None:
+        """Where the epoch's checkpoint (adapter + resumable state) was stored."""
+        with _tx(self.conn):
+            self.conn.execute("UPDATE epochs SET checkpoint = ? WHERE trial_id = ? AND epoch = ?", (path, trial_id, epoch))
 
     def set_baseline(self, rows: Iterable[tuple[int, str, str, str]], metrics: dict[str, Any] | None = None) -> None:
         """Store the base model's answers, (prompt_id, prompt, reference, answer) rows, and its metrics."""

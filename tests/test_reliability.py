@@ -6,7 +6,6 @@ All real: the tiny model, a local Ray runtime, the SQLite store, and real kill -
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -17,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import REPO, peftsweep
 from trainers.config import DataConfig, EvalConfig, ModelConfig, ResourceConfig, TrainConfig, TrialConfig
@@ -37,20 +35,17 @@ def baseline(tiny_model_dir) -> list[str]:
     return baseline_answers(_config()).answers
 
 
-def test_a_resumed_training_matches_an_uninterrupted_one(baseline):
-    """The epoch state the worker reports is enough to continue exactly where it stopped."""
-    straight, saved = [], []
+def test_a_resumed_training_matches_an_uninterrupted_one(baseline, tmp_path):
+    """The checkpoint the worker saves after an epoch is enough to continue exactly where it stopped."""
+    straight = []
 
-    def keep(metrics, state):
+    def keep(metrics, save):
         straight.append(metrics)
-        buffer = io.BytesIO()
-        torch.save(state, buffer)  # as the Tune adapter does: saved during the report call
-        saved.append(buffer.getvalue())
+        save(tmp_path / f"epoch-{metrics['epoch']}")  # as the Tune adapter does, during the report call
 
     assert train(_config(), baseline, keep).status is TrainStatus.SUCCESS
     resumed = []
-    state = torch.load(io.BytesIO(saved[0]), weights_only=False)
-    result = train(_config(), baseline, lambda m, s: resumed.append(m), state)
+    result = train(_config(), baseline, lambda m, save: resumed.append(m), resume_from=tmp_path / "epoch-1")
     assert result.status is TrainStatus.SUCCESS
     assert [m["epoch"] for m in resumed] == [2]
     again, first = resumed[0], straight[1]

@@ -30,6 +30,7 @@ def perplexity(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: t
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, -batch["labels"].size(1) :]  # prompt tuning prepends virtual tokens' positions
         logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"

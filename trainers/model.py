@@ -38,20 +38,28 @@ def pick_device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-def load_base_model(config: ModelConfig, device: torch.device) -> tuple[Any, Any]:
-    """The base model (eval mode, on `device`) and its tokenizer, with a pad token."""
+def load_base_model(config: ModelConfig, device: torch.device, options: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """The base model (eval mode, on `device`) and its tokenizer, with a pad token.
+
+    `options` are extra `from_pretrained` arguments a method asks for (QLoRA: a 4-bit quantization config).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = resolve_model(config)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    options = dict(options or {})
+    quantized = "quantization_config" in options
+    if quantized:
+        options["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}  # quantized weights cannot be moved
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=config.revision)
-        model = AutoModelForCausalLM.from_pretrained(location, revision=config.revision, dtype=DTYPES[config.dtype])
+        model = AutoModelForCausalLM.from_pretrained(location, revision=config.revision, dtype=DTYPES[config.dtype], **options)
     except OSError as exc:
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
         raise ModelError(f"model.name: cannot load '{config.name}'{hint}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    if not quantized:
+        model.to(device)
     model.eval()
     return model, tokenizer

@@ -11,6 +11,7 @@ import random
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -19,10 +20,13 @@ from trainers.config import TrialConfig
 from trainers.data import batches, load_retention_texts, load_splits, tokenize, tokenize_text
 from trainers.evaluate import generate_answers, perplexity, win_rate
 from trainers.judges import agreement_rate, make_judge
-from trainers.methods import attach_adapter
+from trainers.methods import attach_adapter, get_method
 from trainers.model import load_base_model, pick_device
 
-Report = Callable[[dict[str, Any]], None]
+Report = Callable[[dict[str, Any], Callable[[Path], None]], None]
+STATE_FILE = "state.pt"  # in a checkpoint folder: what training resumes from
+ADAPTER_DIR = "adapter"  # in a checkpoint folder: the adapter, for peft.PeftModel.from_pretrained
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainStatus(str, enum.Enum):
@@ -76,12 +80,12 @@ def baseline_answers(config: TrialConfig) -> Baseline:
     """The base model's answers to the judged prompts, and its perplexities before any training."""
     device = setup(config)
     model, tokenizer = load_base_model(config.model, device)
-    splits = load_splits(config.data, config.eval.num_prompts)
+    splits = load_splits(config.data, config.eval.num_prompts, tokenizer=tokenizer)
     prompts = [ex.prompt for ex in splits.judged]
     answers = generate_answers(
         model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device
     )
-    eval_set = tokenize(splits.eval, tokenizer, config.data.max_length)
+    eval_set = tokenize(splits.eval, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
     retention_set = _retention_set(config, tokenizer)
     return Baseline(
         prompts=prompts,
@@ -103,68 +107,105 @@ def _retention_ppl(model: Any, retention_set: list | None, config: TrialConfig, 
     return perplexity(model, batches(retention_set, config.eval.batch_size, pad_id), device)
 
 
-def train(config: TrialConfig, baseline: list[str], report: Report, state: dict[str, Any] | None = None) -> TrainResult:
-    """Fine-tune one adapter and report metrics and a resumable state after every epoch.
+def train(config: TrialConfig, baseline: list[str], report: Report, resume_from: Path | None = None) -> TrainResult:
+    """Fine-tune one adapter and report metrics and a checkpoint after every epoch.
 
-    `report(metrics, state)` gets each epoch's metrics and the state to continue from (trainable
-    weights, optimizer, schedule, data order); pass such a `state` back to resume after its epoch.
+    `report(metrics, save)` gets each epoch's metrics and `save(folder)`, which writes the epoch's
+    checkpoint there: the adapter (loadable with `peft.PeftModel.from_pretrained`) and the state to
+    resume from (trainable weights, optimizer, schedule, data order). `resume_from` such a folder
+    continues after its epoch.
     """
     device = setup(config)
-    model, tokenizer = load_base_model(config.model, device)
-    splits = load_splits(config.data, config.eval.num_prompts)
-    train_set = tokenize(splits.train, tokenizer, config.data.max_length)
-    eval_set = tokenize(splits.eval, tokenizer, config.data.max_length)
+    method = get_method(config.train.method)
+    model, tokenizer = load_base_model(config.model, device, method.load_options(config.train))
+    splits = load_splits(config.data, config.eval.num_prompts, tokenizer=tokenizer)
+    train_set = tokenize(splits.train, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
+    eval_set = tokenize(splits.eval, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
     retention_set = _retention_set(config, tokenizer)
     references = [ex.response for ex in splits.judged]
     prompts = [ex.prompt for ex in splits.judged]
     judge = make_judge(config.eval, device=device)
 
+    if config.train.gradient_checkpointing and method.trains:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = attach_adapter(model, config.train)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
-    optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
-    warmup = config.train.warmup_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    accumulate = config.train.grad_accumulation_steps
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.train.batch_size) / accumulate)
+    optimizer = torch.optim.AdamW(params or [torch.zeros(1)], lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.train.lr_schedule, config.train.warmup_steps, steps_per_epoch * config.train.epochs)
+    )
+    precision = AUTOCAST[config.train.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
     rng = random.Random(config.train.seed)
     totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0}
     first_epoch = 1
-    if state is not None:
+    if resume_from is not None:
+        state = torch.load(Path(resume_from) / STATE_FILE, weights_only=False)
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 named[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         totals = dict(state["totals"])
         first_epoch = state["epoch"] + 1
 
+    def save(folder: Path, epoch: int) -> None:
+        folder = Path(folder)
+        if method.trains:
+            model.save_pretrained(folder / ADAPTER_DIR)  # the adapter (or, for full, the whole model)
+        state = {
+            "epoch": epoch,
+            "trainable": {n: p.detach().cpu() for n, p in named.items()},
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "totals": dict(totals),
+        }
+        torch.save(state, folder / STATE_FILE)
+
     metrics: dict[str, Any] = {}
     epochs_done = first_epoch - 1
     estimate = estimate_memory_gb(model, config)
     cap = config.resources.max_memory_gb if device.type == "cpu" else None
+    train_peak = 0.0
     try:
         for epoch in range(first_epoch, config.train.epochs + 1):
             model.train()
+            reset_peak_memory(device)
             start = time.perf_counter()
             losses = []
-            for batch in batches(train_set, config.train.batch_size, tokenizer.pad_token_id, rng):
+            micro_batches = list(batches(train_set, config.train.batch_size, tokenizer.pad_token_id, rng)) if method.trains else []
+            for i, batch in enumerate(micro_batches, 1):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss
+                with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+                    loss = model(**batch).loss
                 if not math.isfinite(loss.item()):  # the divergence guard
                     return TrainResult(TrainStatus.DIVERGED, epochs_done, metrics, f"training loss is {loss.item()} at epoch {epoch}")
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss / accumulate).backward()
+                if i % accumulate == 0 or i == len(micro_batches):
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 totals["tokens_trained"] += int(batch["attention_mask"].sum())
                 if cap and peak_memory_gb(device) > cap:
                     raise MemoryCapExceeded(f"peak resident memory {peak_memory_gb(device):.2f} GB > resources.max_memory_gb {cap:g}")
             totals["train_seconds"] += time.perf_counter() - start
+            train_peak = max(train_peak, peak_memory_gb(device)) if micro_batches else train_peak
 
             model.eval()
+            reset_peak_memory(device)
             start = time.perf_counter()
             eval_ppl = perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), device)
             retention_ppl = _retention_ppl(model, retention_set, config, tokenizer.pad_token_id, device)
@@ -179,33 +220,29 @@ def train(config: TrialConfig, baseline: list[str], report: Report, state: dict[
             scores = [v.score for v in verdicts]
             metrics = {
                 "epoch": epoch,
-                "train_loss": sum(losses) / len(losses),
+                "train_loss": sum(losses) / len(losses) if losses else None,
                 "eval_ppl": eval_ppl,
                 "retention_ppl": retention_ppl,
                 **win_rate(scores),
                 "order_agreement": agreement_rate(verdicts),
                 "answer_length_diff": _mean_length_diff(answers, baseline),
                 **totals,
-                "peak_memory_gb": peak_memory_gb(device),
+                "tokens_per_second": totals["tokens_trained"] / totals["train_seconds"] if totals["train_seconds"] else None,
+                "peak_memory_gb": max(train_peak, peak_memory_gb(device)),
+                "train_memory_gb": train_peak or None,
+                "inference_memory_gb": peak_memory_gb(device),
+                "estimated_memory_gb": estimate,
                 "trainable_params": sum(p.numel() for p in params),
+                "total_params": sum(p.numel() for p in model.parameters()),
                 "resumed_from_epoch": first_epoch - 1,
                 "answers": answers,
                 "verdicts": scores,
             }
             epochs_done = epoch
-            report(metrics, {
-                "epoch": epoch,
-                "trainable": {n: p.detach().cpu() for n, p in named.items()},
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(),
-                "totals": dict(totals),
-            })
+            report(metrics, lambda folder, epoch=epoch: save(folder, epoch))
     except (torch.OutOfMemoryError, MemoryError) as exc:
-        del model, optimizer, params, named
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # what this trial's tensors held is freed as it returns
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return TrainResult(
             TrainStatus.OOM,
@@ -215,6 +252,21 @@ def train(config: TrialConfig, baseline: list[str], report: Report, state: dict[
             f"max_length={config.data.max_length}, method={config.train.method}; estimated need {estimate:.2f} GB): {detail}",
         )
     return TrainResult(TrainStatus.SUCCESS, config.train.epochs, metrics)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier after `step` optimizer steps: linear warmup, then constant,
+    linear decay or cosine decay to 0 at `total_steps`."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
 
 
 def _mean_length_diff(answers: list[str], baseline: list[str]) -> float:
@@ -235,8 +287,25 @@ def estimate_memory_gb(model: Any, config: TrialConfig) -> float:
     return (weights + trainable + activations) / 1024**3
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's peak allocated, or (Linux) the process's peak resident set VmHWM."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+    except OSError:
+        pass  # not Linux, or not allowed: the peak is then the process's lifetime peak
+
+
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on a GPU; peak resident memory of this process on CPU."""
+    """Peak CUDA memory allocated on a GPU; peak resident memory of this process on CPU (since the last reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
