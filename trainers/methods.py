@@ -7,6 +7,7 @@ adapters of one method can later share one loaded base model.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -87,6 +88,10 @@ def attach_dora(model: Any, train: TrainConfig) -> Any:
 
 def _four_bit(train: TrainConfig) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
+
+    # On CPU bitsandbytes tries to fetch an optional faster kernel from the hub and warns when it
+    # cannot; its built-in CPU path works without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     return {
         "quantization_config": BitsAndBytesConfig(
