@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
+from hpo.errors import SweepError
 from hpo.store import EPOCH_COLUMNS, Store
 
 # Measured afresh at each epoch, so they can pick a trial's best epoch. The costs (train_seconds,
@@ -19,6 +23,19 @@ BEST_EPOCH_METRICS = (
 
 # The trial's totals (its last epoch's), and its peak memory over all epochs.
 TRIAL_METRICS = ("train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
+
+# What a configuration costs, in the order a cost axis is chosen from the sweep's objectives.
+COST_METRICS = ("train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
+
+
+def open_sweep(name: str, runs_dir: str | Path | None = None) -> Store:
+    """The store of run NAME under runs_dir (default: $PEFTSWEEP_RUNS, else ./runs), as `peftsweep report` finds it."""
+    root = Path(runs_dir or os.environ.get("PEFTSWEEP_RUNS", "runs"))
+    path = root / name / "results.db"
+    if not path.is_file():
+        known = sorted(p.parent.name for p in root.glob("*/results.db"))
+        raise SweepError(f"no run '{name}' in {root}/ (runs: {', '.join(known) or 'none'})")
+    return Store.open(path)
 
 
 def param_columns(store: Store) -> list[str]:
@@ -41,6 +58,18 @@ def selection_objective(objectives: list[dict[str, str]], epochs: pd.DataFrame) 
     return "eval_ppl", "min"
 
 
+def cost_metric(objectives: list[dict[str, str]], trials: pd.DataFrame) -> str:
+    """The cost axis: the sweep's first minimised cost objective some trial measured above zero, else train_seconds.
+
+    gpu_hours and cost_usd are zero on CPU or without a price, and then say nothing.
+    """
+    for objective in objectives:
+        metric = objective["metric"]
+        if metric in COST_METRICS and objective["mode"] == "min" and (trials[metric] > 0).any():
+            return metric
+    return "train_seconds"
+
+
 def load_trials(store: Store) -> pd.DataFrame:
     """One row per trial: status, searched params, best-epoch metrics, totals; trials without epochs keep NaNs."""
     params = param_columns(store)
@@ -49,9 +78,6 @@ def load_trials(store: Store) -> pd.DataFrame:
         *BEST_EPOCH_METRICS, *TRIAL_METRICS, "error",
     ]  # fmt: skip
     trials = store.trials()
-    if not trials:
-        return pd.DataFrame(columns=columns)
-
     epochs = _epoch_frame(store)
     metric, mode = selection_objective(store.sweep()["objectives"], epochs)
     folded = folded_epochs(store.sweep()["spec"])
@@ -96,7 +122,7 @@ def _trial_row(trial: dict, own: pd.DataFrame, params: list[str], metric: str, m
     row = {"trial_id": trial["trial_id"], "status": trial["status"]}
     row |= {p: trial["params"].get(p, np.nan) for p in params}
     row["epochs_completed"] = len(own)
-    best = _best_epoch(own, metric, mode)
+    best = best_epoch_of(own, metric, mode)
     row["best_epoch"] = np.nan if best is None else best["epoch"]
     row |= {m: np.nan if best is None else best.get(m, np.nan) for m in BEST_EPOCH_METRICS}
     last = own.iloc[-1] if len(own) else None
@@ -120,6 +146,27 @@ def load_epochs(store: Store) -> pd.DataFrame:
     ]
 
 
+def load_judgments(store: Store, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per trial and judged prompt at the trial's best epoch: trial_id, epoch, prompt_id, verdict.
+
+    `trials` is load_trials(store) (read again when not given); folded rows (id@epochs) get the
+    verdicts of their training at their own best epoch.
+    """
+    columns = ["trial_id", "epoch", "prompt_id", "verdict"]
+    trials = load_trials(store) if trials is None else trials
+    answers = pd.DataFrame(store.answers(), columns=["trial_id", "epoch", "prompt_id", "answer", "verdict"])
+    scored = trials[trials["best_epoch"].notna()]
+    keys = pd.DataFrame(
+        {
+            "trial_id": scored["trial_id"],
+            "training": scored["trial_id"].map(training_id),
+            "epoch": scored["best_epoch"].astype("int64"),
+        }
+    )
+    answers = answers.rename(columns={"trial_id": "training"}).astype({"epoch": "int64"})
+    return keys.merge(answers, on=["training", "epoch"])[columns].reset_index(drop=True)
+
+
 def load_answers(store: Store, trial_id: str | None = None) -> pd.DataFrame:
     """One row per judged answer (all trials, or one), with the prompt, reference and base model's answer."""
     columns = ["trial_id", "epoch", "prompt_id", "prompt", "reference", "base_answer", "answer", "verdict"]
@@ -137,7 +184,7 @@ def _epoch_frame(store: Store) -> pd.DataFrame:
     return frame
 
 
-def _best_epoch(own: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+def best_epoch_of(own: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     """The trial's epoch with the best `metric` (the earliest among ties, being the cheapest).
 
     A trial that never reported the metric keeps its last epoch: what it ended with.

@@ -1,18 +1,23 @@
 """The report's data and HTML, built from a real SQLite store with a handful of hand-made trials."""
 
+import io
 import math
+import re
 from pathlib import Path
+from urllib.parse import unquote
 
+import pandas as pd
 import plotly.offline
 import pytest
 
-from analysis.load import load_answers, load_epochs, load_trials
-from analysis.report import build_report, report_data, write_report
-from hpo.store import COMPLETED, EARLY_STOPPED, ERROR, Store
+from analysis.load import load_answers, load_epochs, load_judgments, load_trials
+from analysis.report import build_report, report_data, sweet_spot, table_columns, write_report
+from hpo.store import COMPLETED, DIVERGED, EARLY_STOPPED, ERROR, OOM, Store
+from trainers.stats import wilson_interval
 
 INJECTED = "<script>alert(1)</script>"
 SWEEP_NAME = "lora <i>demo</i>"
-OOM = "CUDA out of memory <b>12 GiB</b>\nTraceback (most recent call last):\n  ..."
+OOM_ERROR = "CUDA out of memory <b>12 GiB</b>\nTraceback (most recent call last):\n  ..."
 
 # trial_id: (status, params, per-epoch (win_rate, eval_ppl, cumulative train_seconds, peak_memory_gb), error)
 TRIALS = {
@@ -25,16 +30,31 @@ TRIALS = {
         COMPLETED, {"learning_rate": 1e-5, "lora_r": 8},
         [(0.30, 5.9, 17, 5.5), (0.35, 5.5, 33, 5.5), (0.34, 5.6, 50, 5.5)], None,
     ),
-    # Failed after one good, cheap epoch: plotted, but never on a frontier nor the best trial.
-    "t-late": (ERROR, {"learning_rate": 5e-4, "lora_r": 32}, [(0.70, 3.9, 5, 9.0)], "NaN loss at epoch 2"),
-    "t-oom": (ERROR, {"learning_rate": 3e-4, "lora_r": 64}, [], OOM),
+    # The lowest perplexity, not the highest win rate: the paradox in miniature.
+    "t-mid": (COMPLETED, {"learning_rate": 1e-4, "lora_r": 8}, [(0.50, 4.2, 22, 5.5), (0.55, 3.8, 45, 5.5)], None),
+    # Diverged after one good, cheap epoch: plotted, but never on a frontier, the best trial or in a statistic.
+    "t-late": (DIVERGED, {"learning_rate": 5e-4, "lora_r": 32}, [(0.70, 3.9, 5, 9.0)], "training loss became nan at epoch 2"),
+    "t-oom": (OOM, {"learning_rate": 3e-4, "lora_r": 64}, [], OOM_ERROR),
+    "t-crash": (ERROR, {"learning_rate": 3e-4, "lora_r": 4}, [], "ValueError: <bad> value"),
 }  # fmt: skip
+# Perplexity on the base model's own text, the same at every epoch; the base model's is BASELINE's.
+RETENTION = {"t-good": 3.3, "t-cheap": 3.6, "t-bad": 3.05, "t-mid": 2.9, "t-late": 4.5}
+BASELINE = {"eval_ppl": 6.0, "retention_ppl": 3.0}
 
 PROMPTS = [(i, f"prompt {i}", f"reference {i}", f"base answer {i}") for i in range(1, 8)]
+# Verdicts against the base model, prompt by prompt, at each trial's best epoch. t-good beats t-cheap
+# on prompts 2 and 6 and ties it on the rest: a sign test p of 2 * (1/2)^2 = 0.5.
+VERDICTS = {
+    ("t-good", 2): [1.0, 1.0, 0.5, 0.0, 1.0, 1.0, 1.0],
+    ("t-cheap", 1): [1.0, 0.0, 0.5, 0.0, 1.0, 0.0, 1.0],
+    ("t-bad", 2): [0.0, 0.0, 0.5, 0.0, 1.0, 0.0, 0.5],
+}
 
 
-def make_store(path: Path, objectives: list[dict[str, str]] | None = None) -> Store:
-    """A finished sweep of TRIALS; t-good's answer to prompt 2 at epoch 2 is INJECTED."""
+def make_store(
+    path: Path, objectives: list[dict[str, str]] | None = None, *, retention: bool = True, trials: dict = TRIALS
+) -> Store:
+    """A finished sweep of `trials`; t-good's answer to prompt 2 at epoch 2 is INJECTED."""
     store = Store.create(
         path,
         name=SWEEP_NAME,
@@ -45,16 +65,20 @@ def make_store(path: Path, objectives: list[dict[str, str]] | None = None) -> St
         versions={"peft": "0.0"},
         git_commit="0123456789abcdef",
     )
-    for trial_id, (status, params, epochs, error) in TRIALS.items():
+    for trial_id, (status, params, epochs, error) in trials.items():
         store.add_trial(trial_id, {**params, "epochs": 3, "model": "tiny"})
         for epoch, (win_rate, eval_ppl, seconds, memory) in enumerate(epochs, start=1):
             wins = round(win_rate * 10)
+            low, high = wilson_interval(wins, 10 - wins, 0)
             store.add_epoch(
                 trial_id,
                 epoch,
                 {
                     "win_rate": win_rate,
+                    "win_rate_low": low,
+                    "win_rate_high": high,
                     "eval_ppl": eval_ppl,
+                    "retention_ppl": RETENTION[trial_id] if retention else None,
                     "wins": wins,
                     "losses": 10 - wins,
                     "ties": 0,
@@ -66,11 +90,15 @@ def make_store(path: Path, objectives: list[dict[str, str]] | None = None) -> St
                 },
             )
         store.set_trial_status(trial_id, status, error)
-    store.set_baseline(PROMPTS)
-    verdicts = [1.0, 1.0, 0.5, 0.0, 1.0, 1.0, 1.0]
+    store.set_baseline(PROMPTS, BASELINE if retention else {"eval_ppl": BASELINE["eval_ppl"]})
     store.add_answers("t-good", 1, [(i, f"early answer {i}", 0.0) for i, *_ in PROMPTS])
-    answers = [(i, INJECTED if i == 2 else f"answer {i}", v) for (i, *_), v in zip(PROMPTS, verdicts)]
-    store.add_answers("t-good", 2, answers)
+    for (trial_id, epoch), verdicts in VERDICTS.items():
+        if trial_id not in trials:
+            continue
+        answers = [(i, f"{trial_id} answer {i}", v) for (i, *_), v in zip(PROMPTS, verdicts)]
+        if trial_id == "t-good":
+            answers[1] = (2, INJECTED, verdicts[1])
+        store.add_answers(trial_id, epoch, answers)
     store.finish("completed")
     return store
 
@@ -105,11 +133,13 @@ def test_load_trials_columns_best_epoch_and_totals(store):
 
 
 def test_load_trials_keeps_trials_without_epochs_with_nan_metrics(store):
-    oom = by_id(load_trials(store)).loc["t-oom"]
-    assert oom["status"] == ERROR and oom["error"] == OOM
+    trials = by_id(load_trials(store))
+    oom = trials.loc["t-oom"]
+    assert oom["status"] == OOM and oom["error"] == OOM_ERROR
     assert oom["epochs_completed"] == 0 and oom["lora_r"] == 64
     for column in ("best_epoch", "eval_ppl", "win_rate", "wins", "train_seconds", "cost_usd", "peak_memory_gb"):
         assert math.isnan(oom[column]), column
+    assert trials.loc["t-crash", "status"] == ERROR and trials.loc["t-late", "status"] == DIVERGED
 
 
 def test_best_epoch_follows_the_first_per_epoch_objective(tmp_path):
@@ -129,52 +159,150 @@ def test_best_epoch_follows_the_first_per_epoch_objective(tmp_path):
     store.close()
 
 
-def test_load_epochs_and_answers_join_params_and_baseline(store):
+def test_load_epochs_answers_and_judgments(store):
     epochs = load_epochs(store)
     assert len(epochs) == sum(len(e) for _, _, e, _ in TRIALS.values())
     row = epochs[(epochs["trial_id"] == "t-bad") & (epochs["epoch"] == 2)].iloc[0]
     assert (row["learning_rate"], row["lora_r"], row["win_rate"], row["grad_norm"]) == (1e-5, 8, 0.35, 1.0)
+    assert row["retention_ppl"] == 3.05
 
     answers = load_answers(store, "t-good")
     assert len(answers) == 2 * len(PROMPTS)
     row = answers[(answers["epoch"] == 2) & (answers["prompt_id"] == 3)].iloc[0]
     assert (row["prompt"], row["reference"], row["base_answer"], row["answer"], row["verdict"]) == (
-        "prompt 3", "reference 3", "base answer 3", "answer 3", 0.5,
+        "prompt 3", "reference 3", "base answer 3", "t-good answer 3", 0.5,
     )  # fmt: skip
-    assert len(load_answers(store)) == len(answers)
+    assert len(load_answers(store)) == 2 * len(PROMPTS) + 2 * len(PROMPTS)  # t-good's two epochs, t-cheap, t-bad
+
+    # One row per (trial, prompt) at each trial's best epoch: t-good's epoch 1 answers are not there.
+    judged = load_judgments(store)
+    assert list(judged.columns) == ["trial_id", "epoch", "prompt_id", "verdict"]
+    assert sorted(judged.groupby("trial_id")["epoch"].first().items()) == [("t-bad", 2), ("t-cheap", 1), ("t-good", 2)]
+    assert list(judged[judged["trial_id"] == "t-good"]["verdict"]) == VERDICTS[("t-good", 2)]
+
+
+def test_report_data_sweet_spot_names_the_cheaper_trial_with_numbers(store):
+    data = report_data(store)
+    spot = data.sweet_spot
+    assert (spot.best, spot.cheapest) == ("t-good", "t-cheap")
+    assert spot.test == (2, 0, 5, 0.5) and spot.cost_ratio == pytest.approx(41 / 10)
+    assert data.headline == [
+        "Best by win rate: trial t-good (learning_rate 0.0002, lora_r 16, epochs 3) with win rate 0.62 "
+        "(95% CI 0.31–0.83) at epoch 2, eval perplexity 4.1, 41 s of training.",
+        "Sweet spot: trial t-cheap (learning_rate 0.001, lora_r 4, epochs 3), 4.1× cheaper at 10 s of training, "
+        "with win rate 0.45 (95% CI 0.17–0.69) at epoch 1, eval perplexity 4.8, is not significantly worse than "
+        "t-good: on 7 shared prompts t-good was judged better on 2, t-cheap on 0, equal on 5 "
+        "(exact two-sided sign test, p = 0.5, level 0.05).",
+    ]
+    assert data.census == "7 trials: 3 completed, 1 early stopped, 1 error, 1 diverged, 1 out of memory."
+
+
+def _ranked(rows):
+    """A ranked trials table (finished first, best first) from (trial_id, status, win_rate, train_seconds) rows."""
+    df = pd.DataFrame(rows, columns=["trial_id", "status", "win_rate", "train_seconds"])
+    return df.assign(learning_rate=1e-3, best_epoch=1.0, eval_ppl=float("nan"), win_rate_low=float("nan"))
+
+
+def _judged(verdicts):
+    return pd.DataFrame(
+        [(t, 1, i, v) for t, vs in verdicts.items() for i, v in enumerate(vs)],
+        columns=["trial_id", "epoch", "prompt_id", "verdict"],
+    )
+
+
+def test_sweet_spot_skips_significantly_worse_cheaper_trials():
+    trials = _ranked([
+        ("A", COMPLETED, 0.9, 100.0),
+        ("C", COMPLETED, 0.7, 30.0),
+        ("B", COMPLETED, 0.6, 10.0),
+        ("D", COMPLETED, 0.5, 5.0),  # cheapest finished, but never judged: not a candidate
+        ("E", ERROR, 0.95, 1.0),  # failed: never a candidate, however good and cheap
+    ])  # fmt: skip
+    best = [1.0] * 20
+    judged = _judged({
+        "A": best,
+        "B": [0.0] * 6 + [1.0] * 14,  # worse on 6 of 6 differing prompts: p = 2/64 < 0.05
+        "C": [0.5] * 5 + [1.0] * 15,  # worse on 5 of 5: p = 2/32 = 0.0625, not significant
+        "E": [1.0] * 20,
+    })  # fmt: skip
+    spot = sweet_spot(trials, judged, ["learning_rate"], "win_rate", "train_seconds")
+    assert (spot.best, spot.cheapest) == ("A", "C")
+    assert spot.test.p_value == pytest.approx(0.0625) and (spot.test.better, spot.test.worse) == (5, 0)
+    assert spot.cost_ratio == pytest.approx(100 / 30)
+    assert "3.3× cheaper at 30 s of training" in spot.sentences[1] and "p = 0.062" in spot.sentences[1]
+
+
+def test_sweet_spot_when_every_cheaper_trial_is_worse_or_the_best_is_cheapest():
+    trials = _ranked([("A", COMPLETED, 0.9, 100.0), ("B", EARLY_STOPPED, 0.6, 10.0)])
+    judged = _judged({"A": [1.0] * 20, "B": [0.0] * 6 + [1.0] * 14})
+    spot = sweet_spot(trials, judged, [], "win_rate", "train_seconds")
+    assert (spot.cheapest, spot.test, spot.cost_ratio) == ("A", None, 1.0)
+    assert spot.sentences[1] == (
+        "Sweet spot: A itself: the one cheaper trial with verdicts is significantly worse "
+        "(exact two-sided sign test over shared prompts, p < 0.05)."
+    )
+
+    trials = _ranked([("A", COMPLETED, 0.9, 10.0), ("B", COMPLETED, 0.6, 100.0)])
+    spot = sweet_spot(trials, judged, [], "win_rate", "train_seconds")
+    assert spot.cheapest == "A" and spot.sentences[1] == "Sweet spot: A itself, also the cheapest finished trial."
+
+    # No verdicts at all (a sweep judged by perplexity only): no paired test, said so.
+    spot = sweet_spot(trials, judged.iloc[0:0], [], "win_rate", "train_seconds")
+    assert spot.cheapest is None and "no paired test" in spot.sentences[1]
+
+
+def test_sweet_spot_uses_the_sweeps_cost_objective(tmp_path):
+    objectives = [{"metric": "win_rate", "mode": "max"}, {"metric": "gpu_hours", "mode": "min"}]
+    store = make_store(tmp_path / "results.db", objectives)
+    data = report_data(store)
+    assert data.cost == "gpu_hours" and [(f.x, f.y) for f in data.frontiers] == [
+        ("gpu_hours", "win_rate"), ("gpu_hours", "eval_ppl"), ("train_seconds", "win_rate"),
+    ]  # fmt: skip
+    assert data.frontiers[0].caption.startswith("2 of 4 finished trials are on the frontier, from t-cheap (win rate 0.45, 0.00278 GPU-hours)")
+    assert "4.1× cheaper at 0.00278 GPU-hours" in data.headline[1]
+    assert "gpu_hours" in table_columns(data)
+    store.close()
 
 
 def test_report_data_frontiers_best_trial_and_captions(store):
     data = report_data(store)
-    assert data.best_trial == "t-good"
-    assert data.summary == (
-        "Best trial t-good: win rate 0.62 at epoch 2, eval perplexity 4.1, 41 s of training; "
-        "5 trials: 2 completed, 1 early stopped, 2 errors."
-    )
-    # Finished trials first, best first; the trial without metrics last.
-    assert list(data.trials["trial_id"]) == ["t-good", "t-cheap", "t-bad", "t-late", "t-oom"]
+    assert data.best_trial == "t-good" and (data.metric, data.cost) == ("win_rate", "train_seconds")
+    # Finished trials first, best first; failed trials after, those without metrics last.
+    assert list(data.trials["trial_id"]) == ["t-good", "t-mid", "t-cheap", "t-bad", "t-late", "t-oom", "t-crash"]
 
     assert [f.title for f in data.frontiers] == ["cost vs win rate", "cost vs perplexity"]
     assert [c.metric for c in data.curves] == ["eval_ppl", "win_rate"]
-    assert data.figure_count == 4 and data.notes == []
+    assert data.figure_count == 9 and data.notes == []
     win, ppl = data.frontiers
     for plot in (win, ppl):
-        # The error trial with metrics is plotted (not on the front), the one without is not.
-        assert set(plot.points["trial_id"]) == {"t-good", "t-cheap", "t-bad", "t-late"}
+        # The diverged trial with metrics is plotted (not on the front), the two without are not.
+        assert set(plot.points["trial_id"]) == {"t-good", "t-mid", "t-cheap", "t-bad", "t-late"}
         assert not by_id(plot.points).loc["t-late", "eligible"]
-        assert list(plot.front["trial_id"]) == ["t-cheap", "t-good"]
+    assert list(win.front["trial_id"]) == ["t-cheap", "t-good"]
+    assert list(ppl.front["trial_id"]) == ["t-cheap", "t-good", "t-mid"]
+    # The base model ties itself (win rate 0.5) and its perplexity is stored with the sweep.
+    assert (win.reference, ppl.reference) == (0.5, 6.0)
     assert win.caption == (
-        "2 of 3 finished trials are on the frontier, from t-cheap (win rate 0.45 after 10 s) "
-        "to t-good (win rate 0.62 after 41 s); 1 trial without these metrics is only in the table."
+        "2 of 4 finished trials are on the frontier, from t-cheap (win rate 0.45, 10 s of training) "
+        "to t-good (win rate 0.62, 41 s of training); bars are 95% intervals, median ±0.26, so smaller "
+        "differences are mostly noise; 2 trials without these metrics are only in the table."
     )
     assert ppl.caption.startswith(
-        "2 of 3 finished trials are on the frontier, from t-cheap (eval perplexity 4.8 after 10 s) "
-        "to t-good (eval perplexity 4.1 after 41 s)"
+        "3 of 4 finished trials are on the frontier, from t-cheap (eval perplexity 4.8, 10 s of training) "
+        "to t-mid (eval perplexity 3.8, 45 s of training)"
     )
 
     curves = data.curves[0]
-    assert list(curves.curves["trial_id"].unique()) == ["t-good", "t-cheap", "t-bad", "t-late"]
-    assert curves.caption == "Eval perplexity per epoch for 4 trials; the lowest, 3.9, is trial t-late at epoch 1."
+    assert list(curves.curves["trial_id"].unique()) == ["t-good", "t-mid", "t-cheap", "t-bad", "t-late"]
+    # Each trial's best epoch by win rate, drawn on both metrics' curves.
+    assert sorted(map(tuple, curves.best[["trial_id", "epoch"]].to_numpy())) == [
+        ("t-bad", 2), ("t-cheap", 1), ("t-good", 2), ("t-late", 1), ("t-mid", 2),
+    ]  # fmt: skip
+    assert by_id(curves.best).loc["t-good", "eval_ppl"] == 4.1
+    assert curves.caption == (
+        "Eval perplexity per epoch for 5 trials; the lowest, 3.8, is trial t-mid at epoch 2; ◆ marks each "
+        "trial's best epoch by win rate, before its last epoch for 2 of 3 trials with more than one."
+    )
 
     samples = data.samples
     assert (samples.trial_id, samples.epoch) == ("t-good", 2)
@@ -186,6 +314,78 @@ def test_report_data_frontiers_best_trial_and_captions(store):
     )
 
 
+def test_report_data_perplexity_paradox_and_retention(store):
+    data = report_data(store)
+    paradox = data.paradox
+    # Finished trials only: t-late (diverged) is drawn but not counted. Ranks by hand give -0.8.
+    assert set(paradox.points["trial_id"]) == {"t-good", "t-mid", "t-cheap", "t-bad", "t-late"}
+    assert paradox.correlation.n == 4 and paradox.correlation.rho == pytest.approx(-0.8)
+    assert paradox.reference == {"x": 6.0, "y": 0.5}
+    assert paradox.caption == (
+        "Spearman's ρ between eval perplexity and win rate is -0.80 over 4 finished trials (95% CI -1.00 to +0.82): "
+        "perplexity does not reliably rank trials by win rate here; the lowest perplexity (t-mid, 3.8) is not the "
+        "highest win rate (t-good, 0.62)."
+    )
+
+    retention = data.retention
+    assert (retention.x, retention.y, retention.reference) == ("retention_ppl", "win_rate", {"x": 3.0})
+    assert retention.caption.startswith(
+        "3 of 4 finished trials forgot part of the base domain (retention perplexity above the base model's 3), "
+        "most t-cheap at 3.6 (+20%); Spearman's ρ between retention perplexity and win rate is +0.00"
+    )
+
+
+def test_report_data_without_retention_says_why(tmp_path):
+    store = make_store(tmp_path / "results.db", retention=False)
+    data = report_data(store)
+    assert data.retention is None and data.figure_count == 8
+    assert any("No trial has a retention_ppl" in note for note in data.notes)
+    assert "retention_ppl" not in table_columns(data)
+    store.close()
+
+
+def test_report_data_parameter_effects_parallel_view_and_importance(store):
+    data = report_data(store)
+    effects = data.effects
+    # epochs is 3 for every trial: nothing to show for it.
+    assert (effects.metric, effects.params, effects.log_x) == ("win_rate", ["learning_rate", "lora_r"], ["learning_rate"])
+    means = effects.means[effects.means["param"] == "lora_r"]
+    # Finished trials only: t-late (lora_r 32, diverged) is no level; lora_r 8 averages t-bad and t-mid.
+    assert list(means["level"]) == ["4", "8", "16"]
+    assert list(means["mean"]) == pytest.approx([0.45, (0.35 + 0.55) / 2, 0.62])
+    assert list(means["n"]) == [1, 2, 1]
+    assert effects.caption == (
+        "The mean win rate of finished trials moves most with learning_rate, from 0.35 at 1e-05 to 0.62 at 0.0002; "
+        "then lora_r, from 0.45 at 4 to 0.62 at 16."
+    )
+
+    parallel = data.parallel
+    assert parallel.axes == ["learning_rate", "lora_r", "train_seconds", "eval_ppl", "win_rate"]
+    assert set(parallel.lines["trial_id"]) == {"t-good", "t-mid", "t-cheap", "t-bad", "t-late"}
+    assert parallel.caption == (
+        "One line per trial (5 with win rate), coloured by win rate from 0.35 to 0.7; "
+        "the best, t-good, has learning_rate 0.0002, lora_r 16."
+    )
+
+    # Four finished trials, each with its own learning rate: no replication, so not estimable;
+    # lora_r's groups differ less than the noise within them: 0.
+    importance = by_id(data.importance.importances.rename(columns={"param": "trial_id"}))
+    assert importance.loc["lora_r", "share"] == 0.0 and math.isnan(importance.loc["learning_rate", "share"])
+    assert data.importance.n == 4
+    assert data.importance.caption.endswith("lora_r 0%, learning_rate not estimable (one trial per value).")
+
+
+def test_importance_needs_three_finished_trials(tmp_path):
+    two = {k: TRIALS[k] for k in ("t-good", "t-cheap", "t-late")}
+    store = make_store(tmp_path / "results.db", trials=two)
+    data = report_data(store)
+    assert data.importance is None and data.effects is not None and data.parallel is not None
+    assert "Parameter importances need at least 3 finished trials with win_rate; there are 2." in data.notes
+    page = build_report(store)
+    assert page.count('class="plotly-graph-div"') == data.figure_count == 8
+    store.close()
+
+
 def test_report_data_without_any_finished_trial(tmp_path):
     store = Store.create(
         tmp_path / "results.db", name="empty", sweep_file="s.yaml", spec={}, searched=["lora_r"],
@@ -193,9 +393,12 @@ def test_report_data_without_any_finished_trial(tmp_path):
     )  # fmt: skip
     store.add_trial("t-0", {"lora_r": 4})
     data = report_data(store)
-    assert data.best_trial is None and data.samples is None and data.figure_count == 0
-    assert data.summary == "No trial has finished with metrics yet; 1 trial: 1 running."
-    assert len(data.notes) == 4
+    assert data.best_trial is None and data.samples is None and data.sweet_spot is None and data.figure_count == 0
+    assert data.headline == ["No trial has finished with metrics yet."]
+    assert data.census == "1 trial: 1 running."
+    # One note per missing figure: 2 frontiers, 2 curves, the paradox, retention, the parameter figures.
+    assert len(data.notes) == 7
+    assert data.notes[-1] == "No searched parameter took two values among trials with eval_ppl, so there are no parameter figures."
     page = build_report(store)
     assert "plotly-graph-div" not in page and "t-0" in page
     store.close()
@@ -204,16 +407,40 @@ def test_report_data_without_any_finished_trial(tmp_path):
 def test_report_html_is_self_contained_and_escaped(store):
     page = build_report(store)
     assert page.count(plotly.offline.get_plotlyjs()) == 1
-    assert page.count('class="plotly-graph-div"') == 4
+    assert page.count('class="plotly-graph-div"') == 9
     assert "<script src" not in page.lower() and "<link" not in page.lower()
     # Every string from the store is escaped: the answer, the sweep name, the error.
     assert INJECTED not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<i>demo</i>" not in page and "lora &lt;i&gt;demo&lt;/i&gt;" in page
     assert "<b>12 GiB</b>" not in page and "CUDA out of memory &lt;b&gt;12 GiB&lt;/b&gt;" in page
-    # Error trials are listed, the one without metrics included, marked by their row class.
-    assert page.count('<tr class="status-error">') == 2
+    assert "<bad>" not in page and "ValueError: &lt;bad&gt; value" in page
+    # Every failed trial is listed, each status with its own row class, the best trial marked.
+    for status in ("error", "diverged", "oom"):
+        assert page.count(f'<tr class="status-{status}">') == 1, status
     assert '<tr class="status-completed best">' in page
+    assert page.count("<h2>") == 7  # 4 sections of figures, trials, judged prompts, how the numbers are computed
+
+
+def test_trials_table_sort_keys_and_csv_download(store):
+    page = build_report(store)
+    table = page[page.index('<table class="trials sortable">') : page.index("</table>", page.index("trials sortable"))]
+    headers = re.findall(r"<button type=\"button\">(.*?)</button>", table)
+    assert [h.replace("<wbr>", "") for h in headers] == [
+        "trial_id", "status", "learning_rate", "lora_r", "epochs", "epochs_completed", "best_epoch", "eval_ppl",
+        "win_rate", "retention_ppl", "train_seconds", "peak_memory_gb", "error",
+    ]  # fmt: skip
+    # The win rate shows its interval, sorts by its value, and a missing one sorts last.
+    assert '<td class="num" data-sort="0.62" title="6 wins, 0 ties, 4 losses">0.620 <span class="interval">[0.31, 0.83]</span></td>' in table
+    assert table.count('data-sort=""') > 0
+
+    # The CSV is every column of `peftsweep export`, in the table's order, unescaped data.
+    href = re.search(r'download="lora__i_demo__i_-trials.csv" href="data:text/csv;charset=utf-8,([^"]*)"', page)
+    csv = unquote(href.group(1))
+    frame = pd.read_csv(io.StringIO(csv))
+    assert list(frame.columns) == list(load_trials(store).columns)
+    assert list(frame["trial_id"]) == list(report_data(store).trials["trial_id"])
+    assert frame.set_index("trial_id").loc["t-oom", "error"] == OOM_ERROR
 
 
 def test_write_report_replaces_the_file_atomically(store, tmp_path):

@@ -1,4 +1,4 @@
-"""The report opened from disk in a real headless Chromium: every figure renders, no JS errors."""
+"""The report opened from disk in a real headless Chromium: every figure renders, no JS errors, the table sorts."""
 
 import base64
 import time
@@ -53,11 +53,26 @@ RENDERED_FIGURES_JS = """
 return Array.from(document.querySelectorAll('.plotly-graph-div'))
     .filter(div => div.querySelector('.main-svg') !== null).length;
 """
+# Per figure: how many SVG traces plotly drew (scatter and bar layers), so an empty frame does not pass.
+DRAWN_TRACES_JS = """
+return Array.from(document.querySelectorAll('.plotly-graph-div'))
+    .map(div => div.querySelectorAll('svg .scatterlayer .trace, svg .barlayer .trace').length);
+"""
+TRIAL_ORDER_JS = """
+return Array.from(document.querySelectorAll('table.trials tbody tr')).map(row => row.cells[0].textContent);
+"""
+
+
+def click_header(driver, name: str) -> list[str]:
+    header = driver.find_element(By.XPATH, f"//table[contains(@class, 'trials')]//th[normalize-space(.)='{name}']/button")
+    header.click()
+    return driver.execute_script(TRIAL_ORDER_JS)
 
 
 def test_report_renders_in_chromium(tmp_path, driver):
     store = make_store(tmp_path / "results.db")
-    planned = report_data(store).figure_count
+    data = report_data(store)
+    planned = data.figure_count
     report = write_report(store, tmp_path / "report.html")
     store.close()
 
@@ -65,15 +80,27 @@ def test_report_renders_in_chromium(tmp_path, driver):
     WebDriverWait(driver, 60).until(lambda d: d.execute_script(RENDERED_FIGURES_JS) >= planned)
 
     figures = driver.find_elements(By.CSS_SELECTOR, ".plotly-graph-div")
-    assert planned == 4 and len(figures) == planned
+    assert planned == 9 and len(figures) == planned
     assert driver.execute_script(RENDERED_FIGURES_JS) == planned
-    # The frontier figures drew their step line and legend, not just an empty frame.
+    assert all(n > 0 for n in driver.execute_script(DRAWN_TRACES_JS)), driver.execute_script(DRAWN_TRACES_JS)
+    # Each figure sits under its title with its caption; the frontier drew its step line and legend.
+    titles = [f.find_element(By.XPATH, "./ancestor::figure/h3").text for f in figures]
+    assert titles[:2] == ["Cost vs win rate", "Cost vs perplexity"] and len(set(titles)) == planned
     assert "Pareto frontier" in figures[0].text and "early stopped (1)" in figures[0].text
+    assert "diverged (1)" in figures[0].text  # a failed trial with metrics is drawn, in its own style
+    assert "Sweet spot: trial t-cheap" in driver.find_element(By.CSS_SELECTOR, ".summary").text
 
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text
     injected = driver.find_elements(By.XPATH, f"//td/div[text()='{INJECTED}']")
     assert len(injected) == 1 and injected[0].is_displayed()
+
+    # Sorting: by training time, cheapest first, trials without a value last; a second click reverses.
+    assert driver.execute_script(TRIAL_ORDER_JS) == list(data.trials["trial_id"])
+    assert click_header(driver, "train_seconds") == ["t-late", "t-cheap", "t-good", "t-mid", "t-bad", "t-oom", "t-crash"]
+    assert click_header(driver, "train_seconds") == ["t-bad", "t-mid", "t-good", "t-cheap", "t-late", "t-oom", "t-crash"]
+    assert click_header(driver, "win_rate") == ["t-bad", "t-cheap", "t-mid", "t-good", "t-late", "t-oom", "t-crash"]
+    assert click_header(driver, "trial_id")[:3] == ["t-bad", "t-cheap", "t-crash"]
 
     severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
     assert severe == []

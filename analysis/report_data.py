@@ -1,0 +1,669 @@
+"""The report's data step: everything the report shows, as plain values that tests assert on.
+
+Which points each figure draws, frontier membership, the statistics and every caption's numbers;
+`analysis.report` only renders them. Text here is plain, never HTML: it is escaped once, when rendered.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from analysis.frontier import pareto_front
+from analysis.load import (
+    best_epoch_of,
+    cost_metric,
+    load_answers,
+    load_epochs,
+    load_judgments,
+    load_trials,
+    param_columns,
+    selection_objective,
+    training_id,
+)
+from analysis.stats import Correlation, SignTest, levels, sign_test, spearman, variance_explained
+from analysis.style import FINISHED, STATUS_STYLE, cell, duration, label, missing, num, plural, sentence_case, style
+from analysis.style import verdict_word
+from hpo.store import ERROR, Store
+
+SAMPLES_PER_VERDICT = 4
+# The sign test's level: a cheaper trial whose p-value is at least this is "not significantly worse".
+ALPHA = 0.05
+# Fewer finished trials than this give no parameter importances.
+MIN_TRIALS_FOR_IMPORTANCE = 3
+
+
+class FrontierPlot(NamedTuple):
+    title: str
+    x: str  # the cost axis, minimised
+    y: str
+    y_mode: str
+    points: pd.DataFrame  # trials with both x and y known, plus `eligible` and `on_front`
+    reference: float | None  # the base model's y (win rate 0.5: it ties itself)
+    caption: str
+
+    @property
+    def front(self) -> pd.DataFrame:
+        """The frontier points, cheapest first: the step line."""
+        return self.points[self.points["on_front"]].sort_values([self.x, self.y])
+
+
+class CurvesPlot(NamedTuple):
+    title: str
+    metric: str
+    curves: pd.DataFrame  # trial_id, status, epoch, <metric>: one row per point, trials best first
+    best: pd.DataFrame  # trial_id, epoch, <metric>: each training's best epoch by the selection metric
+    caption: str
+
+
+class ScatterPlot(NamedTuple):
+    """One quality against another across trials, with their rank correlation over the finished ones."""
+
+    title: str
+    x: str
+    y: str
+    points: pd.DataFrame  # trials with both values, plus `eligible` (finished)
+    correlation: Correlation
+    reference: dict[str, float]  # the base model's point ({"x": ..., "y": ...}; either may be missing)
+    caption: str
+
+
+class EffectsPlot(NamedTuple):
+    title: str
+    metric: str
+    params: list[str]  # the parameters that vary, one panel each
+    log_x: list[str]  # those drawn on a log axis
+    points: pd.DataFrame  # trials with the metric, plus `eligible`
+    means: pd.DataFrame  # param, level, x, mean, n: finished trials averaged per value (or range)
+    caption: str
+
+
+class ParallelPlot(NamedTuple):
+    title: str
+    axes: list[str]  # varying parameters, then the cost and the qualities
+    log_axes: list[str]
+    colour: str  # the metric the lines are coloured by
+    lines: pd.DataFrame  # trial_id, status, eligible, one column per axis: trials with `colour`
+    caption: str
+
+
+class ImportancePlot(NamedTuple):
+    title: str
+    metric: str
+    importances: pd.DataFrame  # param, share (omega squared; NaN when not estimable), levels
+    n: int  # finished trials it is computed over
+    caption: str
+
+
+class SweetSpot(NamedTuple):
+    best: str
+    cheapest: str | None  # the cheapest trial not significantly worse (the best itself if none); None: no verdicts
+    test: SignTest | None  # best vs cheapest, over their shared prompts; None when cheapest is best
+    cost_ratio: float | None  # best's cost / cheapest's cost
+    sentences: list[str]
+
+
+class Samples(NamedTuple):
+    trial_id: str
+    epoch: int
+    rows: pd.DataFrame  # prompt_id, prompt, reference, base_answer, answer, verdict
+    caption: str
+
+
+class ReportData(NamedTuple):
+    sweep: dict[str, Any]
+    params: list[str]
+    metric: str  # picks each trial's best epoch and the best trial
+    cost: str  # the cost axis
+    census: str
+    sweet_spot: SweetSpot | None
+    trials: pd.DataFrame  # load_trials, finished trials best first
+    best_trial: str | None
+    frontiers: list[FrontierPlot]
+    curves: list[CurvesPlot]
+    paradox: ScatterPlot | None
+    retention: ScatterPlot | None
+    effects: EffectsPlot | None
+    parallel: ParallelPlot | None
+    importance: ImportancePlot | None
+    notes: list[str]  # why a figure is missing
+    samples: Samples | None
+
+    @property
+    def headline(self) -> list[str]:
+        """The sentences at the top: the best trial and the sweet spot, or why there is none."""
+        if self.sweet_spot is None:
+            return ["No trial has finished with metrics yet."]
+        return self.sweet_spot.sentences
+
+    @property
+    def sections(self) -> list[tuple[str, list]]:
+        """The figures in page order, by section; missing ones left out."""
+        quality = [p for p in (self.paradox, self.retention) if p is not None]
+        parameters = [p for p in (self.effects, self.parallel, self.importance) if p is not None]
+        return [
+            ("Cost vs performance", list(self.frontiers)),
+            ("Per-epoch curves", list(self.curves)),
+            ("Does a lower perplexity mean a better model?", quality),
+            ("What each parameter does", parameters),
+        ]
+
+    @property
+    def figure_count(self) -> int:
+        return sum(len(plots) for _, plots in self.sections)
+
+
+def report_data(store: Store) -> ReportData:
+    """Everything the report shows, as plain values."""
+    sweep = store.sweep()
+    params = param_columns(store)
+    epochs = load_epochs(store)
+    metric, mode = selection_objective(sweep["objectives"], epochs)
+    loaded = load_trials(store)
+    cost = cost_metric(sweep["objectives"], loaded)
+    trials = _rank(loaded, metric, mode, cost)
+    finished = trials[trials["status"].isin(FINISHED) & trials[metric].notna()]
+    best = finished.iloc[0] if len(finished) else None
+    baseline = store.baseline_metrics()
+    notes: list[str] = []
+
+    frontiers = []
+    panels = [
+        (cost, "win_rate", "max", "cost vs win rate", 0.5),
+        (cost, "eval_ppl", "min", "cost vs perplexity", baseline.get("eval_ppl")),
+    ]
+    if cost != "train_seconds":  # win rate against compute time too: what more training bought
+        panels.append(("train_seconds", "win_rate", "max", "training time vs win rate", 0.5))
+    for x, y, y_mode, title, reference in panels:
+        plot = _frontier_plot(trials, x, y, y_mode, title, reference)
+        if plot:
+            frontiers.append(plot)
+        elif x == cost:
+            notes.append(f"No trial has reported {y} yet, so there is no {title} figure.")
+
+    order: dict[str, int] = {}
+    for i, trial_id in enumerate(trials["trial_id"]):
+        order.setdefault(training_id(trial_id), i)  # folded rows (id@epochs) share one training's curve
+    best_epochs = _best_epochs(epochs, metric, mode)
+    curves = []
+    for y, y_mode in (("eval_ppl", "min"), ("win_rate", "max")):
+        plot = _curves_plot(epochs, order, best_epochs, y, y_mode, metric)
+        if plot:
+            curves.append(plot)
+        else:
+            notes.append(f"No trial has reported {y} yet, so there are no per-epoch curves of it.")
+
+    paradox = _paradox_plot(trials, baseline)
+    if paradox is None:
+        notes.append("The perplexity paradox needs trials with both eval_ppl and win_rate; there are none yet.")
+    retention = _retention_plot(trials, baseline)
+    if retention is None:
+        notes.append(
+            "No trial has a retention_ppl (give eval.retention_data for a model other than tiny), "
+            "so there is no figure of what fine-tuning forgot."
+        )
+
+    # Parameter effects are read on the win rate when there is one: what the user decides on.
+    quality = "win_rate" if trials["win_rate"].notna().any() else "eval_ppl"
+    varying = [p for p in params if trials.loc[trials[quality].notna(), p].map(cell).nunique() > 1]
+    effects = _effects_plot(trials, varying, quality) if varying else None
+    parallel = _parallel_plot(trials, varying, quality, cost, best) if varying else None
+    importance = _importance_plot(trials, varying, quality) if varying else None
+    if not varying:
+        notes.append(
+            f"No searched parameter took two values among trials with {quality}, so there are no parameter figures."
+        )
+    elif importance is None:
+        n = int((trials["status"].isin(FINISHED) & trials[quality].notna()).sum())
+        notes.append(
+            f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} finished trials with "
+            f"{quality}; there {'is' if n == 1 else 'are'} {n}."
+        )
+
+    return ReportData(
+        sweep=sweep,
+        params=params,
+        metric=metric,
+        cost=cost,
+        census=_census(trials),
+        sweet_spot=None if best is None else sweet_spot(trials, load_judgments(store, trials), params, metric, cost),
+        trials=trials,
+        best_trial=None if best is None else best["trial_id"],
+        frontiers=frontiers,
+        curves=curves,
+        paradox=paradox,
+        retention=retention,
+        effects=effects,
+        parallel=parallel,
+        importance=importance,
+        notes=notes,
+        samples=None if best is None else _samples(store, best),
+    )
+
+
+def _rank(trials: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.DataFrame:
+    """Finished trials first, each group by `metric` best first (cheaper first among ties), NaNs last."""
+    keys = trials.assign(
+        _unfinished=~trials["status"].isin(FINISHED),
+        _key=trials[metric] if mode == "min" else -trials[metric],
+    )
+    ranked = keys.sort_values(["_unfinished", "_key", cost], na_position="last", kind="stable")
+    return ranked.drop(columns=["_unfinished", "_key"]).reset_index(drop=True)
+
+
+def sweet_spot(
+    trials: pd.DataFrame, judgments: pd.DataFrame, params: list[str], metric: str, cost: str, alpha: float = ALPHA
+) -> SweetSpot:
+    """The best trial, and the cheapest finished trial whose win rate is not significantly worse.
+
+    `trials` is ranked (finished first, best first); `judgments` is load_judgments: each trial's
+    verdicts against the base model at its best epoch. Every finished trial cheaper than the
+    best is compared with it, cheapest first, by an exact two-sided sign test over the prompts
+    both were judged on (a prompt counts for the trial whose verdict is higher; equal verdicts are
+    dropped); the first with p >= alpha, or whose verdicts are higher more often, is the sweet spot.
+    Not significantly worse is not proven equal: with 50 prompts only large differences show.
+    """
+    finished = trials[trials["status"].isin(FINISHED) & trials[metric].notna()]
+    best = finished.iloc[0]
+    sentences = [
+        f"Best by {label(metric)}: trial {best['trial_id']} ({_config(best, params)}) with "
+        f"{_qualities(best, metric)}, {_cost(cost, best[cost])}."
+    ]
+    verdicts = {tid: group.set_index("prompt_id")["verdict"] for tid, group in judgments.groupby("trial_id")}
+    if best["trial_id"] not in verdicts:
+        sentences.append("No per-prompt verdicts are stored for it, so there is no paired test of cheaper trials.")
+        return SweetSpot(best["trial_id"], None, None, None, sentences)
+
+    cheaper = finished[(finished[cost] < best[cost]) & finished["trial_id"].isin(verdicts)]
+    cheaper = cheaper.sort_values(cost, kind="stable")  # stable: the better one first among equal costs
+    tested = 0
+    for _, candidate in cheaper.iterrows():
+        a, b = verdicts[best["trial_id"]].align(verdicts[candidate["trial_id"]], join="inner")
+        if a.empty:
+            continue
+        tested += 1
+        test = sign_test(a.to_numpy(), b.to_numpy())
+        if test.p_value < alpha and test.better > test.worse:
+            continue
+        ratio = best[cost] / candidate[cost] if candidate[cost] > 0 else math.inf
+        sentences.append(
+            f"Sweet spot: trial {candidate['trial_id']} ({_config(candidate, params)}), {_ratio(ratio)} cheaper at "
+            f"{_cost(cost, candidate[cost])}, with {_qualities(candidate, metric)}, is not significantly worse than "
+            f"{best['trial_id']}: on {test.shared} shared prompts {best['trial_id']} was judged better on "
+            f"{test.better}, {candidate['trial_id']} on {test.worse}, equal on {test.equal} "
+            f"(exact two-sided sign test, {_p(test.p_value)}, level {alpha:g})."
+        )
+        return SweetSpot(best["trial_id"], candidate["trial_id"], test, ratio, sentences)
+
+    n_cheaper = int(finished[cost].lt(best[cost]).sum())
+    if n_cheaper == 0:
+        sentences.append(f"Sweet spot: {best['trial_id']} itself, also the cheapest finished trial.")
+    elif tested == 0:
+        which = (
+            "the one cheaper finished trial has no"
+            if n_cheaper == 1
+            else f"none of the {n_cheaper} cheaper finished trials has"
+        )
+        sentences.append(f"Sweet spot: untested; {which} verdicts on prompts shared with {best['trial_id']}.")
+        return SweetSpot(best["trial_id"], None, None, None, sentences)
+    else:
+        which = "the one cheaper trial" if tested == 1 else f"each of the {tested} cheaper trials"
+        sentences.append(
+            f"Sweet spot: {best['trial_id']} itself: {which} with verdicts is significantly worse "
+            f"(exact two-sided sign test over shared prompts, p < {alpha:g})."
+        )
+    return SweetSpot(best["trial_id"], best["trial_id"], None, 1.0, sentences)
+
+
+def _frontier_plot(
+    trials: pd.DataFrame, cost: str, y: str, y_mode: str, title: str, reference: float | None
+) -> FrontierPlot | None:
+    plotted = trials[trials[cost].notna() & trials[y].notna()]
+    if plotted.empty:
+        return None
+    eligible = plotted["status"].isin(FINISHED)
+    on_front = pareto_front(plotted[eligible], {cost: "min", y: y_mode})
+    points = plotted.assign(eligible=eligible, on_front=on_front.reindex(plotted.index, fill_value=False))
+
+    front = points[points["on_front"]].sort_values(cost)
+    name = label(y)
+    if front.empty:
+        caption = f"No finished trial has reported {name} yet; the {len(points)} shown are running or failed"
+    elif len(front) == 1:
+        only = front.iloc[0]
+        caption = (
+            f"Trial {only['trial_id']} alone is on the frontier, both cheapest and best: "
+            f"{name} {num(only[y])}, {_cost(cost, only[cost])}"
+        )
+    else:
+        cheap, top = front.iloc[0], front.iloc[-1]
+        caption = (
+            f"{len(front)} of {int(eligible.sum())} finished trials are on the frontier, from {cheap['trial_id']} "
+            f"({name} {num(cheap[y])}, {_cost(cost, cheap[cost])}) to {top['trial_id']} "
+            f"({name} {num(top[y])}, {_cost(cost, top[cost])})"
+        )
+    if y == "win_rate" and points["win_rate_low"].notna().any():
+        half = ((points["win_rate_high"] - points["win_rate_low"]) / 2).median()
+        caption += f"; bars are 95% intervals, median ±{num(half)}, so smaller differences are mostly noise"
+    left_out = len(trials) - len(points)
+    if left_out:
+        verb = "is" if left_out == 1 else "are"
+        caption += f"; {plural(left_out, 'trial')} without these metrics {verb} only in the table"
+    return FrontierPlot(
+        title=title, x=cost, y=y, y_mode=y_mode, points=points, reference=reference, caption=caption + "."
+    )
+
+
+def _best_epochs(epochs: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """Each training's best epoch by the selection metric, as load_trials picks it (trial_id, epoch)."""
+    rows = []
+    for trial_id, own in epochs.groupby("trial_id", sort=False):
+        best = best_epoch_of(own.sort_values("epoch"), metric, mode)
+        rows.append({"trial_id": trial_id, "epoch": int(best["epoch"]), "last_epoch": int(own["epoch"].max())})
+    return pd.DataFrame(rows, columns=["trial_id", "epoch", "last_epoch"])
+
+
+def _curves_plot(
+    epochs: pd.DataFrame, order: dict[str, int], best_epochs: pd.DataFrame, metric: str, mode: str, selection: str
+) -> CurvesPlot | None:
+    curves = epochs.loc[epochs[metric].notna(), ["trial_id", "status", "epoch", metric]]
+    if curves.empty:
+        return None
+    curves = curves.assign(_rank=curves["trial_id"].map(order)).sort_values(["_rank", "epoch"]).drop(columns="_rank")
+    best = best_epochs.merge(curves, on=["trial_id", "epoch"])[["trial_id", "epoch", metric]]
+    extreme = curves.loc[curves[metric].idxmin() if mode == "min" else curves[metric].idxmax()]
+    name = label(metric)
+    several = best_epochs[best_epochs["last_epoch"] > 1]
+    early = int((several["epoch"] < several["last_epoch"]).sum())
+    caption = (
+        f"{name.capitalize()} per epoch for {plural(curves['trial_id'].nunique(), 'trial')}; "
+        f"the {'lowest' if mode == 'min' else 'highest'}, {num(extreme[metric])}, "
+        f"is trial {extreme['trial_id']} at epoch {int(extreme['epoch'])}; "
+        f"◆ marks each trial's best epoch by {label(selection)}"
+    )
+    if len(several):
+        caption += f", before its last epoch for {early} of {len(several)} trials with more than one"
+    return CurvesPlot(
+        title=f"{name} per epoch",
+        metric=metric,
+        curves=curves.reset_index(drop=True),
+        best=best.reset_index(drop=True),
+        caption=caption + ".",
+    )
+
+
+def _scatter_points(trials: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    both = trials[np.isfinite(trials[x]) & np.isfinite(trials[y])]
+    return both.assign(eligible=both["status"].isin(FINISHED)).reset_index(drop=True)
+
+
+def _paradox_plot(trials: pd.DataFrame, baseline: dict[str, Any]) -> ScatterPlot | None:
+    """Eval perplexity vs win rate across trials, with Spearman's rho over the finished ones."""
+    points = _scatter_points(trials, "eval_ppl", "win_rate")
+    if points.empty:
+        return None
+    finished = points[points["eligible"]]
+    corr = spearman(finished["eval_ppl"], finished["win_rate"])
+    caption = sentence_case(_correlation_phrase(corr, "eval perplexity", "win rate", len(finished)))
+    if np.isfinite(corr.rho):
+        if corr.n >= 4 and np.isfinite(corr.low) and corr.high < 0:
+            caption += ": lower perplexity went with a higher win rate"
+        elif corr.n >= 4 and np.isfinite(corr.low) and corr.low > 0:
+            caption += ": lower perplexity went with a lower win rate, the perplexity paradox"
+        elif np.isfinite(corr.low):
+            caption += ": perplexity does not reliably rank trials by win rate here"
+    if len(finished):
+        lowest = finished.loc[finished["eval_ppl"].idxmin()]
+        top = finished.loc[finished["win_rate"].idxmax()]
+        if lowest["trial_id"] != top["trial_id"]:
+            caption += (
+                f"; the lowest perplexity ({lowest['trial_id']}, {num(lowest['eval_ppl'])}) is not the highest "
+                f"win rate ({top['trial_id']}, {num(top['win_rate'])})"
+            )
+    reference = {"y": 0.5} | ({"x": baseline["eval_ppl"]} if baseline.get("eval_ppl") is not None else {})
+    return ScatterPlot(
+        title="the perplexity paradox: eval perplexity vs win rate",
+        x="eval_ppl",
+        y="win_rate",
+        points=points,
+        correlation=corr,
+        reference=reference,
+        caption=caption + ".",
+    )
+
+
+def _retention_plot(trials: pd.DataFrame, baseline: dict[str, Any]) -> ScatterPlot | None:
+    """Retention perplexity (the base model's own domain) vs win rate: what fine-tuning forgot for what it gained."""
+    y = "win_rate" if trials["win_rate"].notna().any() else "eval_ppl"
+    points = _scatter_points(trials, "retention_ppl", y)
+    if points.empty:
+        return None
+    finished = points[points["eligible"]]
+    corr = spearman(finished["retention_ppl"], finished[y])
+    base = baseline.get("retention_ppl")
+    if base is not None and len(finished):
+        forgot = finished[finished["retention_ppl"] > base]
+        caption = (
+            f"{len(forgot)} of {len(finished)} finished trials forgot part of the base domain "
+            f"(retention perplexity above the base model's {num(base)})"
+        )
+        if len(forgot):
+            worst = forgot.loc[forgot["retention_ppl"].idxmax()]
+            caption += (
+                f", most {worst['trial_id']} at {num(worst['retention_ppl'])} "
+                f"({(worst['retention_ppl'] / base - 1) * 100:+.0f}%)"
+            )
+    else:
+        caption = (
+            f"Retention perplexity from {num(points['retention_ppl'].min())} to "
+            f"{num(points['retention_ppl'].max())} across {plural(len(points), 'trial')}"
+        )
+    caption += "; " + _correlation_phrase(corr, "retention perplexity", label(y), len(finished))
+    reference = {"x": base} if base is not None else {}
+    return ScatterPlot(
+        title=f"what was forgotten: retention perplexity vs {label(y)}",
+        x="retention_ppl",
+        y=y,
+        points=points,
+        correlation=corr,
+        reference=reference,
+        caption=caption + ".",
+    )
+
+
+def _correlation_phrase(corr: Correlation, x: str, y: str, n: int) -> str:
+    if not np.isfinite(corr.rho):
+        return f"too few finished trials with distinct values ({n}) for a rank correlation of {x} and {y}"
+    text = f"Spearman's ρ between {x} and {y} is {corr.rho:+.2f} over {plural(n, 'finished trial')}"
+    if np.isfinite(corr.low):
+        return text + f" (95% CI {corr.low:+.2f} to {corr.high:+.2f})"
+    return text + (" (too few for an interval)" if n < 4 else " (no interval at |ρ| = 1)")
+
+
+def _is_log(values: pd.Series) -> bool:
+    numeric = pd.to_numeric(values, errors="coerce")
+    return bool(numeric.notna().all() and (numeric > 0).all() and numeric.max() >= 10 * numeric.min())
+
+
+def _effects_plot(trials: pd.DataFrame, params: list[str], metric: str) -> EffectsPlot:
+    """The metric against each varying parameter, and its mean over finished trials per value (or quartile)."""
+    points = trials[trials[metric].notna()]
+    points = points.assign(eligible=points["status"].isin(FINISHED)).reset_index(drop=True)
+    finished = points[points["eligible"]]
+    rows = []
+    for param in params:
+        groups = levels(finished[param])
+        numeric = None if _is_listy(finished[param]) else pd.to_numeric(finished[param], errors="coerce")
+        if numeric is not None and numeric.isna().any():
+            numeric = None
+        own = [
+            {
+                "param": param,
+                "level": level,
+                "x": level if numeric is None else float(numeric[members.index].median()),
+                "mean": members[metric].mean(),
+                "n": len(members),
+            }
+            for level, members in finished.groupby(groups, sort=False)
+        ]
+        rows += own if numeric is None else sorted(own, key=lambda r: r["x"])
+    means = pd.DataFrame(rows, columns=["param", "level", "x", "mean", "n"])
+
+    spreads = []
+    for param in params:
+        own = means[means["param"] == param]
+        if len(own) > 1:
+            low, high = own.loc[own["mean"].idxmin()], own.loc[own["mean"].idxmax()]
+            spreads.append((high["mean"] - low["mean"], param, low, high))
+    spreads.sort(key=lambda s: -s[0])
+    name = label(metric)
+    if spreads:
+        phrases = [
+            f"{param}, from {num(low['mean'])} at {low['level']} to {num(high['mean'])} at {high['level']}"
+            for _, param, low, high in spreads[:3]
+        ]
+        caption = f"The mean {name} of finished trials moves most with " + "; then ".join(phrases)
+    else:
+        caption = (
+            f"{name.capitalize()} of {plural(len(points), 'trial')} by each parameter; "
+            "no parameter has two values among finished trials"
+        )
+    return EffectsPlot(
+        title=f"{name} by parameter",
+        metric=metric,
+        params=params,
+        log_x=[p for p in params if not _is_listy(points[p]) and _is_log(points[p])],
+        points=points,
+        means=means,
+        caption=caption + ".",
+    )
+
+
+def _parallel_plot(
+    trials: pd.DataFrame, params: list[str], metric: str, cost: str, best: pd.Series | None
+) -> ParallelPlot:
+    axes = [*params, cost, *[m for m in ("eval_ppl", "win_rate") if trials[m].notna().any()]]
+    lines = trials[trials[metric].notna()]
+    lines = lines.assign(eligible=lines["status"].isin(FINISHED))[["trial_id", "status", "eligible", *axes]]
+    caption = (
+        f"One line per trial ({len(lines)} with {label(metric)}), coloured by {label(metric)} from "
+        f"{num(lines[metric].min())} to {num(lines[metric].max())}"
+    )
+    if best is not None:
+        caption += f"; the best, {best['trial_id']}, has {_config(best, params)}"
+    return ParallelPlot(
+        title="all parameters at once: parallel coordinates",
+        axes=axes,
+        log_axes=[a for a in axes if not _is_listy(lines[a]) and _is_log(lines[a])],
+        colour=metric,
+        lines=lines.reset_index(drop=True),
+        caption=caption + ".",
+    )
+
+
+def _importance_plot(trials: pd.DataFrame, params: list[str], metric: str) -> ImportancePlot | None:
+    """Each parameter's share of the metric's variance across finished trials (omega squared of a one-way ANOVA)."""
+    finished = trials[trials["status"].isin(FINISHED) & trials[metric].notna()]
+    if len(finished) < MIN_TRIALS_FOR_IMPORTANCE:
+        return None
+    rows = []
+    for param in params:
+        groups = levels(finished[param])
+        rows.append({"param": param, "share": variance_explained(finished[metric], groups), "levels": groups.nunique()})
+    importances = pd.DataFrame(rows).sort_values("share", ascending=False, na_position="last", kind="stable")
+    phrases = [
+        f"{r['param']} {r['share']:.0%}"
+        if np.isfinite(r["share"])
+        else f"{r['param']} not estimable (one trial per value)"
+        for _, r in importances.iterrows()
+    ]
+    caption = (
+        f"Share of the variance of {label(metric)} across {plural(len(finished), 'finished trial')} that each "
+        f"parameter explains alone (ω² of a one-way ANOVA; 0% is no detectable effect): {', '.join(phrases)}."
+    )
+    return ImportancePlot(
+        title=f"parameter importance for {label(metric)}",
+        metric=metric,
+        importances=importances.reset_index(drop=True),
+        n=len(finished),
+        caption=caption,
+    )
+
+
+def _samples(store: Store, best: pd.Series) -> Samples | None:
+    """Up to SAMPLES_PER_VERDICT judged prompts of each verdict, for the best trial at its best epoch."""
+    epoch = int(best["best_epoch"])
+    answers = load_answers(store, best["trial_id"])
+    answers = answers[answers["epoch"] == epoch]
+    if answers.empty:
+        return None
+    rows = (
+        answers.sort_values("prompt_id")
+        .groupby("verdict", sort=False)
+        .head(SAMPLES_PER_VERDICT)
+        .sort_values(["verdict", "prompt_id"], ascending=[False, True])
+    )
+    counts = answers["verdict"].map(verdict_word).value_counts()
+    tally = ", ".join(plural(int(counts[v]), v) for v in ("win", "tie", "loss") if v in counts)
+    caption = (
+        f"{len(rows)} of {len(answers)} judged prompts for trial {best['trial_id']} at epoch {epoch}, "
+        f"up to {SAMPLES_PER_VERDICT} per verdict; over all {len(answers)}: {tally}."
+    )
+    columns = ["prompt_id", "prompt", "reference", "base_answer", "answer", "verdict"]
+    return Samples(trial_id=best["trial_id"], epoch=epoch, rows=rows[columns].reset_index(drop=True), caption=caption)
+
+
+def _census(trials: pd.DataFrame) -> str:
+    counts = trials["status"].value_counts()
+    order = [s for s in STATUS_STYLE if s in counts] + [s for s in counts.index if s not in STATUS_STYLE]
+    statuses = ", ".join(plural(counts[s], "error") if s == ERROR else f"{counts[s]} {style(s)[0]}" for s in order)
+    return f"{plural(len(trials), 'trial')}: {statuses}." if len(trials) else "No trials yet."
+
+
+def _qualities(row: pd.Series, metric: str) -> str:
+    """"win rate 0.62 (95% CI 0.31-0.86) at epoch 2, eval perplexity 4.1": the selection metric first."""
+    parts = []
+    for m in [metric] + [m for m in ("win_rate", "eval_ppl") if m != metric]:
+        if pd.isna(row[m]):
+            continue
+        text = f"{label(m)} {num(row[m])}"
+        if m == "win_rate" and pd.notna(row["win_rate_low"]):
+            text += f" (95% CI {row['win_rate_low']:.2f}–{row['win_rate_high']:.2f})"
+        if m == metric:
+            text += f" at epoch {int(row['best_epoch'])}"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _config(row: pd.Series, params: list[str]) -> str:
+    return ", ".join(f"{p} {cell(row[p])}" for p in params if not missing(row[p]))
+
+
+def _cost(metric: str, value: float) -> str:
+    """A cost as words: "41 s of training", "0.25 GPU-hours", "$1.2", "6.5 GB peak memory"."""
+    if pd.isna(value):
+        return f"unknown {label(metric)}"
+    if metric == "train_seconds":
+        return f"{duration(value)} of training"
+    if metric == "gpu_hours":
+        return f"{num(value)} GPU-hours"
+    if metric == "cost_usd":
+        return f"${num(value)}"
+    if metric == "peak_memory_gb":
+        return f"{num(value)} GB peak memory"
+    return f"{label(metric)} {num(value)}"
+
+
+def _ratio(ratio: float) -> str:
+    return "infinitely" if math.isinf(ratio) else f"{ratio:.1f}×"
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
+def _is_listy(values: pd.Series) -> bool:
+    return any(isinstance(v, (list, tuple)) for v in values)

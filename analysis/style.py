@@ -1,0 +1,97 @@
+"""How the report names and draws things: trial statuses, metric labels, numbers as short text."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from hpo.store import COMPLETED, DIVERGED, EARLY_STOPPED, ERROR, OOM, PENDING, RUNNING
+
+# Trials that ran to their end: only these can be on a frontier, be the best trial or enter a statistic.
+FINISHED = (COMPLETED, EARLY_STOPPED)
+
+# status: (label, plotly marker symbol, colour, line dash in the epoch curves)
+STATUS_STYLE = {
+    COMPLETED: ("completed", "circle", "#1f77b4", "solid"),
+    EARLY_STOPPED: ("early stopped", "triangle-down", "#ff7f0e", "dash"),
+    ERROR: ("error", "x", "#d62728", "dot"),
+    DIVERGED: ("diverged", "star-triangle-up", "#8c564b", "dot"),
+    OOM: ("out of memory", "square-x", "#e377c2", "dot"),
+    RUNNING: ("running", "circle-open", "#7f7f7f", "dashdot"),
+    PENDING: ("pending", "circle-open", "#bbbbbb", "dashdot"),
+}
+_OTHER_STYLE = ("other", "diamond", "#9467bd", "dashdot")
+
+
+METRIC_LABELS = {
+    "win_rate": "win rate",
+    "eval_ppl": "eval perplexity",
+    "retention_ppl": "retention perplexity",
+    "train_seconds": "training time",
+    "gpu_hours": "GPU-hours",
+    "cost_usd": "cost",
+    "peak_memory_gb": "peak memory",
+}
+
+
+def label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+def plural(n: int, word: str) -> str:
+    """"1 trial", "2 trials", "3 cheaper trials", "2 errors"."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+
+
+def num(value: float) -> str:
+    """Three significant digits like "{:.3g}", but 1234.5 reads "1,234" rather than "1.23e+03"."""
+    if pd.isna(value):
+        return "–"
+    if value == 0 or abs(value) < 1:
+        return f"{value:.3g}"
+    text = f"{value:,.{max(0, 2 - int(math.floor(math.log10(abs(value)))))}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def duration(seconds: float) -> str:
+    if pd.isna(seconds):
+        return "unknown time"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def style(status: str) -> tuple[str, str, str, str]:
+    return STATUS_STYLE.get(status, (status, *_OTHER_STYLE[1:]))
+
+
+def missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def cell(value: Any) -> str:
+    """A parameter or other value as short text."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(cell, value))
+    if missing(value):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def verdict_word(value: float) -> str:
+    """A verdict against the base model as a word: 1 win, 0.5 tie, 0 loss."""
+    return {1.0: "win", 0.5: "tie", 0.0: "loss"}.get(float(value), num(value))
+
+
+def sentence_case(text: str) -> str:
+    return text[:1].upper() + text[1:]
