@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -32,12 +31,11 @@ def _fail(message: str) -> None:
 
 def _grid_size(spec) -> str:
     if spec.search.algorithm == "grid":
-        sizes = {name: len(d.values) for name, d in spec.search.space.items()}
-        total = math.prod(sizes.values()) * spec.search.num_samples
+        trainings = spec.num_trainings
         if spec.folded_epochs:
-            trainings = total // sizes["epochs"]
-            return f"{trainings} trials (grid, epochs folded: {total} results)"
-        return f"{total} trials (grid)"
+            results = trainings * len(spec.folded_epochs)
+            return f"{trainings} trials (grid, epochs folded: {results} results)"
+        return f"{trainings} trials (grid)"
     return f"{spec.search.num_samples} trials ({spec.search.algorithm})"
 
 

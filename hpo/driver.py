@@ -22,7 +22,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from hpo.errors import SweepError
 from hpo.progress import ProgressCallback
-from hpo.spec import Dimension, Sweep, SweepSpec, coerce_value
+from hpo.spec import VARIANT, Dimension, Sweep, SweepSpec, coerce_value, flatten_params
 from hpo.store import COMPLETED, EARLY_STOPPED, ERROR, STATUS_KEY, Store
 
 _RAY_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}  # Tune's own result keys
@@ -56,7 +56,7 @@ def run_sweep(
             name=name,
             sweep_file=str(sweep.path),
             spec={**spec.model_dump(mode="json"), "overrides": list(overrides)},
-            searched=list(spec.search.space),
+            searched=spec.searched,
             objectives=[o.model_dump() for o in spec.objectives],
             versions=_versions(),
             git_commit=_git_commit(),
@@ -318,37 +318,77 @@ def _tune_dimension(dim: Dimension, name: str, algorithm: str) -> Any:
     return {"uniform": tune.uniform, "loguniform": tune.loguniform}[dim.kind](low, high) if dim.kind != "int" else tune.randint(low, high + 1)
 
 
+def _define_by_run(spec: SweepSpec) -> bool:
+    """Optuna samples the space itself (define-by-run) when some parameters exist only for some methods."""
+    return bool(spec.search.conditional) and spec.search.algorithm != "grid"
+
+
 def _search_alg(spec: SweepSpec) -> Any:
     """Ray Tune's searcher for the spec: its basic generator (grid, random) or Optuna's samplers."""
     search = spec.search
-    if search.algorithm in ("tpe", "nsga2"):
+    if search.algorithm in ("tpe", "nsga2") or _define_by_run(spec):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = (
-            optuna.samplers.NSGAIISampler(seed=search.seed)
-            if search.algorithm == "nsga2"
-            else optuna.samplers.TPESampler(seed=search.seed)
-        )
+        sampler = {
+            "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=search.seed),
+            "tpe": lambda: optuna.samplers.TPESampler(seed=search.seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=search.seed),
+        }[search.algorithm]()
+        space = _optuna_space(spec) if _define_by_run(spec) else None
         if spec.multi_objective:
             return OptunaSearch(
-                metric=[o.metric for o in spec.objectives], mode=[o.mode for o in spec.objectives], sampler=sampler
+                space=space, metric=[o.metric for o in spec.objectives], mode=[o.mode for o in spec.objectives], sampler=sampler
             )
-        return OptunaSearch(metric=spec.tune_objective.metric, mode=spec.tune_objective.mode, sampler=sampler)
+        return OptunaSearch(space=space, metric=spec.tune_objective.metric, mode=spec.tune_objective.mode, sampler=sampler)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=search.seed)
 
 
+def _optuna_space(spec: SweepSpec) -> Any:
+    """A define-by-run space: the method first, then the space, then that method's own parameters."""
+
+    def suggest(trial: Any, name: str, dim: Dimension) -> Any:
+        if dim.kind in ("grid", "choice"):
+            return trial.suggest_categorical(name, list(dim.values))
+        low, high = dim.values
+        if dim.kind == "int":
+            return trial.suggest_int(name, int(low), int(high))
+        return trial.suggest_float(name, low, high, log=dim.kind == "loguniform")
+
+    def space(trial: Any) -> None:
+        method = spec.train.method
+        for name, dim in spec.search.space.items():
+            value = suggest(trial, name, dim)
+            if name == "method":
+                method = value
+        for name, dim in spec.search.conditional.get(method, {}).items():
+            suggest(trial, name, dim)
+
+    return space
+
+
 def param_space(spec: SweepSpec) -> dict[str, Any]:
-    """The searched values in Ray Tune's terms; folded epochs are not searched (one training answers them all)."""
+    """The searched values in Ray Tune's terms; folded epochs are not searched (one training answers them all).
+
+    With conditional parameters, a grid searches one parameter of method variants (each method with
+    each combination of its own values), and Optuna samples the space itself (define-by-run).
+    """
+    from ray import tune
+
+    if _define_by_run(spec):
+        return {}
     folded = spec.folded_epochs is not None
-    return {
+    space = {
         name: _tune_dimension(dim, name, spec.search.algorithm)
         for name, dim in spec.search.space.items()
-        if not (folded and name == "epochs")
+        if not (folded and name == "epochs") and not (name == "method" and spec.search.conditional)
     }
+    if spec.search.conditional:
+        space[VARIANT] = tune.grid_search(spec.method_variants())
+    return space
 
 
 class GpuHoursBudget(Stopper):
@@ -526,7 +566,7 @@ class StoreCallback(Callback):
         return self._store
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.store.add_trial(trial.trial_id, trial.config)
+        self.store.add_trial(trial.trial_id, flatten_params(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if STATUS_KEY in result:
@@ -548,7 +588,7 @@ class StoreCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if STATUS_KEY in (trial.last_result or {}):
             return  # the closing report recorded how it failed
-        planned = self.spec.trial_config(trial.config).train.epochs
+        planned = self.spec.trial_config(trial.config).train.epochs  # trial_config flattens method variants
         done = int((trial.last_result or {}).get("epoch", 0))
         self.store.set_trial_status(trial.trial_id, COMPLETED if done >= planned else EARLY_STOPPED)
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from hpo.spec import SweepSpec
+from hpo.spec import SweepSpec, flatten_params
 from hpo.store import STATUS_KEY
 
 
@@ -69,7 +69,7 @@ class ProgressCallback(Callback):
             self.live = None
 
     def _table(self) -> Table:
-        searched = list(self.spec.search.space)
+        searched = self.spec.searched
         elapsed = time.monotonic() - self.started
         table = Table(title=f"sweep {self.name} — {len(self.rows)} trials, {elapsed:.0f}s", title_justify="left")
         for column in ["trial", "status", *searched, "epoch", "eval_ppl", "win_rate", "train_s"]:
@@ -87,13 +87,13 @@ class ProgressCallback(Callback):
         return table
 
     def _params(self, trial: Any) -> str:
-        return " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        return " ".join(f"{k}={_fmt(v)}" for k, v in flatten_params(trial.config).items())
 
     # --- Tune's hooks ----------------------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info):
         epochs = self.spec.trial_config(trial.config).train.epochs
-        self.rows[trial.trial_id] = {"status": "running", "params": dict(trial.config), "epochs": epochs}
+        self.rows[trial.trial_id] = {"status": "running", "params": flatten_params(trial.config), "epochs": epochs}
         self._event(f"trial {trial.trial_id} started: {self._params(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import itertools
 import math
 import os
 import re
@@ -76,6 +77,10 @@ class SearchSpec(_Strict):
         "several per-trial objectives); nsga2: Optuna's NSGA-II, multi-objective",
     )
     space: dict[str, Dimension] = Field(default_factory=dict, description="searched fields of `train`, each a Dimension")
+    conditional: dict[str, dict[str, Dimension]] = Field(
+        default_factory=dict,
+        description="per method: fields of `train` searched only in trials of that method (e.g. lora: {lora_r: ...}, prefix: {num_virtual_tokens: ...})",
+    )
     num_samples: int = Field(1, ge=1, description="trials for random/tpe; repeats of the whole grid for grid")
     max_concurrent_trials: int | None = Field(None, ge=1, description="cap on trials running at once (default: as resources allow)")
     seed: int = Field(0, description="seed of the search algorithm")
@@ -136,8 +141,36 @@ class SweepSpec(_Strict):
         """Trials the sweep runs: grid points (folded epochs count once) x num_samples, or num_samples."""
         if self.search.algorithm != "grid":
             return self.search.num_samples
-        sizes = [len(d.values) for name, d in self.search.space.items() if not (name == "epochs" and self.folded_epochs)]
-        return math.prod(sizes) * self.search.num_samples
+        sizes = [
+            len(d.values)
+            for name, d in self.search.space.items()
+            if not (name == "epochs" and self.folded_epochs) and not (name == "method" and self.search.conditional)
+        ]
+        return math.prod(sizes) * len(self.method_variants()) * self.search.num_samples
+
+    @property
+    def searched(self) -> list[str]:
+        """Every searched train field: the space's, then the conditional ones."""
+        names = list(self.search.space)
+        for space in self.search.conditional.values():
+            names += [n for n in space if n not in names]
+        return names
+
+    def methods_tried(self) -> list[str]:
+        dim = self.search.space.get("method")
+        return [str(v) for v in dim.values] if dim is not None and dim.kind in ("grid", "choice") else [self.train.method]
+
+    def method_variants(self) -> list[dict[str, Any]]:
+        """Grid search with conditional parameters: every method with every combination of its own grids."""
+        if not self.search.conditional:
+            return [{}]
+        variants = []
+        for method in self.methods_tried():
+            space = self.search.conditional.get(method, {})
+            names = list(space)
+            for combo in itertools.product(*(space[n].values for n in names)):
+                variants.append({"method": method, **dict(zip(names, combo))})
+        return variants
 
     @property
     def tune_objective(self) -> Objective:
@@ -146,6 +179,7 @@ class SweepSpec(_Strict):
 
     def trial_config(self, params: dict[str, Any]) -> TrialConfig:
         """The full configuration of one trial with searched `params`."""
+        params = flatten_params(params)
         if self.folded_epochs and "epochs" not in params:
             params = {**params, "epochs": max(self.folded_epochs)}
         return TrialConfig(
@@ -308,10 +342,26 @@ def _fields_at(model: Any, loc: list[str]) -> list[str]:
 
 def _check_space(spec: SweepSpec, path: Path) -> None:
     """Every searched name is a train field and every value it can take is a valid one."""
+    _check_dimensions(spec, spec.search.space, f"{path}: search.space", spec.train.model_dump())
+    methods = typing.get_args(TrainConfig.model_fields["method"].annotation)
+    tried = spec.methods_tried()
+    for method, space in spec.search.conditional.items():
+        where = f"{path}: search.conditional.{method}"
+        if method not in methods:
+            close = difflib.get_close_matches(method, methods, n=1)
+            raise SweepError(f"{where}: not a method; {f'did you mean {close[0]!r}?' if close else 'methods: ' + ', '.join(methods)}")
+        if method not in tried:
+            raise SweepError(f"{where}: method {method} is never tried; add it to search.space.method or set train.method")
+        for name in space:
+            if name in spec.search.space or name == "method":
+                raise SweepError(f"{where}.{name}: already searched for every method in search.space; keep it in one place")
+        _check_dimensions(spec, space, where, {**spec.train.model_dump(), "method": method})
+
+
+def _check_dimensions(spec: SweepSpec, space: dict[str, Dimension], prefix: str, base: dict[str, Any]) -> None:
     fields = list(TrainConfig.model_fields)
-    base = spec.train.model_dump()
-    for name, dim in spec.search.space.items():
-        where = f"{path}: search.space.{name}"
+    for name, dim in space.items():
+        where = f"{prefix}.{name}"
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"searchable: {', '.join(fields)}"
@@ -328,6 +378,16 @@ def _check_space(spec: SweepSpec, path: Path) -> None:
                 err = exc.errors()[0]
                 idx = f"{dim.kind}[{i}]"
                 raise SweepError(f"{where}.{idx}: {err['msg'][0].lower() + err['msg'][1:]} (got {value!r})") from None
+
+
+VARIANT = "method_variant"  # grid with conditional parameters: one Tune parameter holding a method and its values
+
+
+def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's searched values as train fields (a grid's method variant spread out)."""
+    if VARIANT not in params:
+        return params
+    return {**{k: v for k, v in params.items() if k != VARIANT}, **params[VARIANT]}
 
 
 def coerce_value(name: str, value: Any) -> Any:
