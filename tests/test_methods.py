@@ -94,3 +94,20 @@ def test_a_saved_adapter_loads_back_and_reproduces_the_perplexity(baseline, tiny
     eval_set = tokenize(load_splits(config.data, 2).eval, tokenizer, config.data.max_length)
     ppl = perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), torch.device("cpu"))
     assert ppl == pytest.approx(reported[0]["eval_ppl"], rel=1e-5)
+
+
+def test_cache_free_greedy_decoding_matches_generate(tiny_model_dir):
+    """Prefix and prompt tuning answer through a cache-free greedy loop (generate drops their virtual
+    tokens); on a plain model, where generate is right, the loop gives generate's answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainers.evaluate import generate_answers, greedy_without_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [ex.prompt for ex in load_splits(_config().data, 4).judged]
+    cpu = torch.device("cpu")
+    expected = [generate_answers(model, tokenizer, [p], max_new_tokens=12, batch_size=1, device=cpu)[0] for p in prompts]
+    with torch.no_grad():
+        assert [greedy_without_cache(model, tokenizer, p, 12, cpu) for p in prompts] == expected
+

@@ -50,17 +50,47 @@ def generate_answers(
     answers: list[str] = []
     tokenizer.padding_side = "left"
     for start in range(0, len(prompts), batch_size):
+        if _has_virtual_tokens(model):
+            answers += [
+                greedy_without_cache(model, tokenizer, prompt, max_new_tokens, device)
+                for prompt in prompts[start : start + batch_size]
+            ]
+            continue
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
         out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
+
+
+def _has_virtual_tokens(model: Any) -> bool:
+    """Prefix and prompt tuning (peft's prompt learning) add virtual tokens to every forward pass."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def greedy_without_cache(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, device: torch.device) -> str:
+    """One greedy answer by full forward passes, the path training and perplexity use.
+
+    With transformers 5.24 and peft 0.21, `generate` drops the virtual tokens of prefix and prompt
+    tuning (its cache replaces peft's past_key_values), so their answers would not be the trained
+    model's. One prompt at a time, so no padding shifts positions (peft ignores position ids for
+    these methods); each token costs a pass over the sequence: fine for short answers.
+    """
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    start = ids.size(1)
+    for _ in range(max_new_tokens):
+        token = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        if token.item() == tokenizer.eos_token_id:
+            break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
 
 
 def _words(text: str) -> list[str]:

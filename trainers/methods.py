@@ -30,6 +30,10 @@ class Method:
 
 METHODS: dict[str, Method] = {}
 
+# peft imports bitsandbytes, which on CPU tries to fetch an optional faster kernel from the hub
+# and warns when it cannot; its built-in CPU path works without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 
 def _no_options(train: TrainConfig) -> dict[str, Any]:
     return {}
@@ -89,9 +93,6 @@ def attach_dora(model: Any, train: TrainConfig) -> Any:
 def _four_bit(train: TrainConfig) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
-    # On CPU bitsandbytes tries to fetch an optional faster kernel from the hub and warns when it
-    # cannot; its built-in CPU path works without it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     return {
         "quantization_config": BitsAndBytesConfig(
