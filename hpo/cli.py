@@ -150,6 +150,54 @@ def export(
 
 
 @app.command()
+def best(
+    name: Annotated[str, typer.Argument(help="run name")],
+    runs_dir: RunsDir = None,
+) -> None:
+    """The best trial: its parameters, its metrics at its best epoch, and where its adapter is."""
+    from analysis.load import load_trials, selection_objective, training_id
+    from analysis.style import FINISHED
+
+    try:
+        store = _open_store(name, runs_dir)
+        trials = load_trials(store)
+        epochs = store.epochs()
+        metric, mode = selection_objective(store.sweep()["objectives"], _frame(epochs))
+        finished = trials[trials["status"].isin(FINISHED) & trials[metric].notna()]
+        if finished.empty:
+            raise SweepError(f"run '{name}' has no finished trial yet (peftsweep export {name} shows each trial's status)")
+        ranked = finished.assign(_key=finished[metric] if mode == "min" else -finished[metric])
+        row = ranked.sort_values(["_key", "train_seconds"], kind="stable").iloc[0]  # the cheaper among equals
+    except SweepError as exc:
+        _fail(str(exc))
+    epoch = int(row["best_epoch"])
+    checkpoint = next(
+        (e["checkpoint"] for e in epochs if e["trial_id"] == training_id(row["trial_id"]) and e["epoch"] == epoch), None
+    )
+    adapter = Path(checkpoint) / "adapter" if checkpoint else None
+    params = " ".join(f"{p}={row[p]}" for p in store.sweep()["searched"] if p in row and str(row[p]) != "nan")
+    lines = [
+        f"best trial {row['trial_id']} ({row['status']}) by {metric}, at epoch {epoch} of {int(row['epochs_completed'])}",
+        f"  parameters: {params or '(none searched)'}",
+        f"  win_rate {row['win_rate']:.3f} [{row['win_rate_low']:.3f}, {row['win_rate_high']:.3f}]"
+        f"  eval_ppl {row['eval_ppl']:.3f}  train_seconds {row['train_seconds']:.1f}  gpu_hours {row['gpu_hours']:.4f}",
+    ]
+    if adapter is not None and (adapter / "adapter_config.json").is_file():
+        lines.append(f"  adapter: {adapter}  (peft.PeftModel.from_pretrained(base_model, that path))")
+    elif adapter is not None and adapter.is_dir():
+        lines.append(f"  model: {adapter}  (fully fine-tuned: AutoModelForCausalLM.from_pretrained(that path))")
+    else:
+        lines.append("  adapter: not kept (the method trains no adapter, or its checkpoint was removed)")
+    typer.echo("\n".join(lines))
+
+
+def _frame(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=["trial_id", "epoch", "win_rate", "eval_ppl"]) if not rows else pd.DataFrame(rows)
+
+
+@app.command()
 def validate(sweeps: Annotated[list[str], typer.Argument(help="sweep names or files")]) -> None:
     """Check sweep files without running them."""
     from hpo.spec import load_sweep

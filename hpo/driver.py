@@ -443,6 +443,7 @@ def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[
             max_concurrent_trials=spec.search.max_concurrent_trials,
             time_budget_s=spec.search.time_budget_s,
             reuse_actors=False,  # a fresh process per trial: memory (and GPU memory) is freed between trials
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name="tune",
@@ -458,6 +459,10 @@ def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[
             ),
         ),
     )
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id  # runs/<name>/tune/<trial_id>/: checkpoints, error.txt
 
 
 def _budget_note(spec: SweepSpec, store: Store, seconds: float) -> str | None:

@@ -100,3 +100,16 @@ def test_a_second_run_with_the_same_name_is_refused(smoke_run):
     assert proc.returncode == 2
     assert "already exists: `peftsweep resume" in proc.stderr and "--overwrite replaces it" in proc.stderr
     assert (runs / "smoke" / "results.db").stat().st_mtime_ns == before
+
+
+def test_best_names_the_best_trial_and_its_adapter(smoke_run):
+    runs, _ = smoke_run
+    proc = peftsweep("best", "smoke", "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stderr
+    conn = sqlite3.connect(runs / "smoke" / "results.db")
+    top = conn.execute("SELECT max(win_rate) FROM epochs").fetchone()[0]
+    first = proc.stdout.splitlines()[0].split()  # best trial <id> (completed) by win_rate, at epoch <n> of 2
+    best_id, best_epoch = first[2], int(first[-3])
+    assert conn.execute("SELECT win_rate FROM epochs WHERE trial_id = ? AND epoch = ?", (best_id, best_epoch)).fetchone()[0] == top
+    adapter = Path(proc.stdout.split("adapter: ")[1].split()[0])
+    assert (adapter / "adapter_config.json").is_file() and adapter.is_relative_to(runs / "smoke" / "tune" / best_id)
