@@ -101,6 +101,10 @@ def load_trials(store: Store) -> pd.DataFrame:
     numeric = ["best_epoch", *BEST_EPOCH_METRICS, *TRIAL_METRICS]
     df[numeric] = df[numeric].astype("float64")
     df["epochs_completed"] = df["epochs_completed"].astype("int64")
+    for p in params:  # an integer parameter that some trials lack (a method's own) stays an integer
+        present = [t["params"][p] for t in trials if p in t["params"]]
+        if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+            df[p] = df[p].astype("Int64")
     return df
 
 
@@ -115,6 +119,11 @@ def folded_epochs(spec: dict) -> list[int] | None:
     grid = (search.get("space", {}).get("epochs") or {}).get("grid")
     if not grid or search.get("algorithm") != "grid" or not search.get("fold_epochs", True):
         return None
+    schedules = {spec.get("train", {}).get("lr_schedule", "constant")}
+    schedules |= set((search.get("space", {}).get("lr_schedule") or {}).get("grid") or [])
+    schedules |= {v for space in (search.get("conditional") or {}).values() for v in ((space.get("lr_schedule") or {}).get("grid") or [])}
+    if schedules - {"constant"}:
+        return None  # a decaying schedule: every epochs value trained on its own
     return sorted({int(v) for v in grid})
 
 

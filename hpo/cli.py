@@ -35,6 +35,11 @@ def _grid_size(spec) -> str:
         if spec.folded_epochs:
             results = trainings * len(spec.folded_epochs)
             return f"{trainings} trials (grid, epochs folded: {results} results)"
+        if "epochs" in spec.search.space and spec.search.fold_epochs and spec.decaying_schedule:
+            return (
+                f"{trainings} trials (grid; epochs not folded: a decaying lr_schedule depends on the total epochs, "
+                "so each epochs value trains on its own)"
+            )
         return f"{trainings} trials (grid)"
     return f"{spec.search.num_samples} trials ({spec.search.algorithm})"
 

@@ -134,7 +134,17 @@ class SweepSpec(_Strict):
         dim = self.search.space.get("epochs")
         if dim is None or dim.kind != "grid" or not self.search.fold_epochs or self.search.algorithm != "grid":
             return None
+        if self.decaying_schedule:
+            return None  # the learning rate at epoch k depends on the total: each epochs value trains on its own
         return sorted({int(v) for v in dim.values})
+
+    @property
+    def decaying_schedule(self) -> bool:
+        """Some trial's learning rate decays over its total steps (linear or cosine), so its epochs cannot be folded."""
+        dim = self.search.space.get("lr_schedule")
+        schedules = [str(v) for v in dim.values] if dim is not None and dim.kind in ("grid", "choice") else [self.train.lr_schedule]
+        schedules += [str(v) for space in self.search.conditional.values() for n, d in space.items() if n == "lr_schedule" for v in d.values]
+        return any(s != "constant" for s in schedules)
 
     @property
     def num_trainings(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -127,3 +128,97 @@ def test_local_paths_become_absolute_before_trials(tmp_path, monkeypatch):
     fixed = _absolute_paths(spec)
     assert fixed.data.source == str(tmp_path / "data.jsonl")
     assert fixed.model.name == "tiny" and fixed.train == spec.train
+
+
+def test_a_decaying_schedule_trains_each_epochs_value_on_its_own(tmp_path):
+    """Under a linear or cosine schedule the learning rate at epoch k depends on the total epochs,
+    so one long training cannot answer the shorter ones: folding is off, and the CLI says why."""
+    from analysis.load import folded_epochs
+
+    path = tmp_path / "cosine.yaml"
+    path.write_text("train: {lr_schedule: cosine}\nsearch:\n  space:\n    epochs: {grid: [1, 2, 3]}\n")
+    spec = load_sweep(str(path), []).spec
+    assert spec.folded_epochs is None and spec.num_trainings == 3
+    assert folded_epochs(spec.model_dump(mode="json")) is None
+    constant = load_sweep(str(path), ["train.lr_schedule=constant"]).spec
+    assert constant.folded_epochs == [1, 2, 3] and folded_epochs(constant.model_dump(mode="json")) == [1, 2, 3]
+    proc = peftsweep("validate", str(path))
+    assert proc.returncode == 0 and "epochs not folded: a decaying lr_schedule depends on the total epochs" in proc.stdout
+
+
+CONDITIONAL = (
+    "search:\n"
+    "  algorithm: ALGO\n"
+    "  num_samples: 12\n"
+    "  space:\n"
+    "    method: {choice: [lora, prefix, none]}\n"
+    "  conditional:\n"
+    "    lora: {lora_r: {choice: [2, 4]}, learning_rate: {loguniform: [1e-4, 1e-2]}}\n"
+    "    prefix: {num_virtual_tokens: {int: [4, 16]}}\n"
+)
+
+
+def test_conditional_parameters_exist_only_for_their_method(tmp_path):
+    import optuna
+
+    from hpo.driver import _optuna_space
+
+    path = tmp_path / "conditional.yaml"
+    path.write_text(CONDITIONAL.replace("ALGO", "tpe"))
+    spec = load_sweep(str(path), []).spec
+    assert param_space(spec) == {}  # Optuna samples the space itself (define-by-run)
+    assert spec.searched == ["method", "lora_r", "learning_rate", "num_virtual_tokens"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = _optuna_space(spec)
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        space(trial)
+        params = trial.params
+        seen.add(params["method"])
+        expected = {"lora": {"method", "lora_r", "learning_rate"}, "prefix": {"method", "num_virtual_tokens"}, "none": {"method"}}
+        assert set(params) == expected[params["method"]]
+        study.tell(trial, 0.5)
+    assert seen == {"lora", "prefix", "none"}
+
+
+def test_a_grid_with_conditional_parameters_runs_each_method_with_its_own_values(tmp_path, tiny_model_dir):
+    path = tmp_path / "variants.yaml"
+    path.write_text(
+        "train: {epochs: 1}\n"
+        "data: {eval_fraction: 0.1}\n"
+        "eval: {num_prompts: 4, max_new_tokens: 8}\n"
+        "search:\n"
+        "  space:\n"
+        "    method: {grid: [lora, none]}\n"
+        "  conditional:\n"
+        "    lora: {lora_r: {grid: [2, 4]}}\n"
+    )
+    spec = load_sweep(str(path), []).spec
+    assert spec.num_trainings == 3
+    runs = tmp_path / "runs"
+    proc = peftsweep("run", str(path), "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 trials (grid)" in proc.stderr
+    rows = _export(runs, "variants")
+    configs = sorted((r["method"], r["lora_r"]) for r in rows)
+    assert configs == [("lora", "2"), ("lora", "4"), ("none", "")]  # the store holds plain fields, no variant dicts
+    assert all(r["status"] == "completed" for r in rows)
+
+
+@pytest.mark.parametrize(
+    "conditional, expected",
+    [
+        ("    lorra: {lora_r: {grid: [2]}}\n", "search.conditional.lorra: not a method; did you mean 'lora'?"),
+        ("    full: {learning_rate: {grid: [1e-4]}}\n", "search.conditional.full: method full is never tried"),
+        ("    lora: {method: {grid: [lora]}}\n", "search.conditional.lora.method: already searched"),
+        ("    lora: {lora_r: {grid: [0]}}\n", "search.conditional.lora.lora_r.grid[0]: input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_conditional_parameters(tmp_path, conditional, expected):
+    from hpo.errors import SweepError
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("search:\n  space:\n    method: {grid: [lora, none]}\n  conditional:\n" + conditional)
+    with pytest.raises(SweepError, match=re.escape(expected)):
+        load_sweep(str(path), [])
