@@ -22,7 +22,12 @@ BEST_EPOCH_METRICS = (
 )  # fmt: skip
 
 # The trial's totals (its last epoch's), and its peak memory over all epochs.
-TRIAL_METRICS = ("train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
+TRIAL_METRICS = (
+    "train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd",
+    "tokens_trained", "tokens_per_second", "trainable_params", "total_params",
+    "peak_memory_gb", "train_memory_gb", "inference_memory_gb",
+)  # fmt: skip
+PEAK_METRICS = ("peak_memory_gb", "train_memory_gb", "inference_memory_gb")  # the largest over the trial's epochs
 
 # What a configuration costs, in the order a cost axis is chosen from the sweep's objectives.
 COST_METRICS = ("train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
@@ -135,8 +140,8 @@ def _trial_row(trial: dict, own: pd.DataFrame, params: list[str], metric: str, m
     row["best_epoch"] = np.nan if best is None else best["epoch"]
     row |= {m: np.nan if best is None else best.get(m, np.nan) for m in BEST_EPOCH_METRICS}
     last = own.iloc[-1] if len(own) else None
-    row |= {m: np.nan if last is None else last.get(m, np.nan) for m in TRIAL_METRICS if m != "peak_memory_gb"}
-    row["peak_memory_gb"] = own["peak_memory_gb"].max() if len(own) else np.nan
+    row |= {m: np.nan if last is None else last.get(m, np.nan) for m in TRIAL_METRICS if m not in PEAK_METRICS}
+    row |= {m: own[m].max() if len(own) and m in own else np.nan for m in PEAK_METRICS}
     row["error"] = trial["error"]
     return row
 

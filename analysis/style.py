@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from hpo.store import COMPLETED, DIVERGED, EARLY_STOPPED, ERROR, OOM, PENDING, RUNNING
+from hpo.store import COMPLETED, DIVERGED, EARLY_STOPPED, ERROR, INFEASIBLE, OOM, PENDING, RUNNING
 
 # Trials that ran to their end: only these can be on a frontier, be the best trial or enter a statistic.
 FINISHED = (COMPLETED, EARLY_STOPPED)
@@ -19,6 +19,7 @@ STATUS_STYLE = {
     ERROR: ("error", "x", "#d62728", "dot"),
     DIVERGED: ("diverged", "star-triangle-up", "#8c564b", "dot"),
     OOM: ("out of memory", "square-x", "#e377c2", "dot"),
+    INFEASIBLE: ("infeasible", "hexagon-open", "#17becf", "dot"),
     RUNNING: ("running", "circle-open", "#7f7f7f", "dashdot"),
     PENDING: ("pending", "circle-open", "#bbbbbb", "dashdot"),
 }

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hpo.errors import SweepError
 from trainers.config import (
+    ConstraintConfig,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -121,6 +122,7 @@ class SweepSpec(_Strict):
     )
     eval: EvalConfig = EvalConfig()
     resources: ResourceConfig = ResourceConfig()
+    constraints: ConstraintConfig = ConstraintConfig()
     cost: CostSpec = CostSpec()
 
     @property
@@ -198,6 +200,7 @@ class SweepSpec(_Strict):
             train=TrainConfig(**{**self.train.model_dump(), **params}),
             eval=self.eval,
             resources=self.resources,
+            constraints=self.constraints,
         )
 
 

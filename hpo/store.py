@@ -88,7 +88,7 @@ CREATE TABLE answers (
 """
 
 # Trial statuses, as recorded in `trials.status`.
-PENDING, RUNNING, COMPLETED, EARLY_STOPPED, ERROR, DIVERGED, OOM = (
+PENDING, RUNNING, COMPLETED, EARLY_STOPPED, ERROR, DIVERGED, OOM, INFEASIBLE = (
     "pending",
     "running",
     "completed",
@@ -96,6 +96,7 @@ PENDING, RUNNING, COMPLETED, EARLY_STOPPED, ERROR, DIVERGED, OOM = (
     "error",  # an exception in training, or a process lost more often than search.max_retries
     "diverged",  # the training loss became NaN or infinite
     "oom",  # out of memory, or over resources.max_memory_gb
+    "infeasible",  # over the sweep's memory constraints: estimated (never trained) or measured
 )
 # Key of a trial's closing report (one of the failed statuses above): how it ended, not a new epoch.
 STATUS_KEY = "trial_status"

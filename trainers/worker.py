@@ -34,6 +34,7 @@ class TrainStatus(str, enum.Enum):
     DIVERGED = "diverged"  # the training loss became NaN or infinite
     OOM = "oom"  # out of memory, or over the trial's memory cap
     ERROR = "error"  # an exception; the orchestrator records its last line
+    INFEASIBLE = "infeasible"  # over the sweep's memory constraints (estimated before training, or measured)
 
 
 class MemoryCapExceeded(MemoryError):
@@ -174,6 +175,10 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
     metrics: dict[str, Any] = {}
     epochs_done = first_epoch - 1
     estimate = estimate_memory_gb(model, config)
+    inference_estimate = estimate_inference_memory_gb(model, config)
+    over = _over_constraints(config, estimate, inference_estimate, "estimated")
+    if over:
+        return TrainResult(TrainStatus.INFEASIBLE, 0, {}, over)
     cap = config.resources.max_memory_gb if device.type == "cpu" else None
     train_peak = 0.0
     try:
@@ -232,6 +237,7 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
                 "train_memory_gb": train_peak or None,
                 "inference_memory_gb": peak_memory_gb(device),
                 "estimated_memory_gb": estimate,
+                "estimated_inference_memory_gb": inference_estimate,
                 "trainable_params": sum(p.numel() for p in params),
                 "total_params": sum(p.numel() for p in model.parameters()),
                 "resumed_from_epoch": first_epoch - 1,
@@ -251,7 +257,20 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
             f"out of memory at epoch {epochs_done + 1} (batch_size={config.train.batch_size}, "
             f"max_length={config.data.max_length}, method={config.train.method}; estimated need {estimate:.2f} GB): {detail}",
         )
+    measured = _over_constraints(config, metrics.get("train_memory_gb") or 0.0, metrics.get("inference_memory_gb") or 0.0, "measured")
+    if measured:
+        return TrainResult(TrainStatus.INFEASIBLE, config.train.epochs, metrics, measured)
     return TrainResult(TrainStatus.SUCCESS, config.train.epochs, metrics)
+
+
+def _over_constraints(config: TrialConfig, train_gb: float, inference_gb: float, how: str) -> str | None:
+    """Why the configuration breaks the sweep's memory constraints, or None."""
+    limits = config.constraints
+    if limits.train_memory_gb is not None and train_gb > limits.train_memory_gb:
+        return f"{how} training memory {train_gb:.2f} GB > constraints.train_memory_gb {limits.train_memory_gb:g}"
+    if limits.inference_memory_gb is not None and inference_gb > limits.inference_memory_gb:
+        return f"{how} inference memory {inference_gb:.2f} GB > constraints.inference_memory_gb {limits.inference_memory_gb:g}"
+    return None
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -285,6 +304,17 @@ def estimate_memory_gb(model: Any, config: TrialConfig) -> float:
     element = next(model.parameters()).element_size()
     activations = 34 * config.train.batch_size * config.data.max_length * hidden * layers * element / 2
     return (weights + trainable + activations) / 1024**3
+
+
+def estimate_inference_memory_gb(model: Any, config: TrialConfig) -> float:
+    """A rough serving footprint: the weights, and the KV cache of one evaluation batch
+    (2 x layers x batch x tokens x hidden values)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    base = getattr(model, "config", None)
+    hidden, layers = getattr(base, "hidden_size", 0), getattr(base, "num_hidden_layers", 0)
+    element = next(model.parameters()).element_size()
+    tokens = config.data.max_length + config.eval.max_new_tokens
+    return (weights + 2 * layers * config.eval.batch_size * tokens * hidden * element) / 1024**3
 
 
 def reset_peak_memory(device: torch.device) -> None:
