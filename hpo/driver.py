@@ -49,6 +49,7 @@ def run_sweep(
     _check_address(address)
     _preflight(sweep.spec)
     spec = _absolute_paths(sweep.spec)
+    _prepare_storage(spec, run_dir, overwrite)
     _prepare_run_dir(run_dir, overwrite)
     with _driver_lock(run_dir):
         store = Store.create(
@@ -92,14 +93,14 @@ def resume_sweep(name: str, *, runs_dir: str | None = None, address: str | None 
         if sweep["status"] == "completed":
             store.close()
             raise SweepError(f"sweep {name} has completed; nothing to resume (its report: peftsweep report {name})")
-        experiment = run_dir / "tune"
-        if not tune.Tuner.can_restore(str(experiment.resolve())):
+        spec = SweepSpec.model_validate({k: v for k, v in sweep["spec"].items() if k != "overrides"})
+        experiment = experiment_path(spec, run_dir)
+        if not tune.Tuner.can_restore(experiment):
             store.close()
             raise SweepError(
                 f"sweep {name} stopped before its first trial started, so there is nothing to resume; "
                 f"run it again with --overwrite"
             )
-        spec = SweepSpec.model_validate({k: v for k, v in sweep["spec"].items() if k != "overrides"})
         baseline = [row["answer"] for row in store.baseline()]
         if not baseline:
             store.close()
@@ -111,7 +112,7 @@ def resume_sweep(name: str, *, runs_dir: str | None = None, address: str | None 
         def tuner() -> Any:
             # Tune restores the searcher, the scheduler and the callbacks (they reopen the store) with the trials.
             return tune.Tuner.restore(
-                str(experiment.resolve()), trainable=_trainable(spec, baseline), resume_unfinished=True, resume_errored=True
+                experiment, trainable=_trainable(spec, baseline), resume_unfinished=True, resume_errored=True
             )
 
         return _drive(tuner, store, spec, progress, run_dir, address)
@@ -213,7 +214,10 @@ def _absolute_paths(spec: SweepSpec) -> SweepSpec:
     evaluation = spec.eval.model_copy(
         update={"retention_data": absolute(spec.eval.retention_data), "judge_model": absolute(spec.eval.judge_model)}
     )
-    return spec.model_copy(update={"data": data, "model": model, "eval": evaluation})
+    storage = spec.storage
+    if storage and "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return spec.model_copy(update={"data": data, "model": model, "eval": evaluation, "storage": storage})
 
 
 def _check_address(address: str | None) -> None:
@@ -237,6 +241,17 @@ def _check_address(address: str | None) -> None:
             f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); check the head node's "
             "address and port (ray start --head prints it) or RAY_ADDRESS"
         ) from None
+
+
+def _prepare_storage(spec: SweepSpec, run_dir: Path, overwrite: bool) -> None:
+    """A local `storage` must not hold an earlier sweep of this name, unless --overwrite replaces it."""
+    if not spec.storage or "://" in spec.storage:
+        return  # object stores: Ray Tune writes there; an earlier experiment of the name is the user's to remove
+    shared = Path(experiment_path(spec, run_dir))
+    if shared.exists():
+        if not overwrite:
+            raise SweepError(f"storage {shared} already holds a sweep named {run_dir.name}: --overwrite replaces it, --name NAME keeps both")
+        shutil.rmtree(shared)
 
 
 def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -406,6 +421,18 @@ class GpuHoursBudget(Stopper):
         return sum(self.spent.values()) >= self.budget
 
 
+def _experiment_name(spec: SweepSpec, run_dir: Path) -> str:
+    return run_dir.name if spec.storage else "tune"
+
+
+def experiment_path(spec: SweepSpec, run_dir: Path) -> str:
+    """Where Ray Tune keeps the sweep's experiment state and checkpoints: runs/<name>/tune, or
+    <storage>/<name> (a shared filesystem path or an object-store URI)."""
+    if not spec.storage:
+        return str((run_dir / "tune").resolve())
+    return f"{spec.storage.rstrip('/')}/{run_dir.name}"
+
+
 def _trainable(spec: SweepSpec, baseline: list[str]) -> Any:
     from ray import tune
 
@@ -446,8 +473,8 @@ def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name="tune",
-            storage_path=str(run_dir.resolve()),
+            name=_experiment_name(spec, run_dir),
+            storage_path=spec.storage or str(run_dir.resolve()),
             callbacks=callbacks,
             stop=GpuHoursBudget(budget) if budget else None,
             verbose=0,

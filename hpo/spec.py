@@ -124,6 +124,11 @@ class SweepSpec(_Strict):
     resources: ResourceConfig = ResourceConfig()
     constraints: ConstraintConfig = ConstraintConfig()
     cost: CostSpec = CostSpec()
+    storage: str | None = Field(
+        None,
+        description="where Ray Tune keeps checkpoints (adapters) and experiment state: a path every node sees, or an "
+        "object-store URI such as s3://bucket/prefix; default runs/<name>/tune next to the store",
+    )
 
     @property
     def multi_objective(self) -> bool:

@@ -113,3 +113,19 @@ def test_best_names_the_best_trial_and_its_adapter(smoke_run):
     assert conn.execute("SELECT win_rate FROM epochs WHERE trial_id = ? AND epoch = ?", (best_id, best_epoch)).fetchone()[0] == top
     adapter = Path(proc.stdout.split("adapter: ")[1].split()[0])
     assert (adapter / "adapter_config.json").is_file() and adapter.is_relative_to(runs / "smoke" / "tune" / best_id)
+
+
+def test_checkpoints_go_to_the_sweeps_storage(tmp_path, tiny_model_dir):
+    """`storage` (a path every node sees, or an object-store URI) holds Tune's checkpoints and
+    experiment state; the store and the report stay with the driver."""
+    runs, shared = tmp_path / "runs", tmp_path / "shared"
+    args = ("run", "smoke", "--runs-dir", str(runs), "--set", f"storage={shared}", "--set", "train.epochs=1")
+    proc = peftsweep(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (runs / "smoke" / "results.db").is_file() and not (runs / "smoke" / "tune").exists()
+    adapters = sorted(shared.glob("smoke/*/checkpoint_*/adapter/adapter_config.json"))
+    assert len(adapters) == 2  # one per trial
+    best = peftsweep("best", "smoke", "--runs-dir", str(runs))
+    assert f"adapter: {shared / 'smoke'}" in best.stdout
+    again = peftsweep(*args, "--name", "smoke")
+    assert again.returncode == 2 and "already holds a sweep named smoke" in again.stderr
