@@ -186,6 +186,8 @@ def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path, tiny_model_dir):
         )
 
     _wait_for(one_done_and_one_midway, 400, proc)
+    reading = peftsweep("export", "sweep", "--runs-dir", str(runs))  # readers work while the sweep writes
+    assert reading.returncode == 0 and "completed" in reading.stdout and "running" in reading.stdout
     proc.send_signal(signal.SIGKILL)  # the driver dies without a word
     proc.wait(timeout=30)
     before = {t: (started, status, n) for t, started, status, n in _query(
