@@ -80,6 +80,7 @@ class TrainConfig(_Strict):
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, more time")
     grad_accumulation_steps: int = Field(1, ge=1, description="batches whose gradients add up to one optimizer step")
+    packing: bool = Field(False, description="padding-free batches: each batch's examples in one row, attention kept within each example")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="learning rate after warmup: constant, or decaying linearly / by cosine to 0 at the last step"
     )
@@ -87,6 +88,12 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     seed: int = Field(0, description="seed of initialisation and data order")
+
+    @model_validator(mode="after")
+    def _packing_needs_real_tokens(self) -> "TrainConfig":
+        if self.packing and self.method in ("prefix", "prompt"):
+            raise ValueError(f"packing does not work with {self.method} tuning (its virtual tokens would join every packed example)")
+        return self
 
     @model_validator(mode="before")
     @classmethod

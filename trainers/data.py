@@ -407,6 +407,27 @@ def batches(
         yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def packed_batches(data: list[Tokenized], batch_size: int, rng: random.Random | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Padding-free batches: the same examples as `batches`, concatenated into one row with
+    position ids restarting at each example. Given position ids and no attention mask,
+    transformers builds a block-diagonal causal mask from them, so no example attends to another
+    and no compute is spent on padding. Each example's first token carries no loss, as unpacked
+    (there it has nothing before it to be predicted from)."""
+    order = list(range(len(data)))
+    if rng is not None:
+        rng.shuffle(order)
+    for start in range(0, len(order), batch_size):
+        items = [data[i] for i in order[start : start + batch_size]]
+        ids = [token for t in items for token in t.input_ids]
+        labels = [label for t in items for label in [IGNORE_INDEX, *t.labels[1:]]]
+        positions = [p for t in items for p in range(len(t.input_ids))]
+        yield {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+        }
+
+
 def load_retention_texts(model_name: str, source: str | None, limit: int) -> list[str] | None:
     """Documents from the base model's own domain, for `retention_ppl`: what fine-tuning forgets.
 

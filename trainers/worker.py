@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from trainers.config import TrialConfig
-from trainers.data import batches, load_retention_texts, load_splits, tokenize, tokenize_text
+from trainers.data import batches, load_retention_texts, load_splits, packed_batches, tokenize, tokenize_text
 from trainers.evaluate import generate_answers, perplexity, win_rate
 from trainers.judges import agreement_rate, make_judge
 from trainers.methods import attach_adapter, get_method
@@ -187,11 +187,16 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
             reset_peak_memory(device)
             start = time.perf_counter()
             losses = []
-            micro_batches = list(batches(train_set, config.train.batch_size, tokenizer.pad_token_id, rng)) if method.trains else []
+            if not method.trains:
+                micro_batches = []
+            elif config.train.packing:
+                micro_batches = list(packed_batches(train_set, config.train.batch_size, rng))
+            else:
+                micro_batches = list(batches(train_set, config.train.batch_size, tokenizer.pad_token_id, rng))
             for i, batch in enumerate(micro_batches, 1):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                    loss = model(**batch).loss
+                    loss = model(**batch, use_cache=False).loss  # no cache: training needs none, and packing needs its absence
                 if not math.isfinite(loss.item()):  # the divergence guard
                     return TrainResult(TrainStatus.DIVERGED, epochs_done, metrics, f"training loss is {loss.item()} at epoch {epoch}")
                 scaler.scale(loss / accumulate).backward()
@@ -203,7 +208,7 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-                totals["tokens_trained"] += int(batch["attention_mask"].sum())
+                totals["tokens_trained"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
                 if cap and peak_memory_gb(device) > cap:
                     raise MemoryCapExceeded(f"peak resident memory {peak_memory_gb(device):.2f} GB > resources.max_memory_gb {cap:g}")
             totals["train_seconds"] += time.perf_counter() - start
