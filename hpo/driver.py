@@ -188,6 +188,7 @@ def _preflight(spec: SweepSpec) -> None:
     """Check data and model paths before Ray starts, so bad input costs nothing."""
     from trainers.data import DataError, load_retention_texts, load_splits
     from trainers.judges import JudgeError, make_judge
+    from trainers.config import ModelConfig
     from trainers.model import ModelError, resolve_model
 
     try:
@@ -196,7 +197,7 @@ def _preflight(spec: SweepSpec) -> None:
             resolve_model(spec.model)
         load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
         if spec.eval.judge == "hf" and spec.eval.judge_model != "tiny":
-            resolve_model(spec.model.model_copy(update={"name": spec.eval.judge_model}))
+            resolve_model(ModelConfig(name=spec.eval.judge_model))
         if spec.eval.judge in ("reference", "openai"):  # an unreachable endpoint fails here, before any training
             make_judge(spec.eval).check()
     except (DataError, ModelError, JudgeError) as exc:
