@@ -313,6 +313,9 @@ def _validate(raw: dict[str, Any], path: Path, from_cli: set[str]) -> SweepSpec:
         raise SweepError(
             f"{path}: objectives: name at least one per-epoch metric ({' or '.join(EPOCH_METRICS)}) for the search to optimize"
         )
+    greedy_only = sorted({"prefix", "prompt"} & set(spec.methods_tried()))
+    if spec.eval.do_sample and greedy_only:
+        raise SweepError(f"{path}: eval.do_sample: {', '.join(greedy_only)} tuning answers greedily only; drop do_sample or the method")
     if spec.search.algorithm == "nsga2" and len(spec.objectives) < 2:
         raise SweepError(f"{path}: search.algorithm 'nsga2' is multi-objective: list at least two objectives")
     trials = spec.num_trainings

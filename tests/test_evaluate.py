@@ -69,3 +69,26 @@ def test_perplexity_refuses_when_no_response_token_fits(tiny):
     data = tokenize([to_example(load_records("tinyworld")[0])], tokenizer, 4)
     with pytest.raises(ValueError, match="max_length"):
         perplexity(model, batches(data, 1, tokenizer.pad_token_id), torch.device("cpu"))
+
+
+def test_sampled_answers_are_seeded_and_differ_from_greedy(tiny_model_dir):
+    """do_sample draws answers with a per-call seed: the same seed answers the same (so the base model
+    and every trial sample alike), another seed or greedy decoding answers differently."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainers.config import DataConfig
+    from trainers.data import load_splits
+    from trainers.evaluate import generate_answers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [ex.prompt for ex in load_splits(DataConfig(), 8).judged]
+    cpu = torch.device("cpu")
+
+    def answers(sampling):
+        return generate_answers(model, tokenizer, prompts, max_new_tokens=12, batch_size=8, device=cpu, sampling=sampling)
+
+    hot = {"temperature": 1.5, "top_p": 1.0, "seed": 1}
+    assert answers(hot) == answers(hot)
+    assert answers(hot) != answers({**hot, "seed": 2})
+    assert answers(hot) != answers(None)

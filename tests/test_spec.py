@@ -74,6 +74,7 @@ def test_trial_config_merges_searched_values(tmp_path):
         ("train: {epochs: 2}\n", ["train.epochs=0"], "train.epochs (from --set): input should be greater than or equal to 1"),
         ("train: {epochs: 2}\n", ["train.epochs"], "--set 'train.epochs': expected KEY=VALUE"),
         ("- a\n- b\n", [], "expected a mapping of sections"),
+        ("eval: {do_sample: true}\ntrain: {method: prefix}\n", [], "eval.do_sample: prefix tuning answers greedily only"),
         (
             "search:\n  space:\n    lora_r: {grid: [4, 8, 16, 32]}\n    learning_rate: {grid: [1e-4, 1e-3, 1e-2]}\n",
             ["search.max_trials=10"],

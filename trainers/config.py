@@ -134,8 +134,17 @@ class EvalConfig(_Strict):
         "for retention_ppl; the built-in tiny model uses held-out pre-training text",
     )
     retention_docs: int = Field(64, ge=1, description="documents of retention_data scored each epoch")
-    max_new_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per answer (greedy)")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per answer")
+    do_sample: bool = Field(False, description="sample answers instead of greedy decoding (the base model's too), seeded by sampling_seed")
+    temperature: float = Field(0.7, gt=0, description="do_sample: softmax temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="do_sample: nucleus sampling mass")
+    sampling_seed: int = Field(0, description="do_sample: seed of every answer batch, the same for the base model and each trial")
     batch_size: int = Field(32, ge=1, description="examples per evaluation batch (also the hf judge's batch)")
+
+    @property
+    def sampling(self) -> dict[str, float] | None:
+        """Sampling settings for answer generation, or None for greedy decoding."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.sampling_seed} if self.do_sample else None
 
     @model_validator(mode="after")
     def _judge_settings(self) -> "EvalConfig":
@@ -177,3 +186,4 @@ class TrialConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     resources: ResourceConfig = ResourceConfig()
     constraints: ConstraintConfig = ConstraintConfig()
+

@@ -44,14 +44,29 @@ def perplexity(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: t
 
 @torch.no_grad()
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int, device: torch.device
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    sampling: dict[str, float] | None = None,
 ) -> list[str]:
-    """Greedy answers, batched with left padding, cut at the end-of-sequence token or the chat template's end of turn."""
+    """Answers, batched with left padding, cut at the end-of-sequence token or the chat template's end of turn.
+
+    Greedy by default; `sampling` ({"temperature", "top_p", "seed"}) samples instead, seeded per
+    call, so the base model and every trial answer under the same settings and the same seed.
+    """
     answers: list[str] = []
     tokenizer.padding_side = "left"
     stop_ids, end_of_turn = _stop_tokens(tokenizer)
+    decoding: dict[str, Any] = {"do_sample": False}
+    if sampling is not None:
+        torch.manual_seed(int(sampling["seed"]))
+        decoding = {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"]}
     for start in range(0, len(prompts), batch_size):
-        if _has_virtual_tokens(model):
+        if _has_virtual_tokens(model):  # greedy only: the sweep's validation refuses sampling for these methods
             answers += [
                 greedy_without_cache(model, tokenizer, prompt, max_new_tokens, device)
                 for prompt in prompts[start : start + batch_size]
@@ -59,12 +74,12 @@ def generate_answers(
             continue
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
         out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop_ids,
-            )
+            **enc,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_ids,
+            **decoding,
+        )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         # an end of turn that is not a special token survives decoding: cut there

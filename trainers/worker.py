@@ -84,7 +84,8 @@ def baseline_answers(config: TrialConfig) -> Baseline:
     splits = load_splits(config.data, config.eval.num_prompts, tokenizer=tokenizer)
     prompts = [ex.prompt for ex in splits.judged]
     answers = generate_answers(
-        model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device
+        model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device,
+        sampling=config.eval.sampling,
     )
     eval_set = tokenize(splits.eval, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
     retention_set = _retention_set(config, tokenizer)
@@ -220,7 +221,8 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
             eval_ppl = perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), device)
             retention_ppl = _retention_ppl(model, retention_set, config, tokenizer.pad_token_id, device)
             answers = generate_answers(
-                model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device
+                model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device,
+                sampling=config.eval.sampling,
             )
             judged = time.perf_counter()
             verdicts = judge.judge(prompts, answers, baseline, references)
