@@ -6,23 +6,18 @@ from __future__ import annotations
 import csv
 import io
 import socket
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import peftsweep
-from tests.test_judges import KEY, KEY_ENV, FakeChatServer, prefers_good
+from tests.test_judges import KEY, KEY_ENV, chat_server
 
 
 @pytest.fixture
 def judge_server():
-    server = FakeChatServer(prefers_good)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with chat_server() as server:
+        yield server
 
 
 def _judge_args(base_url: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -157,15 +158,24 @@ def prefers_good(text: str) -> str:
     return "The better answer is A." if "good" in answer_a_of(text) else "B"
 
 
+@contextlib.contextmanager
+def chat_server(reply=prefers_good):
+    """A FakeChatServer answering on 127.0.0.1 for the duration of the block."""
+    srv = FakeChatServer(reply)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 @pytest.fixture
 def server(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
-    srv = FakeChatServer(prefers_good)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with chat_server() as srv:
+        yield srv
 
 
 def openai_judge(server, **kw) -> OpenAIJudge:
