@@ -7,25 +7,30 @@ the StoreCallback writing a real results store), with one stand-in in place of t
 worker: `standin_trial` holds 1 GPU and ~0 CPU, sleeps EPOCH_SECONDS per epoch and reports an
 epoch's metrics and judged answers, as the worker would. Everything but the training is real.
 
-    .venv/bin/python benchmarks/cluster_sim.py [--trials 192] [--epochs 2] [--epoch-seconds 1.0]
+    .venv/bin/python benchmarks/cluster_sim.py [--trials 192] [--epochs 2] [--epoch-seconds 1.0] [--quick]
 
 Slot utilization = busy GPU-slot-seconds / (GPU slots x makespan): busy is the time trials spend
 inside the trainable, makespan is the wall time of `Tuner.fit()`. What it does not count (worker
 process start, placement groups, result handling in the driver) is the scheduling overhead.
+Target (issue 9): utilization >= 0.95.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import platform
 import resource
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: python benchmarks/cluster_sim.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common
 
 NODES = 4
 GPUS_PER_NODE = 8
@@ -55,18 +60,22 @@ def standin_trial(params, spec, baseline):
 
 def main() -> None:
     global EPOCH_SECONDS
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--trials", type=int, default=192)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--epoch-seconds", type=float, default=1.0)
+    parser.add_argument("--nodes", type=int, default=NODES, help=f"simulated nodes, default {NODES}")
+    parser.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE, help=f"fake GPUs per node, default {GPUS_PER_NODE}")
     args = parser.parse_args()
+    if args.quick:
+        args.trials, args.epochs, args.epoch_seconds, args.nodes, args.gpus_per_node = 8, 1, 0.5, 1, 4
     EPOCH_SECONDS = args.epoch_seconds
+    info = common.machine(check_gpu=False)  # torch stays unimported: driver memory comparable with earlier runs
 
     # A private Ray temp dir: no other `ray.init()` on this machine finds (and joins) this cluster.
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     os.environ["RAY_TMPDIR"] = ray_tmp
     work = Path(tempfile.mkdtemp(prefix="cluster_sim-"))
-    load_start = os.getloadavg()[0]
 
     import ray
     from ray.cluster_utils import Cluster
@@ -85,8 +94,8 @@ def main() -> None:
     })
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "num_gpus": 0})
     try:
-        for _ in range(NODES):
-            cluster.add_node(num_cpus=1, num_gpus=GPUS_PER_NODE)
+        for _ in range(args.nodes):
+            cluster.add_node(num_cpus=1, num_gpus=args.gpus_per_node)
         cluster.wait_for_nodes()
         driver._init_ray(cluster.address)
         store = Store.create(
@@ -117,38 +126,51 @@ def main() -> None:
         shutil.rmtree(ray_tmp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
-    slots = NODES * GPUS_PER_NODE
+    slots = args.nodes * args.gpus_per_node
     busy = sum(t["busy_until"] - t["busy_started_at"] for t in trials)
     trial_seconds = args.epochs * args.epoch_seconds
     ideal = math.ceil(args.trials / slots) * trial_seconds
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    utilization = busy / (slots * makespan)
     rows = [
         ("trials completed (results / store)", f"{len(trials)} / {stored} of {args.trials}"),
         ("makespan, Tuner.fit()", f"{makespan:.1f} s"),
         ("ideal makespan", f"{ideal:.1f} s ({math.ceil(args.trials / slots)} waves x {trial_seconds:g} s)"),
         ("busy GPU-slot-seconds", f"{busy:.0f} of {slots * makespan:.0f}"),
-        ("slot utilization", f"{100 * busy / (slots * makespan):.1f} %"),
+        ("slot utilization", f"{100 * utilization:.1f} %"),
         ("idle slot-seconds per trial", f"{(slots * makespan - busy) / max(1, len(trials)):.1f} s"),
         ("most trials busy at once", f"{_peak_concurrency(trials)} of {slots} slots"),
         ("throughput", f"{len(trials) / makespan:.2f} trials/s"),
         ("driver CPU during fit (user + sys)", f"{driver_cpu:.1f} s"),
         ("driver peak RSS", f"{peak_mib:.0f} MiB ({rss_before_mib:.0f} MiB before fit)"),
     ]
-    print(
-        f"cluster_sim: {NODES} nodes x {GPUS_PER_NODE} fake GPUs = {slots} GPU slots; {args.trials} trials x "
-        f"{args.epochs} epochs x {args.epoch_seconds:g} s (stand-in trainable, 1 GPU + 0.01 CPU each)"
-    )
-    print(
-        f"machine: {os.cpu_count()} CPUs (nproc), {_mem_total_gib():.1f} GiB RAM, no GPU; load average "
-        f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end; python {platform.python_version()}, ray {ray.__version__}"
-    )
-    width = max(len(name) for name, _ in rows)
-    print(f"| {'measure':<{width}} | value")
-    print(f"| {'-' * width} | -----")
-    for name, value in rows:
-        print(f"| {name:<{width}} | {value}")
+    result = {
+        "benchmark": "cluster_sim",
+        "ratios": [common.ratio("slot utilization", utilization, ">=", 0.95, "busy GPU-slot-seconds / (GPU slots x makespan)")],
+        "rows": [{"measure": name, "value": value} for name, value in rows],
+        "trials_completed": len(trials),
+        "trials_stored": stored,
+        "driver_peak_rss_mib": peak_mib,
+        "driver_rss_before_fit_mib": rss_before_mib,
+        "machine": common.finish_machine(info),
+        "sizes": vars(args) | {"json": None},
+        "sizes_text": f"{args.nodes} nodes x {args.gpus_per_node} fake GPUs = {slots} GPU slots; {args.trials} trials x "
+        f"{args.epochs} epochs x {args.epoch_seconds:g} s (stand-in trainable, 1 GPU + 0.01 CPU each)",
+        "seconds": time.monotonic() - common.STARTED,
+    }
+    common.emit(result, render, args.json)
     if len(trials) != args.trials:
         sys.exit(f"cluster_sim: only {len(trials)} of {args.trials} trials completed")
+
+
+def render(result: dict[str, Any]) -> str:
+    return "\n".join([
+        common.header("Scale in simulation: the sweep driver on a simulated GPU cluster", result),
+        "",
+        common.ratio_table(result["ratios"]),
+        "",
+        common.table(["measure", "value"], [[r["measure"], r["value"]] for r in result["rows"]]),
+    ])
 
 
 def _peak_concurrency(trials: list[dict]) -> int:
@@ -171,13 +193,6 @@ def _rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _mem_total_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) / 1024**2
     return float("nan")
 
 

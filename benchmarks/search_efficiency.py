@@ -1,0 +1,258 @@
+"""Search efficiency: the compute TPE + ASHA spends to come within reach of the full grid's best,
+as a share of the grid's compute, over several seeds.
+
+1. The grid: a generated sweep file (learning rate x LoRA rank x alpha per rank on the built-in
+   tiny model, every configuration trained EPOCHS epochs) runs through the real `peftsweep run`.
+   Its results store holds every configuration's win rate, eval perplexity and cumulative train +
+   eval seconds after each epoch: the grid's compute, and the best win rate and perplexity it found.
+2. The search: for each seed and each objective (win rate, then eval perplexity), peftsweep's own
+   Tune setup (`hpo.driver._tuner`: Optuna's TPE through Ray Tune's OptunaSearch, Ray Tune's ASHA
+   with grace period 1 and reduction factor 2, 2 trials at a time) searches the same space, with
+   one stand-in in place of the training worker: `replay_trial` reports, epoch by epoch, what the
+   grid measured for the configuration TPE proposed, and waits a hundredth of that epoch's seconds
+   (so results arrive in about the order real trainings would report them). Everything but the
+   training is real; the grid's per-epoch results are reused instead of training again per seed.
+
+The compute a search needed is the train + eval seconds of every epoch reported until the first one
+within 2 points of the grid's best win rate (or within 1 % of its best perplexity); the ratio is its
+median over seeds divided by the grid's total. A seed that never gets there counts as infinite.
+
+    .venv/bin/python -m benchmarks.search_efficiency [--seeds 5] [--samples 12] [--epochs 4] [--keep-grid DIR] [--quick]
+    .venv/bin/python -m benchmarks.search_efficiency --grid-store DIR/grid/results.db --seeds 10   # replay a kept grid
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: python benchmarks/search_efficiency.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # first: its clock starts at import
+
+from ray.tune import Callback  # noqa: E402  (Ray reads RAY_TMPDIR when it starts, not at import)
+
+SPACE = {"learning_rate": [1e-4, 1e-3, 1e-2], "lora_r": [4, 16], "lora_alpha_per_rank": [1, 4]}  # 12 configurations
+QUICK_SPACE = {"learning_rate": [1e-3, 1e-2], "lora_r": [4]}
+WIN_RATE_POINTS = 0.02  # "within 2 points of win rate": win rates are fractions
+PPL_FRACTION = 0.01
+TIME_SCALE = 0.01  # replay_trial waits this fraction of each epoch's measured seconds
+TABLE: dict[tuple, list[dict[str, float]]] = {}  # set before the Tuner pickles replay_trial (by value: it lives in __main__)
+
+
+def key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((name, float(value)) for name, value in params.items()))
+
+
+def replay_trial(params, spec, baseline):
+    """Stands in for hpo.driver.run_trial: reports the grid's measured epochs of this configuration."""
+    from ray import tune
+
+    for row in TABLE[key(params)]:
+        time.sleep(row["epoch_compute"] * TIME_SCALE)
+        tune.report({"epoch": row["epoch"], "win_rate": row["win_rate"], "eval_ppl": row["eval_ppl"], "compute": row["compute"]})
+
+
+def grid_sweep(folder: Path, source: str, space: dict[str, list], epochs: int, num_prompts: int, max_new_tokens: int) -> Path:
+    return common.write_sweep(folder / "search_grid.yaml", {
+        "description": f"search efficiency benchmark: the full grid, {epochs} epochs each",
+        "data": {"source": source},
+        "train": {"epochs": epochs},
+        "search": {"algorithm": "grid", "space": {n: {"grid": v} for n, v in space.items()}, "max_concurrent_trials": 2},
+        "objectives": [{"metric": "win_rate", "mode": "max"}],
+        "eval": {"num_prompts": num_prompts, "max_new_tokens": max_new_tokens},
+        "resources": {"cpus_per_trial": 1},
+    })
+
+
+def grid_table(db: Path) -> tuple[dict[tuple, list[dict[str, float]]], dict[str, Any]]:
+    """Per configuration, its epochs (win rate, perplexity, cumulative compute), and the grid's totals."""
+    trials, epochs = common.read_store(db)
+    params = {t["trial_id"]: t["params"] for t in trials}
+    table: dict[tuple, list[dict[str, float]]] = {}
+    for e in epochs:
+        rows = table.setdefault(key(params[e["trial_id"]]), [])
+        compute = e["train_seconds"] + e["eval_seconds"]
+        rows.append({"epoch": e["epoch"], "win_rate": e["win_rate"], "eval_ppl": e["eval_ppl"], "compute": compute,
+                     "epoch_compute": compute - (rows[-1]["compute"] if rows else 0.0)})
+    rows = [r for rs in table.values() for r in rs]
+    grid = {
+        "configurations": len(table),
+        "epochs": max(r["epoch"] for r in rows),
+        "compute": sum(rs[-1]["compute"] for rs in table.values()),
+        "best_win_rate": max(r["win_rate"] for r in rows),
+        "best_eval_ppl": min(r["eval_ppl"] for r in rows),
+        "space": {n: sorted({p[n] for p in params.values()}) for n in next(iter(params.values()))},
+    }
+    return table, grid
+
+
+class Trace(Callback):
+    """Every reported epoch, in the order the driver received them."""
+
+    def __init__(self):
+        self.results: list[dict[str, Any]] = []
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.results.append({"trial_id": trial.trial_id, **{k: result[k] for k in ("epoch", "win_rate", "eval_ppl", "compute")}})
+
+
+def search(grid: dict[str, Any], objective: str, seed: int, samples: int, work: Path) -> list[dict[str, Any]]:
+    """One TPE + ASHA search of the grid's space through peftsweep's Tune setup; the trace of its results."""
+    import hpo.driver as driver
+    from hpo.spec import SweepSpec
+
+    spec = SweepSpec.model_validate({
+        "train": {"epochs": grid["epochs"]},
+        "search": {"algorithm": "tpe", "space": {n: {"grid": v} for n, v in grid["space"].items()}, "num_samples": samples,
+                   "max_concurrent_trials": 2, "seed": seed},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "objectives": [{"metric": objective, "mode": "max" if objective == "win_rate" else "min"}],
+    })
+    trace = Trace()
+    driver.run_trial = replay_trial  # _tuner wraps whatever run_trial is: the only thing replaced
+    run_dir = work / f"{objective}_{seed}"
+    run_dir.mkdir()
+    results = driver._tuner(spec, [], run_dir, [trace]).fit()
+    if results.errors:
+        sys.exit(f"search {objective} seed {seed}: {len(results.errors)} trials failed: {results.errors[0]}")
+    return trace.results
+
+
+def compute_to_reach(trace: list[dict[str, Any]], reached: Any) -> tuple[float, float]:
+    """Compute spent (each trial's epochs as reported, in arrival order) until the first result that
+    `reached` accepts (infinite if none did), and the search's whole compute."""
+    spent, so_far, until = 0.0, {}, math.inf
+    for r in trace:
+        spent += r["compute"] - so_far.get(r["trial_id"], 0.0)
+        so_far[r["trial_id"]] = r["compute"]
+        if until == math.inf and reached(r):
+            until = spent
+    return until, spent
+
+
+def summarize(grid: dict[str, Any], traces: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, Any]:
+    targets = {
+        "win_rate": (lambda r: r["win_rate"] >= grid["best_win_rate"] - WIN_RATE_POINTS - 1e-9,
+                     f"within 2 points of the grid's best win rate ({grid['best_win_rate']:.2f})"),
+        "eval_ppl": (lambda r: r["eval_ppl"] <= grid["best_eval_ppl"] * (1 + PPL_FRACTION),
+                     f"within 1 % of the grid's best eval perplexity ({grid['best_eval_ppl']:.3f})"),
+    }
+    seeds, ratios = [], []
+    for objective, by_seed in traces.items():
+        reached, describe = targets[objective]
+        shares = []
+        for seed, trace in by_seed.items():
+            until, total = compute_to_reach(trace, reached)
+            shares.append(until / grid["compute"])
+            seeds.append({
+                "objective": objective, "seed": seed, "trials": len({r["trial_id"] for r in trace}), "epochs": len(trace),
+                "compute_to_target": until, "search_compute": total, "share_of_grid": until / grid["compute"],
+                "search_share_of_grid": total / grid["compute"],
+            })
+        label = "win rate" if objective == "win_rate" else "perplexity"
+        ratios.append(common.ratio(
+            f"search efficiency, {label}", common.median(shares), "<=", 0.25,
+            f"median over {len(shares)} seeds of the compute TPE + ASHA spent to come {describe}, / the grid's compute",
+        ))
+    return {"ratios": ratios, "grid": grid, "seeds": seeds}
+
+
+def render(result: dict[str, Any]) -> str:
+    g = result["grid"]
+    rows = [
+        [s["objective"], s["seed"], s["trials"], s["epochs"],
+         "never" if math.isinf(s["compute_to_target"]) else f"{s['compute_to_target']:.1f}", f"{s['search_compute']:.1f}",
+         "never" if math.isinf(s["share_of_grid"]) else f"{s['share_of_grid']:.3f}", f"{s['search_share_of_grid']:.3f}"]
+        for s in result["seeds"]
+    ]
+    space = " x ".join(f"{n} {v}" for n, v in g["space"].items())
+    return "\n".join([
+        common.header("Search efficiency: TPE + ASHA vs the full grid, on the same space", result),
+        "",
+        common.ratio_table(result["ratios"]),
+        "",
+        f"grid: {g['configurations']} configurations ({space}) x {g['epochs']} epochs, {g['compute']:.0f} train + eval seconds; "
+        f"best win rate {g['best_win_rate']:.2f}, best eval perplexity {g['best_eval_ppl']:.3f} (over every epoch)",
+        "",
+        common.table(["objective", "seed", "trials", "epochs reported", "compute to target, s", "search's compute, s",
+                      "to target / grid", "search / grid"], rows),
+    ])
+
+
+def main() -> None:
+    global TABLE
+    p = common.parser(__doc__)
+    p.add_argument("--seeds", type=int, default=5, help="search seeds per objective, default 5")
+    p.add_argument("--samples", type=int, help="trials TPE proposes per search (default: as many as the grid has)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs of every grid configuration and ASHA's max_t, default 4")
+    p.add_argument("--records", type=int, help="use the first N records of the built-in task (default: all 800)")
+    p.add_argument("--keep-grid", type=Path, metavar="DIR", help="run the grid in DIR (a --runs-dir) and keep it there (default: deleted)")
+    p.add_argument("--grid-store", type=Path, help="reuse a kept grid run's results.db instead of running the grid")
+    args = p.parse_args()
+    space, prompts, new_tokens = SPACE, 50, 32
+    if args.quick:
+        args.seeds, args.samples, args.epochs, args.records = 2, 3, 2, args.records or 40
+        space, prompts, new_tokens = QUICK_SPACE, 4, 8
+
+    common.quiet()
+    info = common.machine()
+    common.ensure_model()
+    work = Path(tempfile.mkdtemp(prefix="search_efficiency-"))
+    try:
+        grid_seconds = None
+        if args.grid_store is None:
+            sweep = grid_sweep(work, common.tinyworld_records(work, args.records), space, args.epochs, prompts, new_tokens)
+            runs = args.keep_grid or work / "runs"
+            common.log(f"grid: peftsweep run (in {runs}) ...")
+            with common.private_ray() as env:
+                cmd = common.peftsweep_cmd("run", str(sweep), "--name", "grid", "--runs-dir", str(runs), "--overwrite")
+                timed = common.check(common.run_timed(cmd, env), "peftsweep run")
+            grid_seconds = timed.seconds
+            args.grid_store = runs / "grid" / "results.db"
+            common.log(f"grid: done in {timed.seconds:.0f} s")
+        TABLE, grid = grid_table(args.grid_store)
+        grid["makespan"] = grid_seconds
+        samples = args.samples or grid["configurations"]
+
+        # One private Ray for every search: no other `ray.init()` on this machine finds and joins it.
+        with common.private_ray() as env:
+            os.environ["RAY_TMPDIR"] = env["RAY_TMPDIR"]
+            import ray
+
+            import hpo.driver as driver
+
+            driver._init_ray(None)
+            traces: dict[str, dict[int, list[dict[str, Any]]]] = {"win_rate": {}, "eval_ppl": {}}
+            try:
+                for objective in traces:
+                    for seed in range(args.seeds):
+                        common.log(f"search {objective} seed {seed} ...")
+                        traces[objective][seed] = search(grid, objective, seed, samples, work)
+            finally:
+                ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "benchmark": "search_efficiency",
+        **summarize(grid, traces),
+        "machine": common.finish_machine(info),
+        "sizes": vars(args) | {"json": None, "grid_store": str(args.grid_store)},
+        "sizes_text": f"grid of {grid['configurations']} LoRA configurations x {grid['epochs']} epochs on {args.records or 800} "
+        f"records of the built-in task ({prompts} judged prompts; "
+        f"{f'the grid run took {grid_seconds:.0f} s' if grid_seconds else 'from --grid-store'}); TPE + ASHA: {samples} trials per search, "
+        f"{args.seeds} seeds per objective, replayed from the grid's results",
+        "seconds": time.monotonic() - common.STARTED,
+    }
+    common.emit(result, render, args.json)
+
+
+if __name__ == "__main__":
+    main()
