@@ -11,15 +11,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from filelock import FileLock
 
 from trainers.config import ModelConfig
 
@@ -127,32 +124,14 @@ def ensure_converted_gguf(
     again. A file lock makes concurrent callers (trials starting together) convert once; the
     others wait and load the result.
     """
-    from trainers.tiny_model import default_cache_dir
+    from trainers.tiny_model import build_once, default_cache_dir
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     gguf_path = Path(gguf_path).resolve()
     stat = gguf_path.stat()
     identity = f"{GGUF_CONVERSION_VERSION}\0{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}"
     name = f"{gguf_path.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
-    parent = cache_dir / "gguf"
-    folder = parent / name
-    # The folder only ever appears through an atomic rename, so if it exists it is complete.
-    if folder.is_dir():
-        return folder
-    parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(parent / f"{name}.lock")):
-        if folder.is_dir():  # another process converted it while we waited
-            return folder
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
-        try:
-            _convert_gguf(gguf_path, staging, log, key)
-            staging.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable
-            for file in staging.iterdir():
-                file.chmod(0o644)
-            os.rename(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return build_once(cache_dir / "gguf" / name, lambda staging: _convert_gguf(gguf_path, staging, log, key))
 
 
 def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key: str) -> None:

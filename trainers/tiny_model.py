@@ -57,18 +57,28 @@ def default_cache_dir() -> Path:
 def ensure_tiny_model(cache_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """Return the folder of the tiny base model, building it first if it is not there yet."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = cache_dir / f"tiny-{TINY_MODEL_VERSION}"
-    # The folder only ever appears through an atomic rename, so if it exists it is complete.
+    return build_once(cache_dir / f"tiny-{TINY_MODEL_VERSION}", lambda staging: _build(staging, log))
+
+
+def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
+    """Return `folder`, building it first with `build(staging)` if it is not there yet.
+
+    A file lock makes concurrent callers (trials starting together) build once; the others wait.
+    The folder only ever appears through an atomic rename of the staging folder, so if it exists
+    it is complete.
+    """
     if folder.is_dir():
         return folder
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_dir / f"tiny-{TINY_MODEL_VERSION}.lock")):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.parent / f"{folder.name}.lock")):
         if folder.is_dir():  # another process built it while we waited
             return folder
-        staging = Path(tempfile.mkdtemp(prefix=f".tiny-{TINY_MODEL_VERSION}-", dir=cache_dir))
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
-            _build(staging, log)
+            build(staging)
             staging.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable
+            for file in staging.iterdir():
+                file.chmod(0o644)
             os.rename(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
