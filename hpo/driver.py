@@ -360,7 +360,8 @@ def _search_alg(spec: SweepSpec) -> Any:
         return OptunaSearch(space=space, metric=spec.tune_objective.metric, mode=spec.tune_objective.mode, sampler=sampler)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=search.seed)
+    # Tune applies TuneConfig.max_concurrent_trials only to a Searcher; this generator takes its own limit.
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent_trials or 0)
 
 
 def _optuna_space(spec: SweepSpec) -> Any:

@@ -222,3 +222,10 @@ def test_bad_conditional_parameters(tmp_path, conditional, expected):
     path.write_text("search:\n  space:\n    method: {grid: [lora, none]}\n  conditional:\n" + conditional)
     with pytest.raises(SweepError, match=re.escape(expected)):
         load_sweep(str(path), [])
+
+
+def test_max_concurrent_trials_reaches_the_grid_generator(tmp_path):
+    """Ray Tune applies TuneConfig.max_concurrent_trials to Searchers only; a grid's generator needs its own limit."""
+    path = tmp_path / "one_at_a_time.yaml"
+    path.write_text("search:\n  max_concurrent_trials: 1\n  space:\n    learning_rate: {grid: [1e-3, 3e-3]}\n")
+    assert _search_alg(load_sweep(str(path), []).spec).max_concurrent == 1
