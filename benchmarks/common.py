@@ -52,7 +52,7 @@ def quiet() -> None:
 
 def parser(doc: str) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark takes: --quick and --json."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny size, seconds to a minute: checks that the benchmark runs, measures little")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON to PATH")
     return p

@@ -4,10 +4,9 @@ every smaller value read off its epochs) vs not folded (one training per value).
 The same generated sweep file (one LoRA configuration of the built-in tiny model, `epochs` a
 grid, e.g. {1, 2, 3, 5}) runs twice through the real `peftsweep run`: as is (`search.fold_epochs`
 defaults to true: one trial of 5 epochs) and with `--set search.fold_epochs=false` (four trials,
-1 + 2 + 3 + 5 = 11 epochs), one trial at a time in both (so that no trial slows another's epochs;
-`--concurrency` changes that).
-Compute is the trials' train + eval seconds from the results store; the ideal ratio is max / sum
-(5 / 11). Repeats alternate which goes first.
+1 + 2 + 3 + 5 = 11 epochs), one trial at a time in both (so that no trial slows another's
+epochs; `--concurrency` changes that). Compute is the trials' train + eval seconds from the
+results store; the ideal ratio is max / sum (5 / 11). Repeats alternate which goes first.
 
     .venv/bin/python -m benchmarks.epoch_folding [--epochs-grid 1,2,3,5] [--repeats 3] [--quick]
 
@@ -109,7 +108,7 @@ def render(result: dict[str, Any]) -> str:
 
 def main() -> None:
     p = common.parser(__doc__)
-    p.add_argument("--epochs-grid", default="1,2,3,5", help="the epochs values, comma-separated (default 1,2,3,5; the issue's 1,2,5,10,20,30 takes about 5 min a repeat)")
+    p.add_argument("--epochs-grid", default="1,2,3,5", help="the epochs values, comma-separated (default 1,2,3,5; the issue's 1,2,5,10,20,30 takes about 9 min a repeat on 2 cores)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating, default 3")
     p.add_argument("--records", type=int, help="use the first N records of the built-in task (default: all 800)")
     p.add_argument("--concurrency", type=int, default=1,
@@ -140,7 +139,8 @@ def main() -> None:
         "machine": common.finish_machine(info),
         "sizes": vars(args) | {"json": None},
         "sizes_text": f"epochs grid {grid} of one LoRA configuration (rank 8, learning rate 3e-3) on {args.records or 800} "
-        f"records of the built-in task, {args.concurrency} trial(s) at a time, {prompts} judged prompts per epoch, {args.repeats} repeats",
+        f"records of the built-in task, {args.concurrency} trial(s) at a time "
+        f"(1 CPU and 1 torch thread each), {prompts} judged prompts per epoch, {args.repeats} repeats",
         "seconds": time.monotonic() - common.STARTED,
     }
     common.emit(result, render, args.json)

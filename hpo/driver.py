@@ -471,7 +471,7 @@ def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[
             num_samples=spec.search.num_samples,
             max_concurrent_trials=spec.search.max_concurrent_trials,
             time_budget_s=spec.search.time_budget_s,
-            reuse_actors=False,  # a fresh process per trial: memory (and GPU memory) is freed between trials
+            reuse_actors=spec.resources.reuse_workers,  # run_trial releases its memory as it ends
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -527,7 +527,7 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
     import ray
     from ray import tune
 
-    from trainers.worker import TrainResult, TrainStatus, train
+    from trainers.worker import TrainResult, TrainStatus, release_memory, train
 
     config = spec.trial_config(params)
     placement = {
@@ -553,6 +553,8 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
         result = train(config, baseline, report, resume_from)
     except Exception as exc:
         result = TrainResult(TrainStatus.ERROR, 0, {}, _last_line(f"{type(exc).__name__}: {exc}"))
+    finally:
+        release_memory()  # the process may run the sweep's next trial (resources.reuse_workers)
     if result.status is not TrainStatus.SUCCESS:
         tune.report(_closing_report(spec, result))
 

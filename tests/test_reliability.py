@@ -6,6 +6,7 @@ All real: the tiny model, a local Ray runtime, the SQLite store, and real kill -
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import pytest
 
 from tests.conftest import REPO, peftsweep
 from trainers.config import DataConfig, EvalConfig, ModelConfig, ResourceConfig, TrainConfig, TrialConfig
-from trainers.worker import TrainStatus, baseline_answers, train
+from trainers.worker import TrainStatus, baseline_answers, release_memory, train
 
 
 def _config(**train: object) -> TrialConfig:
@@ -74,6 +75,34 @@ def test_a_trial_over_its_memory_cap_ends_as_oom(baseline):
     assert "out of memory at epoch 1" in result.error
     assert "batch_size=16" in result.error and "estimated need" in result.error
     assert "resources.max_memory_gb 0.01" in result.error
+
+
+def test_a_finished_training_leaves_no_model_behind(baseline, tmp_path):
+    """A worker process runs the sweep's next trial (resources.reuse_workers): nothing of this one may stay."""
+    import torch
+
+    before = {id(o) for o in gc.get_objects() if isinstance(o, torch.nn.Module)}
+    result = train(_config(epochs=1), baseline, lambda m, save: save(tmp_path / f"epoch{m['epoch']}"))
+    assert result.status is TrainStatus.SUCCESS
+    release_memory()
+    left = [type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.Module) and id(o) not in before]
+    assert left == []
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_trials_share_worker_processes_unless_told_not_to(tmp_path, tiny_model_dir, reuse):
+    sweep = _sweep_file(
+        tmp_path,
+        f"resources: {{reuse_workers: {str(reuse).lower()}}}\n"
+        "train: {epochs: 1, lora_r: 4}\n"
+        "search: {algorithm: grid, max_concurrent_trials: 1, space: {learning_rate: {grid: [1e-3, 3e-3, 1e-2]}}}\n",
+    )
+    runs = tmp_path / "runs"
+    proc = peftsweep("run", str(sweep), "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pids = [json.loads(m)["worker_pid"] for (m,) in _query(runs / "sweep" / "results.db", "SELECT metrics_json FROM epochs")]
+    assert len(pids) == 3
+    assert len(set(pids)) == (1 if reuse else 3)
 
 
 def _sweep_file(tmp_path: Path, body: str) -> Path:

@@ -166,6 +166,11 @@ class ResourceConfig(_Strict):
     max_memory_gb: float | None = Field(
         None, gt=0, description="memory cap per trial: a GPU trial may use this much GPU memory, a CPU trial this much resident memory; over it, the trial ends as oom"
     )
+    reuse_workers: bool = Field(
+        True,
+        description="run a trial in a worker process an earlier trial used (imports and start-up paid once per worker; "
+        "memory is released between trials); false: a fresh process per trial",
+    )
 
 
 class ConstraintConfig(_Strict):

@@ -6,6 +6,7 @@ It knows nothing of Ray, Optuna or the results store: it is given a `report(metr
 from __future__ import annotations
 
 import enum
+import gc
 import math
 import random
 import resource
@@ -322,6 +323,14 @@ def estimate_inference_memory_gb(model: Any, config: TrialConfig) -> float:
     element = next(model.parameters()).element_size()
     tokens = config.data.max_length + config.eval.max_new_tokens
     return (weights + 2 * layers * config.eval.batch_size * tokens * hidden * element) / 1024**3
+
+
+def release_memory() -> None:
+    """Free what a finished trial held, so that the same process can run the next one: its objects
+    (a model and optimizer can sit in reference cycles) and, on a GPU, the allocator's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def reset_peak_memory(device: torch.device) -> None:
