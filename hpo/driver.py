@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import os
 import platform
 import shutil
@@ -344,7 +345,8 @@ def _search_alg(spec: SweepSpec) -> Any:
     search = spec.search
     if search.algorithm in ("tpe", "nsga2") or _define_by_run(spec):
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
+
+        from hpo.searchers import OptunaSearchOnce
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = {
@@ -354,14 +356,21 @@ def _search_alg(spec: SweepSpec) -> Any:
         }[search.algorithm]()
         space = _optuna_space(spec) if _define_by_run(spec) else None
         if spec.multi_objective:
-            return OptunaSearch(
-                space=space, metric=[o.metric for o in spec.objectives], mode=[o.mode for o in spec.objectives], sampler=sampler
-            )
-        return OptunaSearch(space=space, metric=spec.tune_objective.metric, mode=spec.tune_objective.mode, sampler=sampler)
+            metric, mode = [o.metric for o in spec.objectives], [o.mode for o in spec.objectives]
+        else:
+            metric, mode = spec.tune_objective.metric, spec.tune_objective.mode
+        return OptunaSearchOnce(space=space, metric=metric, mode=mode, sampler=sampler, space_size=_space_size(spec))
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Tune applies TuneConfig.max_concurrent_trials only to a Searcher; this generator takes its own limit.
     return BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent_trials or 0)
+
+
+def _space_size(spec: SweepSpec) -> int | None:
+    """How many configurations a space of grids and choices holds; None when it is not finite."""
+    if _define_by_run(spec) or any(dim.kind not in ("grid", "choice") for dim in spec.search.space.values()):
+        return None
+    return math.prod(len(dim.values) for dim in spec.search.space.values())
 
 
 def _optuna_space(spec: SweepSpec) -> Any:
