@@ -277,6 +277,10 @@ def _init_ray(address: str | None) -> None:
     # Ray says at every local start that it enabled token authentication, its default: not news to our users.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A reused worker waits this long for a stopped trial's thread to end before its next trial
+    # (Ray Tune's default, 2 s, errors that next trial when a loaded machine is slower). Workers of
+    # a local Ray inherit it; on a cluster, set it on the nodes.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     try:
         ray.init(
             address=address,
@@ -556,14 +560,16 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
 
+    # The process may have run an earlier trial (resources.reuse_workers). One that ASHA stopped
+    # ended by an exception raised in tune.report, unwound only now: free what it held first.
+    release_memory()
     checkpoint = tune.get_checkpoint()  # set when Tune restarts a lost trial, or on `peftsweep resume`
     resume_from = Path(checkpoint.to_directory()) if checkpoint is not None else None
     try:
         result = train(config, baseline, report, resume_from)
     except Exception as exc:
         result = TrainResult(TrainStatus.ERROR, 0, {}, _last_line(f"{type(exc).__name__}: {exc}"))
-    finally:
-        release_memory()  # the process may run the sweep's next trial (resources.reuse_workers)
+    release_memory()  # an idle worker holds no memory (on a GPU, no cached blocks) between trials
     if result.status is not TrainStatus.SUCCESS:
         tune.report(_closing_report(spec, result))
 

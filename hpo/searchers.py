@@ -18,7 +18,9 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
-MAX_REPEATS = 100  # proposals in a row that all ran before: then a repeat runs after all
+from hpo.store import ERROR, STATUS_KEY
+
+MAX_REPEATS = 20  # proposals in a row that all ran before: then the last one runs after all
 
 
 def config_key(config: dict[str, Any]) -> str:
@@ -41,21 +43,23 @@ class OptunaSearchOnce(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.space_size is not None and len(self.results) >= self.space_size:
             return Searcher.FINISHED
-        for _ in range(MAX_REPEATS):
+        for attempt in range(MAX_REPEATS):
             config = super().suggest(trial_id)
             known = self.results.get(config_key(config)) if config is not None else None
-            if known is None:
-                return config
+            if known is None or attempt == MAX_REPEATS - 1:
+                return config  # new, or (a space nearly used up, say) run the repeat after all
             self._ot_study.tell(self._ot_trials.pop(trial_id), known)  # as if it had run again
             self.repeats_answered += 1
-        return config
+        return None  # not reached
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self._ot_trials.get(trial_id)
-        if trial is not None and result and not error:
+        if trial is not None and result and not error and result.get(STATUS_KEY) != ERROR:
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             values = [result.get(m) for m in metrics]
-            if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            # A trial that diverged, ran out of memory or was infeasible would again: its worst values
+            # (inf for a minimized objective) are remembered too. An error may not recur: it is not.
+            if all(isinstance(v, (int, float)) and not math.isnan(v) for v in values):
                 key = config_key(unflatten_dict(trial.params))  # as `suggest` returned it
                 self.results[key] = values if isinstance(self.metric, list) else values[0]
         super().on_trial_complete(trial_id, result, error)

@@ -256,3 +256,53 @@ def test_a_discrete_space_never_trains_a_configuration_twice(tmp_path, algorithm
         searcher.on_trial_complete(f"t{i}", {"win_rate": config["lora_r"] * config["learning_rate"], "train_seconds": 1.0})
     assert len(ran) == 12 and len(set(ran)) == 12  # each of the 3 x 4 configurations once, then finished
     assert searcher.repeats_answered > 0  # Optuna did propose repeats; none of them ran
+
+
+def _drive(searcher, trials: int, score) -> list[str]:
+    """Tune's calls to a searcher, trial after trial: suggest, one result, complete."""
+    from ray.tune.search import Searcher
+
+    ran = []
+    for i in range(trials):
+        config = searcher.suggest(f"t{i}")
+        if config == Searcher.FINISHED:
+            break
+        ran.append(json.dumps(config, sort_keys=True))
+        result = {**score(config), "training_iteration": 1}
+        searcher.on_trial_result(f"t{i}", result)
+        searcher.on_trial_complete(f"t{i}", result)
+    return ran
+
+
+def test_a_used_up_conditional_space_still_gets_trials(tmp_path):
+    """A conditional space is not counted, so it never finishes: once every configuration has run,
+    a repeat runs after all, as an open Optuna trial that takes its results."""
+    path = tmp_path / "small_conditional.yaml"
+    path.write_text(
+        "search:\n  algorithm: tpe\n  num_samples: 8\n  space:\n    method: {choice: [lora, none]}\n"
+        "  conditional:\n    lora: {lora_r: {choice: [2, 4]}}\n"
+        "objectives: [{metric: win_rate, mode: max}]\n"
+    )
+    spec = load_sweep(str(path), []).spec
+    searcher = _search_alg(spec)
+    searcher.set_search_properties(None, None, param_space(spec))
+    ran = _drive(searcher, 8, lambda c: {"win_rate": 0.5 + 0.1 * (c.get("lora_r") or 0)})
+    assert len(ran) == 8 and len(set(ran)) == 3  # lora r2, lora r4, none; then repeats
+    assert searcher.repeats_answered > 0
+
+
+def test_deterministic_failures_are_remembered_and_errors_are_not(tmp_path):
+    from hpo.store import STATUS_KEY
+
+    path = tmp_path / "ppl.yaml"
+    path.write_text(
+        "search:\n  algorithm: tpe\n  num_samples: 4\n  space:\n    lora_r: {grid: [4, 8]}\n"
+        "objectives: [{metric: eval_ppl, mode: min}]\n"
+    )
+    spec = load_sweep(str(path), []).spec
+    searcher = _search_alg(spec)
+    searcher.set_search_properties(None, None, param_space(spec))
+    statuses = {4: "oom", 8: "error"}  # out of memory again if run again; an error may not recur
+    ran = _drive(searcher, 4, lambda c: {STATUS_KEY: statuses[c["lora_r"]], "eval_ppl": float("inf")})
+    assert list(searcher.results.values()) == [float("inf")]  # the oom configuration only
+    assert ran.count(json.dumps({"lora_r": 4})) == 1 and ran.count(json.dumps({"lora_r": 8})) >= 1
