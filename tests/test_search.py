@@ -114,6 +114,19 @@ def test_tpe_with_asha_stops_weak_trials_early(tmp_path, tiny_model_dir):
         assert int(row["epochs_completed"]) < 3
         assert float(row["eval_ppl"]) > 1 and float(row["train_seconds"]) > 0  # metrics up to the stop are kept
     assert any(r["status"] == "completed" and r["epochs_completed"] == "3" for r in rows)
+    assert {r["status"] for r in rows} == {"completed", "early_stopped"}  # no trial errored in a reused worker
+    # A stopped trial's worker process ran a later trial: its thread, stopped inside tune.report, ended in time.
+    conn = sqlite3.connect(runs / "tpe_asha" / "results.db")
+    pids = {}
+    for trial_id, status, started, metrics in conn.execute(
+        "SELECT trial_id, status, started_at, metrics_json FROM trials JOIN epochs USING (trial_id) WHERE epoch = 1"
+    ):
+        pids[trial_id] = (json.loads(metrics)["worker_pid"], status, started)
+    assert any(
+        later_pid == pid and later_started > started
+        for pid, status, started in pids.values() if status == "early_stopped"
+        for later_pid, _, later_started in pids.values()
+    ), pids
     html = (runs / "tpe_asha" / "report.html").read_text()
     assert "early stopped" in html
 
