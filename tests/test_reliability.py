@@ -89,6 +89,22 @@ def test_a_finished_training_leaves_no_model_behind(baseline, tmp_path):
     assert left == []
 
 
+def test_a_training_stopped_inside_its_report_leaves_no_model_behind(baseline):
+    """ASHA stops a trial of a reused worker by raising SystemExit in tune.report, in its thread:
+    once that exception is dropped, nothing of the training may stay for the next trial."""
+    import torch
+
+    def stopped(metrics, save):
+        raise SystemExit(0)  # what Ray Tune's session raises in a stopped trial's report
+
+    before = {id(o) for o in gc.get_objects() if isinstance(o, torch.nn.Module)}
+    with pytest.raises(SystemExit):
+        train(_config(epochs=2), baseline, stopped)
+    release_memory()  # as the next trial's run_trial does first
+    left = [type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.Module) and id(o) not in before]
+    assert left == []
+
+
 @pytest.mark.parametrize("reuse", [True, False])
 def test_trials_share_worker_processes_unless_told_not_to(tmp_path, tiny_model_dir, reuse):
     sweep = _sweep_file(
