@@ -108,7 +108,7 @@ def render(result: dict[str, Any]) -> str:
 
 def main() -> None:
     p = common.parser(__doc__)
-    p.add_argument("--epochs-grid", default="1,2,3,5", help="the epochs values, comma-separated (default 1,2,3,5; the issue's 1,2,5,10,20,30 takes about 9 min a repeat on 2 cores)")
+    p.add_argument("--epochs-grid", default="1,2,3,5", help="the epochs values, comma-separated (default 1,2,3,5; the issue's 1,2,5,10,20,30 takes about 7 min a repeat on 2 cores)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating, default 3")
     p.add_argument("--records", type=int, help="use the first N records of the built-in task (default: all 800)")
     p.add_argument("--concurrency", type=int, default=1,

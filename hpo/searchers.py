@@ -43,14 +43,14 @@ class OptunaSearchOnce(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.space_size is not None and len(self.results) >= self.space_size:
             return Searcher.FINISHED
-        for attempt in range(MAX_REPEATS):
+        for _ in range(MAX_REPEATS - 1):
             config = super().suggest(trial_id)
             known = self.results.get(config_key(config)) if config is not None else None
-            if known is None or attempt == MAX_REPEATS - 1:
-                return config  # new, or (a space nearly used up, say) run the repeat after all
+            if known is None:
+                return config
             self._ot_study.tell(self._ot_trials.pop(trial_id), known)  # as if it had run again
             self.repeats_answered += 1
-        return None  # not reached
+        return super().suggest(trial_id)  # repeats only (a space nearly used up): this one runs after all
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self._ot_trials.get(trial_id)
