@@ -77,32 +77,34 @@ def test_a_trial_over_its_memory_cap_ends_as_oom(baseline):
     assert "resources.max_memory_gb 0.01" in result.error
 
 
-def test_a_finished_training_leaves_no_model_behind(baseline, tmp_path):
-    """A worker process runs the sweep's next trial (resources.reuse_workers): nothing of this one may stay."""
+def _modules() -> dict[int, str]:
+    """Every torch module alive in this process: its class name, by id."""
     import torch
 
-    before = {id(o) for o in gc.get_objects() if isinstance(o, torch.nn.Module)}
+    return {id(o): type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.Module)}
+
+
+def test_a_finished_training_leaves_no_model_behind(baseline, tmp_path):
+    """A worker process runs the sweep's next trial (resources.reuse_workers): nothing of this one may stay."""
+    before = _modules()
     result = train(_config(epochs=1), baseline, lambda m, save: save(tmp_path / f"epoch{m['epoch']}"))
     assert result.status is TrainStatus.SUCCESS
     release_memory()
-    left = [type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.Module) and id(o) not in before]
-    assert left == []
+    assert [name for i, name in _modules().items() if i not in before] == []
 
 
 def test_a_training_stopped_inside_its_report_leaves_no_model_behind(baseline):
     """ASHA stops a trial of a reused worker by raising SystemExit in tune.report, in its thread:
     once that exception is dropped, nothing of the training may stay for the next trial."""
-    import torch
 
     def stopped(metrics, save):
         raise SystemExit(0)  # what Ray Tune's session raises in a stopped trial's report
 
-    before = {id(o) for o in gc.get_objects() if isinstance(o, torch.nn.Module)}
+    before = _modules()
     with pytest.raises(SystemExit):
         train(_config(epochs=2), baseline, stopped)
     release_memory()  # as the next trial's run_trial does first
-    left = [type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.Module) and id(o) not in before]
-    assert left == []
+    assert [name for i, name in _modules().items() if i not in before] == []
 
 
 @pytest.mark.parametrize("reuse", [True, False])

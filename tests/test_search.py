@@ -17,9 +17,15 @@ from hpo.spec import load_sweep
 from tests.conftest import REPO, peftsweep
 
 
-def _first_suggestions(spec, n: int = 4) -> list[dict]:
+def _searcher(spec):
+    """The sweep's searcher as Tune sets it up."""
     searcher = _search_alg(spec)
     searcher.set_search_properties(None, None, param_space(spec))
+    return searcher
+
+
+def _first_suggestions(spec, n: int = 4) -> list[dict]:
+    searcher = _searcher(spec)
     return [searcher.suggest(f"t{i}") for i in range(n)]
 
 
@@ -248,8 +254,6 @@ def test_max_concurrent_trials_reaches_the_grid_generator(tmp_path):
 def test_a_discrete_space_never_trains_a_configuration_twice(tmp_path, algorithm):
     """Optuna proposes configurations that already ran (TPE alone: about 8 distinct in 12 proposals
     on 12 configurations); their earlier result answers, and a finished space ends the search."""
-    from ray.tune.search import Searcher
-
     objectives = "{metric: win_rate, mode: max}" + (", {metric: train_seconds, mode: min}" if algorithm == "nsga2" else "")
     path = tmp_path / "small.yaml"
     path.write_text(
@@ -257,16 +261,8 @@ def test_a_discrete_space_never_trains_a_configuration_twice(tmp_path, algorithm
         "  space:\n    learning_rate: {choice: [1e-4, 1e-3, 1e-2]}\n    lora_r: {grid: [4, 8, 16, 32]}\n"
         f"objectives: [{objectives}]\n"
     )
-    spec = load_sweep(str(path), []).spec
-    searcher = _search_alg(spec)
-    searcher.set_search_properties(None, None, param_space(spec))
-    ran = []
-    for i in range(20):
-        config = searcher.suggest(f"t{i}")
-        if config == Searcher.FINISHED:
-            break
-        ran.append(json.dumps(config, sort_keys=True))
-        searcher.on_trial_complete(f"t{i}", {"win_rate": config["lora_r"] * config["learning_rate"], "train_seconds": 1.0})
+    searcher = _searcher(load_sweep(str(path), []).spec)
+    ran = _drive(searcher, 20, lambda c: {"win_rate": c["lora_r"] * c["learning_rate"], "train_seconds": 1.0})
     assert len(ran) == 12 and len(set(ran)) == 12  # each of the 3 x 4 configurations once, then finished
     assert searcher.repeats_answered > 0  # Optuna did propose repeats; none of them ran
 
@@ -296,9 +292,7 @@ def test_a_used_up_conditional_space_still_gets_trials(tmp_path):
         "  conditional:\n    lora: {lora_r: {choice: [2, 4]}}\n"
         "objectives: [{metric: win_rate, mode: max}]\n"
     )
-    spec = load_sweep(str(path), []).spec
-    searcher = _search_alg(spec)
-    searcher.set_search_properties(None, None, param_space(spec))
+    searcher = _searcher(load_sweep(str(path), []).spec)
     ran = _drive(searcher, 8, lambda c: {"win_rate": 0.5 + 0.1 * (c.get("lora_r") or 0)})
     assert len(ran) == 8 and len(set(ran)) == 3  # lora r2, lora r4, none; then repeats
     assert searcher.repeats_answered > 0
@@ -312,9 +306,7 @@ def test_deterministic_failures_are_remembered_and_errors_are_not(tmp_path):
         "search:\n  algorithm: tpe\n  num_samples: 4\n  space:\n    lora_r: {grid: [4, 8]}\n"
         "objectives: [{metric: eval_ppl, mode: min}]\n"
     )
-    spec = load_sweep(str(path), []).spec
-    searcher = _search_alg(spec)
-    searcher.set_search_properties(None, None, param_space(spec))
+    searcher = _searcher(load_sweep(str(path), []).spec)
     statuses = {4: "oom", 8: "error"}  # out of memory again if run again; an error may not recur
     ran = _drive(searcher, 4, lambda c: {STATUS_KEY: statuses[c["lora_r"]], "eval_ppl": float("inf")})
     assert list(searcher.results.values()) == [float("inf")]  # the oom configuration only
