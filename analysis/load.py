@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from hpo.errors import SweepError
-from hpo.store import EPOCH_COLUMNS, Store
+from hpo.store import EPOCH_COLUMNS, FINISHED, Store, epoch_score
 
 # Measured afresh at each epoch, so they can pick a trial's best epoch. The costs (train_seconds,
 # gpu_hours, ...) are cumulative: by them the best epoch would always be the first.
@@ -80,7 +80,7 @@ def load_trials(store: Store) -> pd.DataFrame:
     params = param_columns(store)
     columns = [
         "trial_id", "status", *params, "epochs_completed", "best_epoch",
-        *BEST_EPOCH_METRICS, *TRIAL_METRICS, "error",
+        *BEST_EPOCH_METRICS, *TRIAL_METRICS, "error", "error_log",
     ]  # fmt: skip
     trials = store.trials()
     epochs = _epoch_frame(store)
@@ -103,6 +103,7 @@ def load_trials(store: Store) -> pd.DataFrame:
             rows.append(row)
 
     df = pd.DataFrame(rows, columns=columns)
+    df["error_log"] = [_error_log(store, trial_id) for trial_id in df["trial_id"]]
     numeric = ["best_epoch", *BEST_EPOCH_METRICS, *TRIAL_METRICS]
     df[numeric] = df[numeric].astype("float64")
     df["epochs_completed"] = df["epochs_completed"].astype("int64")
@@ -144,6 +145,12 @@ def _trial_row(trial: dict, own: pd.DataFrame, params: list[str], metric: str, m
     row |= {m: own[m].max() if len(own) and m in own else np.nan for m in PEAK_METRICS}
     row["error"] = trial["error"]
     return row
+
+
+def _error_log(store: Store, trial_id: str) -> str | None:
+    """The file with a failed trial's full traceback, if it has one."""
+    path = store.traceback_path(training_id(trial_id))
+    return str(path) if path.is_file() else None
 
 
 def load_epochs(store: Store) -> pd.DataFrame:
@@ -199,7 +206,8 @@ def _epoch_frame(store: Store) -> pd.DataFrame:
 
 
 def best_epoch_of(own: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
-    """The trial's epoch with the best `metric` (the earliest among ties, being the cheapest).
+    """The trial's epoch with the best `metric`, by hpo.store.epoch_score (the earliest among ties,
+    being the cheapest): the rule Ray Tune's checkpoint keeping follows too.
 
     A trial that never reported the metric keeps its last epoch: what it ended with.
     """
@@ -208,5 +216,16 @@ def best_epoch_of(own: pd.DataFrame, metric: str, mode: str) -> pd.Series | None
     scored = own[own[metric].notna()]
     if scored.empty:
         return own.iloc[-1]
-    values = scored[metric].to_numpy(dtype=float)
-    return scored.iloc[int(np.argmax(values) if mode == "max" else np.argmin(values))]
+    scores = [epoch_score(value, int(epoch), mode) for value, epoch in zip(scored[metric], scored["epoch"])]
+    return scored.iloc[int(np.argmax(scores))]
+
+
+def rank_trials(trials: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.DataFrame:
+    """Finished trials first, each group by `metric` best first (cheaper by `cost` first among ties),
+    NaNs last: the one ranking of the report, `peftsweep best` and the export's order of merit."""
+    keys = trials.assign(
+        _unfinished=~trials["status"].isin(FINISHED),
+        _key=trials[metric] if mode == "min" else -trials[metric],
+    )
+    ranked = keys.sort_values(["_unfinished", "_key", cost], na_position="last", kind="stable")
+    return ranked.drop(columns=["_unfinished", "_key"]).reset_index(drop=True)

@@ -206,7 +206,7 @@ def _trials_table(data: ReportData) -> str:
                 cells.append(f'<td class="id">{escape(value)}</td>')
             else:
                 cells.append(f'<td data-sort="{escape(_sort_key(value))}">{escape(cell(value))}</td>')
-        cells.append(f"<td>{_error_cell(trial['error'])}</td>")
+        cells.append(f"<td>{_error_cell(trial['error'], trial['error_log'])}</td>")
         classes = f"status-{escape(str(trial['status']))}" + (" best" if trial["trial_id"] == data.best_trial else "")
         rows.append(f'<tr class="{classes}">{"".join(cells)}</tr>')
     caption = (
@@ -247,15 +247,17 @@ def _sort_key(value: Any) -> str:
     return cell(value)
 
 
-def _error_cell(error: Any) -> str:
+def _error_cell(error: Any, log: Any = None) -> str:
     if pd.isna(error) or not str(error).strip():
         return ""
     text = str(error).strip()
+    # The report lies beside the store, so errors/<trial>.txt is a link that survives moving the run folder.
+    link = "" if not isinstance(log, str) else f' <a class="error-log" href="errors/{quote(Path(log).name)}">full traceback</a>'
     first = text.splitlines()[0]
     if len(first) <= 100 and first == text:
-        return f'<span class="error">{escape(text)}</span>'
+        return f'<span class="error">{escape(text)}</span>{link}'
     short = first if len(first) <= 100 else first[:99] + "…"
-    return f'<details class="error"><summary>{escape(short)}</summary><pre>{escape(text)}</pre></details>'
+    return f'<details class="error"><summary>{escape(short)}</summary><pre>{escape(text)}</pre></details>{link}'
 
 
 def _samples_section(samples: Samples | None) -> str:

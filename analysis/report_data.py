@@ -21,6 +21,7 @@ from analysis.load import (
     load_judgments,
     load_trials,
     param_columns,
+    rank_trials,
     selection_objective,
     training_id,
 )
@@ -164,7 +165,7 @@ def report_data(store: Store) -> ReportData:
     metric, mode = selection_objective(sweep["objectives"], epochs)
     loaded = load_trials(store)
     cost = cost_metric(sweep["objectives"], loaded)
-    trials = _rank(loaded, metric, mode, cost)
+    trials = rank_trials(loaded, metric, mode, cost)
     finished = trials[trials["status"].isin(FINISHED) & trials[metric].notna()]
     best = finished.iloc[0] if len(finished) else None
     baseline = store.baseline_metrics()
@@ -242,16 +243,6 @@ def report_data(store: Store) -> ReportData:
         notes=notes,
         samples=None if best is None else _samples(store, best),
     )
-
-
-def _rank(trials: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.DataFrame:
-    """Finished trials first, each group by `metric` best first (cheaper first among ties), NaNs last."""
-    keys = trials.assign(
-        _unfinished=~trials["status"].isin(FINISHED),
-        _key=trials[metric] if mode == "min" else -trials[metric],
-    )
-    ranked = keys.sort_values(["_unfinished", "_key", cost], na_position="last", kind="stable")
-    return ranked.drop(columns=["_unfinished", "_key"]).reset_index(drop=True)
 
 
 def sweet_spot(

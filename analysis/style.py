@@ -7,10 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from hpo.store import COMPLETED, DIVERGED, EARLY_STOPPED, ERROR, INFEASIBLE, OOM, PENDING, RUNNING
-
-# Trials that ran to their end: only these can be on a frontier, be the best trial or enter a statistic.
-FINISHED = (COMPLETED, EARLY_STOPPED)
+from hpo.store import COMPLETED, DIVERGED, EARLY_STOPPED, ERROR, FINISHED, INFEASIBLE, OOM, PENDING, RUNNING
 
 # status: (label, plotly marker symbol, colour, line dash in the epoch curves)
 STATUS_STYLE = {

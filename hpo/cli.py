@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hpo.errors import SweepError
+from hpo.errors import SweepError, SweepFailed, SweepInterrupted
 
 app = typer.Typer(
     help="Hyperparameter sweeps for parameter-efficient fine-tuning, on Ray Tune and Optuna.\n\n"
@@ -27,6 +27,20 @@ RunsDir = Annotated[
 def _fail(message: str) -> None:
     typer.echo(f"peftsweep: error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def _stopped(exc: SweepInterrupted | SweepFailed, name: str) -> None:
+    """The last line of a sweep that did not complete, and its exit code: 128 + the signal's number
+    for an interrupted sweep (130 for Ctrl-C), 1 for a failed one."""
+    if isinstance(exc, SweepInterrupted):
+        typer.echo(
+            f"peftsweep: interrupted ({exc}); finished epochs are in the store, and "
+            f"`peftsweep resume {name}` continues the sweep",
+            err=True,
+        )
+        raise typer.Exit(128 + exc.signum)
+    typer.echo(f"peftsweep: failed: {exc}", err=True)
+    raise typer.Exit(1)
 
 
 def _grid_size(spec) -> str:
@@ -71,9 +85,8 @@ def run(
         run_dir = run_sweep(loaded, name=run_name, runs_dir=runs_dir, overwrite=overwrite, address=address, overrides=set_)
     except SweepError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        typer.echo(f"peftsweep: interrupted; finished trials are in the store (peftsweep resume {run_name} continues)", err=True)
-        raise typer.Exit(130)
+    except (SweepInterrupted, SweepFailed) as exc:
+        _stopped(exc, run_name)
     typer.echo(str(run_dir / "report.html"))
 
 
@@ -94,9 +107,8 @@ def resume(
         run_dir = resume_sweep(name, runs_dir=runs_dir, address=address)
     except SweepError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        typer.echo(f"peftsweep: interrupted; finished trials are in the store (peftsweep resume {name} continues)", err=True)
-        raise typer.Exit(130)
+    except (SweepInterrupted, SweepFailed) as exc:
+        _stopped(exc, name)
     typer.echo(str(run_dir / "report.html"))
 
 
@@ -160,19 +172,20 @@ def best(
     runs_dir: RunsDir = None,
 ) -> None:
     """The best trial: its parameters, its metrics at its best epoch, and where its adapter is."""
-    from analysis.load import load_trials, selection_objective, training_id
-    from analysis.style import FINISHED
+    from analysis.load import cost_metric, load_trials, rank_trials, selection_objective, training_id
+    from hpo.store import FINISHED
 
     try:
         store = _open_store(name, runs_dir)
         trials = load_trials(store)
         epochs = store.epochs()
-        metric, mode = selection_objective(store.sweep()["objectives"], _frame(epochs))
-        finished = trials[trials["status"].isin(FINISHED) & trials[metric].notna()]
+        objectives = store.sweep()["objectives"]
+        metric, mode = selection_objective(objectives, _frame(epochs))
+        ranked = rank_trials(trials, metric, mode, cost_metric(objectives, trials))  # the report's ranking
+        finished = ranked[ranked["status"].isin(FINISHED) & ranked[metric].notna()]
         if finished.empty:
             raise SweepError(f"run '{name}' has no finished trial yet (peftsweep export {name} shows each trial's status)")
-        ranked = finished.assign(_key=finished[metric] if mode == "min" else -finished[metric])
-        row = ranked.sort_values(["_key", "train_seconds"], kind="stable").iloc[0]  # the cheaper among equals
+        row = finished.iloc[0]
     except SweepError as exc:
         _fail(str(exc))
     epoch = int(row["best_epoch"])

@@ -6,27 +6,33 @@ only translates the spec, connects the worker to Tune, and records what Tune rep
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.metadata
 import logging
 import math
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback, Stopper
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from hpo.errors import SweepError
+from hpo.errors import SweepError, SweepFailed, SweepInterrupted
 from hpo.progress import ProgressCallback
 from hpo.spec import VARIANT, Dimension, Sweep, SweepSpec, coerce_value, flatten_params
-from hpo.store import COMPLETED, EARLY_STOPPED, ERROR, STATUS_KEY, Store
+from hpo.store import COMPLETED, EARLY_STOPPED, ERROR, SCORE_KEY, STATUS_KEY, Store, epoch_score
 
-_RAY_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}  # Tune's own result keys
+_RAY_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", SCORE_KEY}  # not stored
+SPENT_KEY = "spent_gpu_hours"  # GPU-hours a trial has held so far, in every report (the budget's input)
 ADDRESS_TIMEOUT_S = 10  # seconds a Ray head node gets to accept a connection
 VERSIONED_PACKAGES = ("peftsweep", "torch", "transformers", "peft", "ray", "optuna", "pydantic")
 
@@ -50,9 +56,15 @@ def run_sweep(
     _check_address(address)
     _preflight(sweep.spec)
     spec = _absolute_paths(sweep.spec)
-    _prepare_storage(spec, run_dir, overwrite)
-    _prepare_run_dir(run_dir, overwrite)
-    with _driver_lock(run_dir):
+    created = _make_run_dir(run_dir)
+    with _driver_lock(run_dir):  # before anything is removed: --overwrite must not wipe a live sweep
+        try:
+            _clear_run_dir(run_dir, overwrite)
+            _prepare_storage(spec, run_dir, overwrite)
+        except SweepError:
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         store = Store.create(
             run_dir / "results.db",
             name=name,
@@ -120,19 +132,31 @@ def resume_sweep(name: str, *, runs_dir: str | None = None, address: str | None 
 
 
 def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCallback, run_dir: Path, address: str | None) -> Path:
-    """Start Ray, run the tuner to the end, close the store's sweep record and write the report."""
+    """Start Ray, run the tuner to the end, close the store's sweep record and write the report.
+
+    Raises SweepInterrupted on SIGINT/SIGTERM (the store says `interrupted`; `resume` continues),
+    SweepFailed when every trial failed (after the report) or the store can no longer be written.
+    """
     import ray
 
+    signals = _Signals()
     try:
-        _init_ray(address)
-        progress.say(f"Ray {'cluster ' + address if address else 'started locally'}; resources: {_resources()}")
-        tuner = make_tuner()
-        progress.start()
-        started = time.monotonic()
-        try:
-            tuner.fit()
-        finally:
-            progress.stop()
+        with signals:
+            _init_ray(address)
+            signals.install()  # again: Ray's core worker puts its own SIGTERM handler (exit 1) in place
+            if not address:
+                start_reaper()
+            progress.say(f"Ray {'cluster ' + address if address else 'started locally'}; resources: {_resources()}")
+            tuner = make_tuner()
+            progress.start()
+            started = time.monotonic()
+            try:
+                with signals.tuning():
+                    tuner.fit()
+            finally:
+                progress.stop()
+        if signals.received:
+            raise SweepInterrupted(signals.received)
         store.end_unfinished(EARLY_STOPPED)  # trials a budget cut off mid-epoch
         statuses = [t["status"] for t in store.trials()]
         errors = sum(s not in (COMPLETED, EARLY_STOPPED) for s in statuses)
@@ -141,23 +165,127 @@ def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCal
         note = "; ".join(n for n in notes if n) or None
         if note:
             progress.say(f"Note: {note}")
-        store.finish("completed" if errors < len(statuses) else "failed", note=note)
-    except KeyboardInterrupt:
-        store.finish("interrupted")
+        status = "completed" if errors < len(statuses) else "failed"
+        store.finish(status, note=note)
+    except SweepInterrupted:
+        _finish_quietly(store, "interrupted", None)
         raise
-    except BaseException:
-        store.finish("failed")
+    except KeyboardInterrupt:
+        _finish_quietly(store, "interrupted", None)
+        raise SweepInterrupted(signals.received or signal.SIGINT) from None
+    except BaseException as exc:
+        fault = _write_fault(exc)
+        reason = f"cannot write {fault.filename or store.path}: {fault.strerror}" if isinstance(fault, OSError) else (
+            f"cannot write the results store {store.path}: {fault}" if fault is not None else None
+        )
+        _finish_quietly(store, "failed", reason or _last_line(f"{type(exc).__name__}: {exc}"))
+        if reason:
+            raise SweepFailed(f"{reason}; free space or fix the folder's permissions, then `peftsweep resume {run_dir.name}` continues") from None
         raise
     finally:
         if ray.is_initialized() and not address:
             ray.shutdown()
 
-    from analysis.report import write_report
-
-    report = write_report(store, run_dir / "report.html")
+    report = _write_report(store, run_dir)
     store.close()
     progress.say(f"Report: {report}")
+    if status == "failed":
+        raise SweepFailed(f"sweep {run_dir.name} failed: {note} (peftsweep export {run_dir.name} has each trial's error; report: {report})")
     return run_dir
+
+
+def _write_report(store: Store, run_dir: Path) -> Path:
+    from analysis.report import write_report
+
+    try:
+        return write_report(store, run_dir / "report.html")
+    except OSError as exc:
+        raise SweepFailed(
+            f"cannot write the report {run_dir / 'report.html'}: {exc.strerror}; the results are in the store: "
+            f"free space, then `peftsweep report {run_dir.name}`"
+        ) from None
+
+
+def _write_fault(exc: BaseException) -> OSError | Exception | None:
+    """The file-system or SQLite write error behind `exc` (Ray Tune wraps a callback's errors), or None."""
+    import sqlite3
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno is not None and exc.errno in _WRITE_ERRNOS:
+            return exc
+        if isinstance(exc, sqlite3.OperationalError) and any(w in str(exc) for w in ("full", "readonly", "disk I/O", "unable to open")):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
+
+
+def _finish_quietly(store: Store, status: str, note: str | None) -> None:
+    """Record how the sweep ended if the store can still be written (it may be the disk that failed)."""
+    import sqlite3
+
+    try:
+        store.finish(status, note=note)
+    except (sqlite3.Error, OSError):
+        pass
+
+
+class _Signals:
+    """SIGINT and SIGTERM stop a sweep so that it can be resumed: while Ray Tune runs the trials, they
+    ask Tune for its own graceful stop (it saves the experiment state, then returns), and the sweep
+    is recorded `interrupted`; before and after, they interrupt at once. A second signal stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._tuning = False
+
+    def __enter__(self) -> "_Signals":
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's would hide a Ctrl-C from us (the sweep looked completed)
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.install()
+        return self
+
+    def install(self) -> None:
+        for signum in self._previous:
+            signal.signal(signum, self._handle)
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @contextlib.contextmanager
+    def tuning(self):
+        self._tuning = True
+        try:
+            yield
+        finally:
+            self._tuning = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        # Tune stops gracefully on SIGUSR1 (its handler is installed once fit() has started).
+        if first and self._tuning and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        raise KeyboardInterrupt
+
+
+def start_reaper() -> None:
+    """A watchdog process that ends this driver's local Ray processes if the driver dies without
+    shutting Ray down (kill -9): Ray's agents otherwise outlive it for minutes (hpo/reaper.py)."""
+    subprocess.Popen(
+        [sys.executable, "-m", "hpo.reaper", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives the driver, and a Ctrl-C at the terminal
+        cwd=Path(__file__).resolve().parent.parent,  # finds hpo from any working directory
+    )
 
 
 class _driver_lock:
@@ -166,8 +294,10 @@ class _driver_lock:
     An OS file lock, so a killed driver (even kill -9) releases it.
     """
 
+    FILE = "driver.lock"
+
     def __init__(self, run_dir: Path):
-        self.path = run_dir / "driver.lock"
+        self.path = run_dir / self.FILE
 
     def __enter__(self) -> None:
         import fcntl
@@ -256,18 +386,47 @@ def _prepare_storage(spec: SweepSpec, run_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(shared)
 
 
-def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if run_dir.exists():
-        if not overwrite:
-            raise SweepError(
-                f"{run_dir} already exists: `peftsweep resume {run_dir.name}` continues it, "
-                "--overwrite replaces it, --name NAME keeps both"
-            )
-        shutil.rmtree(run_dir)
+def _make_run_dir(run_dir: Path) -> bool:
+    """The run folder, made if needed; whether this call made it."""
     try:
+        if run_dir.is_dir():
+            return False
         run_dir.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False  # another driver made it just now: the driver lock decides
     except OSError as exc:
         raise SweepError(f"cannot create {run_dir}: {exc.strerror}; choose a writable --runs-dir") from None
+
+
+def _clear_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """An earlier run of this name is refused, or with --overwrite removed (the caller holds its driver lock)."""
+    earlier = [p for p in run_dir.iterdir() if p.name != _driver_lock.FILE]
+    if not earlier:
+        return
+    if not overwrite:
+        raise SweepError(f"{run_dir} already exists: {_what_to_do_with(run_dir)}")
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _what_to_do_with(run_dir: Path) -> str:
+    """The advice for a run name that is taken: resume only what can be resumed."""
+    import sqlite3
+
+    name = run_dir.name
+    keep = f"--overwrite replaces it, --name NAME keeps both"
+    try:
+        conn = sqlite3.connect(f"file:{run_dir / 'results.db'}?mode=ro", uri=True)
+        try:
+            status = conn.execute("SELECT status FROM sweep").fetchone()[0]
+        finally:
+            conn.close()
+    except (sqlite3.Error, TypeError):
+        return keep
+    if status == "completed":
+        return f"that sweep has completed (its report: peftsweep report {name}); {keep}"
+    return f"`peftsweep resume {name}` continues it ({status}), {keep}"
 
 
 def _init_ray(address: str | None) -> None:
@@ -281,6 +440,9 @@ def _init_ray(address: str | None) -> None:
     # (Ray Tune's default, 2 s, errors that next trial when a loaded machine is slower). Workers of
     # a local Ray inherit it; on a cluster, set it on the nodes.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+    # Tune's default result loggers (JSON, CSV, TensorBoard) duplicate the store, and tensorboardX
+    # prints "NaN or Inf found in input tensor." for a failed trial's worst values.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     try:
         ray.init(
             address=address,
@@ -422,14 +584,20 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 
 
 class GpuHoursBudget(Stopper):
-    """Stops the sweep once the trials together have spent `budget` GPU-hours."""
+    """Stops the sweep once the trials together have spent `budget` GPU-hours.
+
+    Spend is read from SPENT_KEY, which every report carries, a failed trial's closing report
+    too (its objective values may be worst-case stand-ins such as inf, never spend).
+    """
 
     def __init__(self, budget: float):
         self.budget = budget
         self.spent: dict[str, float] = {}
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        self.spent[trial_id] = float(result.get("gpu_hours", 0.0))
+        spent = result.get(SPENT_KEY)
+        if spent is not None and math.isfinite(spent):
+            self.spent[trial_id] = max(self.spent.get(trial_id, 0.0), float(spent))
         return False
 
     def stop_all(self) -> bool:
@@ -496,8 +664,8 @@ def _tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[
             failure_config=tune.FailureConfig(max_failures=spec.search.max_retries),
             checkpoint_config=tune.CheckpointConfig(  # the best epochs' adapters, and the latest epoch to resume from
                 num_to_keep=spec.search.keep_best_k,
-                checkpoint_score_attribute=objective.metric,
-                checkpoint_score_order=objective.mode,
+                checkpoint_score_attribute=SCORE_KEY,  # the store's rule for the best epoch (hpo.store.epoch_score)
+                checkpoint_score_order="max",
             ),
         ),
     )
@@ -550,37 +718,46 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
         "worker_pid": os.getpid(),
     }
 
+    objective = spec.tune_objective
+    gpus = spec.resources.gpus_per_trial
+    last: dict[str, Any] = {}  # the latest epoch's report, for a closing report
+    held_since = time.monotonic()
+
     def report(metrics: dict[str, Any], save: Any) -> None:
-        held_seconds = metrics["train_seconds"] + metrics["eval_seconds"]
-        gpu_hours = held_seconds * spec.resources.gpus_per_trial / 3600
+        nonlocal held_since
+        gpu_hours = (metrics["train_seconds"] + metrics["eval_seconds"]) * gpus / 3600
+        score = epoch_score(metrics.get(objective.metric), metrics["epoch"], objective.mode)
+        last.clear()
+        last.update(metrics, gpu_hours=gpu_hours, cost_usd=gpu_hours * spec.cost.usd_per_gpu_hour)
         with tempfile.TemporaryDirectory() as folder:
             save(Path(folder))
-            tune.report(
-                {**metrics, **placement, "gpu_hours": gpu_hours, "cost_usd": gpu_hours * spec.cost.usd_per_gpu_hour},
-                checkpoint=tune.Checkpoint.from_directory(folder),
-            )
+            tune.report({**last, **placement, SPENT_KEY: gpu_hours, SCORE_KEY: score}, checkpoint=tune.Checkpoint.from_directory(folder))
+        held_since = time.monotonic()
 
     # The process may have run an earlier trial (resources.reuse_workers). One that ASHA stopped
     # ended by an exception raised in tune.report, unwound only now: free what it held first.
     release_memory()
     checkpoint = tune.get_checkpoint()  # set when Tune restarts a lost trial, or on `peftsweep resume`
     resume_from = Path(checkpoint.to_directory()) if checkpoint is not None else None
+    trace = None
     try:
         result = train(config, baseline, report, resume_from)
     except Exception as exc:
         result = TrainResult(TrainStatus.ERROR, 0, {}, _last_line(f"{type(exc).__name__}: {exc}"))
+        trace = traceback.format_exc()
     release_memory()  # an idle worker holds no memory (on a GPU, no cached blocks) between trials
     if result.status is not TrainStatus.SUCCESS:
-        tune.report(_closing_report(spec, result))
+        spent = last.get("gpu_hours", 0.0) + (time.monotonic() - held_since) * gpus / 3600  # the failed epoch's too
+        tune.report({**_closing_report(spec, result, last), SPENT_KEY: spent, "traceback": trace})
 
 
-def _closing_report(spec: SweepSpec, result: Any) -> dict[str, Any]:
+def _closing_report(spec: SweepSpec, result: Any, last: dict[str, Any]) -> dict[str, Any]:
     """The last report of a failed trial: its status and error, and for the searcher and scheduler
-    each objective's value at the last finished epoch, or the worst value if none finished."""
+    each objective's value at the last reported epoch (`last`), or the worst value if none was."""
     closing = {STATUS_KEY: result.status.value, "error": result.error, "epoch": result.epochs_completed}
     for objective in spec.objectives:
         worst = float("inf") if objective.mode == "min" else 0.0
-        closing[objective.metric] = result.last_metrics.get(objective.metric, worst)
+        closing[objective.metric] = last.get(objective.metric, result.last_metrics.get(objective.metric, worst))
     return closing
 
 
@@ -604,11 +781,12 @@ class StoreCallback(Callback):
         self._store: Store | None = store
         self.path = store.path.resolve()
         self.spec = spec
+        self._filesystem: Any = None  # the checkpoints' (pyarrow) filesystem, known from the first checkpoint
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks into its experiment state; a SQLite connection does not pickle,
         # so a restored callback (peftsweep resume) reopens the store by its path.
-        return {"spec": self.spec, "path": self.path, "_store": None}
+        return {"spec": self.spec, "path": self.path, "_store": None, "_filesystem": None}
 
     @property
     def store(self) -> Store:
@@ -621,6 +799,8 @@ class StoreCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if STATUS_KEY in result:
+            if result.get("traceback"):
+                self.store.write_traceback(trial.trial_id, result["traceback"])
             self.store.set_trial_status(trial.trial_id, result[STATUS_KEY], result["error"])
             return
         epoch = int(result["epoch"])
@@ -634,9 +814,25 @@ class StoreCallback(Callback):
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         epoch = (trial.last_result or {}).get("epoch")
         if epoch is not None and checkpoint is not None:
+            self._filesystem = checkpoint.filesystem
+            self.forget_removed_checkpoints(trial.trial_id)
             self.store.set_checkpoint(trial.trial_id, int(epoch), checkpoint.path)
 
+    def forget_removed_checkpoints(self, trial_id: str | None = None) -> None:
+        """Clear the store's pointers to checkpoints that Ray Tune removed (it keeps the best
+        `search.keep_best_k` and the latest; it removes the others after this callback has run)."""
+        for trial, epoch, path in self.store.checkpoints(trial_id):
+            if self._filesystem is not None:
+                import pyarrow.fs
+
+                gone = self._filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound
+            else:
+                gone = "://" not in path and not os.path.exists(path)
+            if gone:
+                self.store.set_checkpoint(trial, epoch, None)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.forget_removed_checkpoints(trial.trial_id)
         if STATUS_KEY in (trial.last_result or {}):
             return  # the closing report recorded how it failed
         planned = self.spec.trial_config(trial.config).train.epochs  # trial_config flattens method variants
@@ -644,7 +840,10 @@ class StoreCallback(Callback):
         self.store.set_trial_status(trial.trial_id, COMPLETED if done >= planned else EARLY_STOPPED)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.store.set_trial_status(trial.trial_id, ERROR, _last_line(str(trial.get_error() or "unknown error")))
+        self.forget_removed_checkpoints(trial.trial_id)
+        error = str(trial.get_error() or "unknown error")  # a lost process: Ray's full traceback
+        self.store.write_traceback(trial.trial_id, error)
+        self.store.set_trial_status(trial.trial_id, ERROR, _last_line(error))
 
 
 def _versions() -> dict[str, str]:

@@ -1,5 +1,19 @@
-"""The one error type users see: a problem they can fix, told in one line."""
+"""The errors users see: a problem they can fix, told in one line, and how a sweep ended when it did not complete."""
 
 
 class SweepError(Exception):
     """Bad input or an unusable environment; the CLI prints it as one line and exits 2."""
+
+
+class SweepInterrupted(Exception):
+    """A signal (Ctrl-C, SIGTERM) stopped the sweep; its store says `interrupted` and `resume` continues it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+class SweepFailed(Exception):
+    """The sweep ran but no trial finished (every one failed), or it could not go on (its store cannot be written)."""

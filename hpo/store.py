@@ -8,6 +8,7 @@ while a sweep is still writing.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -98,8 +99,28 @@ PENDING, RUNNING, COMPLETED, EARLY_STOPPED, ERROR, DIVERGED, OOM, INFEASIBLE = (
     "oom",  # out of memory, or over resources.max_memory_gb
     "infeasible",  # over the sweep's memory constraints: estimated (never trained) or measured
 )
+# Trials that ran to their end: only these can be on a frontier, be the best trial or enter a statistic.
+FINISHED = (COMPLETED, EARLY_STOPPED)
 # Key of a trial's closing report (one of the failed statuses above): how it ended, not a new epoch.
 STATUS_KEY = "trial_status"
+# Key of every epoch report that Ray Tune ranks checkpoints by (see epoch_score); never stored.
+SCORE_KEY = "checkpoint_score"
+
+
+def epoch_score(value: float | None, epoch: int, mode: str) -> float:
+    """How good an epoch is by its objective `value` ("max" or "min" `mode`): higher is better, NaN unmeasured.
+
+    The one rule for a trial's best epoch, used by the report, `export`, `best` and Ray Tune's
+    checkpoint keeping alike: the best value wins and, among equal values, the earliest epoch (it
+    cost less). Ray Tune keeps the later of equal scores, so the tie-break is in the score itself:
+    it moves down by `epoch` units in the last place, which orders equal values by epoch.
+    """
+    if value is None or math.isnan(value):
+        return math.nan
+    score = float(value) if mode == "max" else -float(value)
+    for _ in range(epoch):
+        score = math.nextafter(score, -math.inf)
+    return score
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -209,6 +230,18 @@ class Store:
             )
         return cursor.rowcount
 
+    def traceback_path(self, trial_id: str) -> Path:
+        """Where a failed trial's full traceback is kept: errors/<trial_id>.txt beside the store."""
+        return self.path.parent / "errors" / f"{trial_id}.txt"
+
+    def write_traceback(self, trial_id: str, text: str) -> None:
+        """Keep a failed trial's full traceback (the store keeps its last line, in trials.error)."""
+        path = self.traceback_path(trial_id)
+        path.parent.mkdir(exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        partial.replace(path)
+
     def set_trial_placement(self, trial_id: str, node: str | None, devices: str | None) -> None:
         with _tx(self.conn):
             self.conn.execute(
@@ -229,10 +262,17 @@ class Store:
                 (trial_id, epoch, *columns.values(), json.dumps(extra)),
             )
 
-    def set_checkpoint(self, trial_id: str, epoch: int, path: str) -> None:
-        """Where the epoch's checkpoint (adapter + resumable state) was stored."""
+    def set_checkpoint(self, trial_id: str, epoch: int, path: str | None) -> None:
+        """Where the epoch's checkpoint (adapter + resumable state) was stored; None: it was removed."""
         with _tx(self.conn):
             self.conn.execute("UPDATE epochs SET checkpoint = ? WHERE trial_id = ? AND epoch = ?", (path, trial_id, epoch))
+
+    def checkpoints(self, trial_id: str | None = None) -> list[tuple[str, int, str]]:
+        """(trial_id, epoch, path) of every checkpoint the store points to."""
+        query, args = "SELECT trial_id, epoch, checkpoint FROM epochs WHERE checkpoint IS NOT NULL", ()
+        if trial_id is not None:
+            query, args = query + " AND trial_id = ?", (trial_id,)
+        return [tuple(row) for row in self.conn.execute(query + " ORDER BY trial_id, epoch", args)]
 
     def set_baseline(self, rows: Iterable[tuple[int, str, str, str]], metrics: dict[str, Any] | None = None) -> None:
         """Store the base model's answers, (prompt_id, prompt, reference, answer) rows, and its metrics."""

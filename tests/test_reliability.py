@@ -147,7 +147,7 @@ def test_failed_trials_end_alone_with_their_status(tmp_path, tiny_model_dir):
     runs = tmp_path / "runs"
     proc = peftsweep("run", str(sweep), "--runs-dir", str(runs))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "NaN or Inf" not in proc.stderr
     assert "restarting" not in proc.stderr  # deterministic failures are not retried
     conn = sqlite3.connect(runs / "sweep" / "results.db")
     rows = conn.execute("SELECT params_json, status, error FROM trials").fetchall()
@@ -193,6 +193,13 @@ def _query(db: Path, sql: str) -> list[tuple]:
         conn.close()
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_a_killed_trial_process_restarts_from_its_last_epoch(tmp_path, tiny_model_dir):
     sweep = _sweep_file(tmp_path, "train: {epochs: 3, lora_r: 4, learning_rate: 3e-3}\nsearch: {max_retries: 1}\n")
     runs = tmp_path / "runs"
@@ -235,8 +242,16 @@ def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path, tiny_model_dir):
     _wait_for(one_done_and_one_midway, 400, proc)
     reading = peftsweep("export", "sweep", "--runs-dir", str(runs))  # readers work while the sweep writes
     assert reading.returncode == 0 and "completed" in reading.stdout and "running" in reading.stdout
+    from hpo.reaper import _stat, descendants
+
+    ray_processes = {p: t for p, t in descendants({proc.pid}).items() if b"hpo.reaper" not in _cmdline(p)}
+    assert any(b"ray::" in _cmdline(p) for p in ray_processes)  # Ray's agents and workers, among others
     proc.send_signal(signal.SIGKILL)  # the driver dies without a word
     proc.wait(timeout=30)
+    deadline = time.monotonic() + 20  # the reaper ends what the driver left (SIGTERM, SIGKILL after 5 s)
+    while (left := [p for p, t in ray_processes.items() if (_stat(p) or (0, None))[1] == t]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == [], [_cmdline(p) for p in left]
     before = {t: (started, status, n) for t, started, status, n in _query(
         db, "SELECT trial_id, started_at, status, (SELECT count(*) FROM epochs e WHERE e.trial_id = t.trial_id) FROM trials t"
     )}  # fmt: skip
