@@ -556,9 +556,10 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
         with tempfile.TemporaryDirectory() as folder:
             save(Path(folder))
             tune.report(
-                {**metrics, **placement, "gpu_hours": gpu_hours, "cost_usd": gpu_hours * spec.cost.usd_per_gpu_hour},
+                {**metrics, **placement, **_unjudged_objectives(spec, metrics), "gpu_hours": gpu_hours,
+                 "cost_usd": gpu_hours * spec.cost.usd_per_gpu_hour},
                 checkpoint=tune.Checkpoint.from_directory(folder),
-            )
+            )  # fmt: skip
 
     # The process may have run an earlier trial (resources.reuse_workers). One that ASHA stopped
     # ended by an exception raised in tune.report, unwound only now: free what it held first.
@@ -574,13 +575,27 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
         tune.report(_closing_report(spec, result))
 
 
+def _unjudged_objectives(spec: SweepSpec, metrics: dict[str, Any]) -> dict[str, float]:
+    """NaN for each objective an epoch left unknown (win_rate when the judge was unavailable).
+
+    The rule for an epoch without verdicts: Tune must get a number (None breaks ASHA's and
+    Optuna's arithmetic; a missing key fails Tune's strict metric check), and NaN is the one
+    that ranks it nowhere: ASHA lets it pass its rung and leaves it out of the cutoffs, Tune's
+    checkpoint keeping ranks it below every score (so it is never the kept best epoch, only the
+    latest), and OptunaSearchOnce tells Optuna the trial's last judged value instead. The store
+    keeps NULL, and its best epoch is chosen among judged epochs.
+    """
+    return {o.metric: math.nan for o in spec.objectives if o.metric in metrics and metrics[o.metric] is None}
+
+
 def _closing_report(spec: SweepSpec, result: Any) -> dict[str, Any]:
     """The last report of a failed trial: its status and error, and for the searcher and scheduler
-    each objective's value at the last finished epoch, or the worst value if none finished."""
+    each objective's value at the last finished epoch, or the worst value if none finished (or it was not judged)."""
     closing = {STATUS_KEY: result.status.value, "error": result.error, "epoch": result.epochs_completed}
     for objective in spec.objectives:
         worst = float("inf") if objective.mode == "min" else 0.0
-        closing[objective.metric] = result.last_metrics.get(objective.metric, worst)
+        value = result.last_metrics.get(objective.metric)
+        closing[objective.metric] = worst if value is None else value
     return closing
 
 
