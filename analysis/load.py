@@ -80,7 +80,7 @@ def load_trials(store: Store) -> pd.DataFrame:
     params = param_columns(store)
     columns = [
         "trial_id", "status", *params, "epochs_completed", "best_epoch",
-        *BEST_EPOCH_METRICS, *TRIAL_METRICS, "error", "error_log",
+        *BEST_EPOCH_METRICS, *TRIAL_METRICS, "error", "error_log", "judge", "epochs_not_judged",
     ]  # fmt: skip
     trials = store.trials()
     epochs = _epoch_frame(store)
@@ -144,6 +144,8 @@ def _trial_row(trial: dict, own: pd.DataFrame, params: list[str], metric: str, m
     row |= {m: np.nan if last is None else last.get(m, np.nan) for m in TRIAL_METRICS if m not in PEAK_METRICS}
     row |= {m: own[m].max() if len(own) and m in own else np.nan for m in PEAK_METRICS}
     row["error"] = trial["error"]
+    row["judge"] = None if best is None else best.get("judge")  # which judge gave the win rate (None: before schema 3)
+    row["epochs_not_judged"] = int(own["judge_error"].notna().sum()) if "judge_error" in own else 0
     return row
 
 
@@ -184,6 +186,7 @@ def load_judgments(store: Store, trials: pd.DataFrame | None = None) -> pd.DataF
             "epoch": scored["best_epoch"].astype("int64"),
         }
     )
+    answers = answers[answers["verdict"].notna()]  # prompts the judge did not judge are no judgments
     answers = answers.rename(columns={"trial_id": "training"}).astype({"epoch": "int64"})
     return keys.merge(answers, on=["training", "epoch"])[columns].reset_index(drop=True)
 

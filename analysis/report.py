@@ -35,7 +35,7 @@ from analysis.report_data import (
     report_data,
     sweet_spot,
 )
-from analysis.style import STATUS_STYLE, cell, label, missing, num, plural, sentence_case, style, verdict_word
+from analysis.style import NOT_JUDGED, STATUS_STYLE, cell, label, missing, num, plural, sentence_case, style, verdict_word
 from hpo.store import Store
 
 __all__ = ["build_report", "figure_for", "render_report", "report_data", "sweet_spot", "table_columns", "write_report"]
@@ -229,7 +229,8 @@ def _trials_table(data: ReportData) -> str:
 def _win_rate_cell(trial: pd.Series) -> str:
     value = trial["win_rate"]
     if pd.isna(value):
-        return '<td class="num" data-sort="">–</td>'
+        shown = NOT_JUDGED if trial.get("epochs_not_judged", 0) else "–"  # an unavailable judge's missing verdicts are no 0
+        return f'<td class="num" data-sort="">{shown}</td>'
     interval = ""
     if pd.notna(trial["win_rate_low"]):
         interval = f' <span class="interval">[{trial["win_rate_low"]:.2f}, {trial["win_rate_high"]:.2f}]</span>'

@@ -27,7 +27,7 @@ from analysis.load import (
 )
 from analysis.stats import Correlation, SignTest, levels, sign_test, spearman, variance_explained
 from analysis.style import FINISHED, STATUS_STYLE, cell, duration, label, missing, num, plural, sentence_case, style
-from analysis.style import verdict_word
+from analysis.style import NOT_JUDGED, verdict_word
 from hpo.store import ERROR, Store
 
 SAMPLES_PER_VERDICT = 4
@@ -169,7 +169,7 @@ def report_data(store: Store) -> ReportData:
     finished = trials[trials["status"].isin(FINISHED) & trials[metric].notna()]
     best = finished.iloc[0] if len(finished) else None
     baseline = store.baseline_metrics()
-    notes: list[str] = []
+    notes: list[str] = _judge_notes(epochs, sweep["name"])
 
     frontiers = []
     panels = [
@@ -584,6 +584,20 @@ def _importance_plot(trials: pd.DataFrame, params: list[str], metric: str) -> Im
     )
 
 
+def _judge_notes(epochs: pd.DataFrame, name: str) -> list[str]:
+    """Which judge gave the win rates (peftsweep rejudge may have changed it), and the epochs it did not judge."""
+    notes = []
+    if "judge" in epochs and epochs["judge"].notna().any():
+        notes.append(f"Win rates judged by {', '.join(sorted(epochs['judge'].dropna().unique()))}.")
+    if "judge_error" in epochs and epochs["judge_error"].notna().any():
+        unjudged = int(epochs["judge_error"].notna().sum())
+        notes.append(
+            f"{plural(unjudged, 'epoch')} not judged (the judge was unavailable), shown without a win rate; "
+            f"peftsweep rejudge {name} --missing judges them."
+        )
+    return notes
+
+
 def _samples(store: Store, best: pd.Series) -> Samples | None:
     """Up to SAMPLES_PER_VERDICT judged prompts of each verdict, for the best trial at its best epoch."""
     epoch = int(best["best_epoch"])
@@ -593,12 +607,14 @@ def _samples(store: Store, best: pd.Series) -> Samples | None:
         return None
     rows = (
         answers.sort_values("prompt_id")
-        .groupby("verdict", sort=False)
+        .groupby("verdict", sort=False, dropna=False)
         .head(SAMPLES_PER_VERDICT)
         .sort_values(["verdict", "prompt_id"], ascending=[False, True])
     )
     counts = answers["verdict"].map(verdict_word).value_counts()
     tally = ", ".join(plural(int(counts[v]), v) for v in ("win", "tie", "loss") if v in counts)
+    if NOT_JUDGED in counts:
+        tally += f"{', ' if tally else ''}{counts[NOT_JUDGED]} {NOT_JUDGED}"
     caption = (
         f"{len(rows)} of {len(answers)} judged prompts for trial {best['trial_id']} at epoch {epoch}, "
         f"up to {SAMPLES_PER_VERDICT} per verdict; over all {len(answers)}: {tally}."

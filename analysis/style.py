@@ -86,8 +86,13 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-def verdict_word(value: float) -> str:
-    """A verdict against the base model as a word: 1 win, 0.5 tie, 0 loss."""
+NOT_JUDGED = "not judged"  # a verdict or win rate the judge did not give (it was unavailable)
+
+
+def verdict_word(value: float | None) -> str:
+    """A verdict against the base model as a word: 1 win, 0.5 tie, 0 loss; missing: not judged."""
+    if missing(value):
+        return NOT_JUDGED
     return {1.0: "win", 0.5: "tie", 0.0: "loss"}.get(float(value), num(value))
 
 

@@ -138,6 +138,26 @@ def report(name: Annotated[str, typer.Argument(help="run name")], runs_dir: Runs
 
 
 @app.command()
+def rejudge(
+    name: Annotated[str, typer.Argument(help="run name")],
+    set_: Annotated[
+        list[str], typer.Option("--set", help="another judge or its settings: --set eval.judge=openai (repeatable)")
+    ] = [],
+    missing: Annotated[bool, typer.Option("--missing", help="judge only epochs whose verdicts are missing")] = False,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Judge the stored answers again, without training (the sweep's eval settings, or --set eval....), then rebuild the report."""
+    try:
+        _open_store(name, runs_dir).close()  # a clear error for an unknown run
+        from hpo.rejudge import rejudge as rejudge_run
+
+        path = rejudge_run(name, runs_dir=runs_dir, overrides=set_, missing_only=missing, say=lambda line: typer.echo(line, err=True))
+    except SweepError as exc:
+        _fail(str(exc))
+    typer.echo(str(path))
+
+
+@app.command()
 def export(
     name: Annotated[str, typer.Argument(help="run name")],
     format: Annotated[str, typer.Option("--format", "-f", help="csv or json")] = "csv",

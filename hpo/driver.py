@@ -731,7 +731,10 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
         last.update(metrics, gpu_hours=gpu_hours, cost_usd=gpu_hours * spec.cost.usd_per_gpu_hour)
         with tempfile.TemporaryDirectory() as folder:
             save(Path(folder))
-            tune.report({**last, **placement, SPENT_KEY: gpu_hours, SCORE_KEY: score}, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(
+                {**last, **placement, **_unjudged_objectives(spec, metrics), SPENT_KEY: gpu_hours, SCORE_KEY: score},
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
         held_since = time.monotonic()
 
     # The process may have run an earlier trial (resources.reuse_workers). One that ASHA stopped
@@ -751,13 +754,28 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
         tune.report({**_closing_report(spec, result, last), SPENT_KEY: spent, "traceback": trace})
 
 
+def _unjudged_objectives(spec: SweepSpec, metrics: dict[str, Any]) -> dict[str, float]:
+    """NaN for each objective an epoch left unknown (win_rate when the judge was unavailable).
+
+    The rule for an epoch without verdicts: Tune must get a number (None breaks ASHA's and
+    Optuna's arithmetic; a missing key fails Tune's strict metric check), and NaN is the one
+    that ranks it nowhere: ASHA lets it pass its rung and leaves it out of the cutoffs, Tune's
+    checkpoint keeping ranks it below every score (so it is never the kept best epoch, only the
+    latest), and OptunaSearchOnce tells Optuna the trial's last judged value instead. The store
+    keeps NULL, and its best epoch is chosen among judged epochs.
+    """
+    return {o.metric: math.nan for o in spec.objectives if o.metric in metrics and metrics[o.metric] is None}
+
+
 def _closing_report(spec: SweepSpec, result: Any, last: dict[str, Any]) -> dict[str, Any]:
     """The last report of a failed trial: its status and error, and for the searcher and scheduler
-    each objective's value at the last reported epoch (`last`), or the worst value if none was."""
+    each objective's value at the last reported epoch (`last`, which carries the costs), or the
+    worst value if none was reported (or it was not judged)."""
     closing = {STATUS_KEY: result.status.value, "error": result.error, "epoch": result.epochs_completed}
     for objective in spec.objectives:
         worst = float("inf") if objective.mode == "min" else 0.0
-        closing[objective.metric] = last.get(objective.metric, result.last_metrics.get(objective.metric, worst))
+        value = last.get(objective.metric, result.last_metrics.get(objective.metric))
+        closing[objective.metric] = worst if value is None or math.isnan(value) else value
     return closing
 
 

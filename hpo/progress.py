@@ -103,10 +103,13 @@ class ProgressCallback(Callback):
             self._event(f"trial {trial.trial_id} {result[STATUS_KEY]}: {result['error']}")
             return
         row.update({k: result[k] for k in ("epoch", "eval_ppl", "win_rate", "train_seconds")})
+        judged = f"win_rate={result['win_rate']:.2f}" if not result.get("judge_error") else "win_rate=not judged"
         self._event(
             f"trial {trial.trial_id} epoch {result['epoch']}/{row['epochs']}: eval_ppl={result['eval_ppl']:.3f}"
-            f" win_rate={result['win_rate']:.2f} train_seconds={result['train_seconds']:.1f}"
+            f" {judged} train_seconds={result['train_seconds']:.1f}"
         )
+        if result.get("judge_error"):
+            self._event(f"trial {trial.trial_id} epoch {result['epoch']} kept without verdicts: {result['judge_error']}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self.rows[trial.trial_id]

@@ -39,6 +39,7 @@ class OptunaSearchOnce(OptunaSearch):
         self.space_size = space_size
         self.results: dict[str, Any] = {}  # config key -> the objective value(s) it ended with
         self.repeats_answered = 0
+        self.last_judged: dict[str, list[float]] = {}  # trial id -> its latest objective values that are numbers
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.space_size is not None and len(self.results) >= self.space_size:
@@ -52,11 +53,25 @@ class OptunaSearchOnce(OptunaSearch):
             self.repeats_answered += 1
         return super().suggest(trial_id)  # repeats only (a space nearly used up): this one runs after all
 
+    def _metrics(self) -> list[str]:
+        return self.metric if isinstance(self.metric, list) else [self.metric]
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        values = [result.get(m) for m in self._metrics()]
+        if all(isinstance(v, (int, float)) and not math.isnan(v) for v in values):
+            self.__dict__.setdefault("last_judged", {})[trial_id] = values  # (a searcher restored from an older state lacks it)
+        super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # A last epoch the judge missed reports NaN (hpo.driver._unjudged_objectives), which Optuna
+        # would record as a failed trial: it learns the trial's last judged values instead.
+        known = getattr(self, "last_judged", {}).pop(trial_id, None)
+        unjudged = result and any(isinstance(result.get(m), float) and math.isnan(result[m]) for m in self._metrics())
+        if unjudged and known is not None:
+            result = {**result, **dict(zip(self._metrics(), known))}
         trial = self._ot_trials.get(trial_id)
         if trial is not None and result and not error and result.get(STATUS_KEY) != ERROR:
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            values = [result.get(m) for m in metrics]
+            values = [result.get(m) for m in self._metrics()]
             # A trial that diverged, ran out of memory or was infeasible would again: its worst values
             # (inf for a minimized objective) are remembered too. An error may not recur: it is not.
             if all(isinstance(v, (int, float)) and not math.isnan(v) for v in values):

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from hpo.errors import SweepError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: answers.verdict is NULL where the judge was unavailable (2 opens, migrated in place)
 
 # Per-epoch metrics kept as columns; anything else a worker reports goes to metrics_json.
 EPOCH_COLUMNS = (
@@ -78,15 +78,17 @@ CREATE TABLE baseline (
     reference TEXT NOT NULL,
     answer TEXT NOT NULL
 );
-CREATE TABLE answers (
+{{answers}}
+"""
+_ANSWERS = """CREATE TABLE {name} (
     trial_id TEXT NOT NULL REFERENCES trials(trial_id),
     epoch INTEGER NOT NULL,
     prompt_id INTEGER NOT NULL REFERENCES baseline(prompt_id),
     answer TEXT NOT NULL,
-    verdict REAL NOT NULL,
+    verdict REAL,
     PRIMARY KEY (trial_id, epoch, prompt_id)
-);
-"""
+);"""
+_SCHEMA = _SCHEMA.replace("{answers}", _ANSWERS.format(name="answers"))
 
 # Trial statuses, as recorded in `trials.status`.
 PENDING, RUNNING, COMPLETED, EARLY_STOPPED, ERROR, DIVERGED, OOM, INFEASIBLE = (
@@ -187,6 +189,9 @@ class Store:
             conn.close()
             raise SweepError(f"{path}: not a peftsweep results store ({exc})") from None
         version = int(row["value"]) if row else None
+        if version == 2:
+            _migrate_from_2(conn, path)
+            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             conn.close()
             raise SweepError(
@@ -249,7 +254,7 @@ class Store:
             )
 
     def add_epoch(self, trial_id: str, epoch: int, metrics: dict[str, Any]) -> None:
-        columns = {c: metrics.get(c) for c in EPOCH_COLUMNS}
+        columns = {c: _null_nan(metrics.get(c)) for c in EPOCH_COLUMNS}  # Tune gets NaN for an objective not judged
         extra = {
             k: v
             for k, v in metrics.items()
@@ -281,13 +286,40 @@ class Store:
             if metrics is not None:
                 self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('baseline_metrics', ?)", (json.dumps(metrics),))
 
-    def add_answers(self, trial_id: str, epoch: int, rows: Iterable[tuple[int, str, float]]) -> None:
-        """Store a trial's answers at one epoch: (prompt_id, answer, verdict) rows."""
+    def add_answers(self, trial_id: str, epoch: int, rows: Iterable[tuple[int, str, float | None]]) -> None:
+        """Store a trial's answers at one epoch: (prompt_id, answer, verdict) rows; verdict None: not judged."""
         with _tx(self.conn):
             self.conn.executemany(
                 "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
                 ((trial_id, epoch, pid, answer, verdict) for pid, answer, verdict in rows),
             )
+
+    def set_verdicts(self, trial_id: str, epoch: int, verdicts: list[float], metrics: dict[str, Any]) -> None:
+        """Replace an epoch's verdicts (one per prompt_id, in order) and the metrics they give (peftsweep rejudge)."""
+        row = self.conn.execute("SELECT metrics_json FROM epochs WHERE trial_id = ? AND epoch = ?", (trial_id, epoch)).fetchone()
+        extra = {**json.loads(row["metrics_json"]), **{k: v for k, v in metrics.items() if k not in EPOCH_COLUMNS}}
+        columns = [c for c in EPOCH_COLUMNS if c in metrics]
+        with _tx(self.conn):
+            self.conn.executemany(
+                "UPDATE answers SET verdict = ? WHERE trial_id = ? AND epoch = ? AND prompt_id = ?",
+                ((v, trial_id, epoch, pid) for pid, v in enumerate(verdicts)),
+            )
+            self.conn.execute(
+                f"UPDATE epochs SET {''.join(f'{c} = ?, ' for c in columns)}metrics_json = ? WHERE trial_id = ? AND epoch = ?",
+                (*(metrics[c] for c in columns), json.dumps(extra), trial_id, epoch),
+            )
+
+    def add_rejudge(self, record: dict[str, Any]) -> None:
+        """Note a `peftsweep rejudge` (when, which judge, how many epochs) in the store's history of them."""
+        with _tx(self.conn):
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('rejudged', ?)", (json.dumps([*self.rejudged(), record]),)
+            )
+
+    def rejudged(self) -> list[dict[str, Any]]:
+        """Every `peftsweep rejudge` of this sweep, oldest first."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'rejudged'").fetchone()
+        return json.loads(row["value"]) if row else []
 
     def reopen(self) -> None:
         """Mark a stopped sweep as running again (peftsweep resume)."""
@@ -354,6 +386,25 @@ class _tx:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _migrate_from_2(conn: sqlite3.Connection, path: Path) -> None:
+    """Version 2 -> 3 in one transaction: answers.verdict becomes nullable (SQLite alters no
+    constraint in place, so the table is recreated and its rows copied)."""
+    try:
+        with _tx(conn):
+            conn.execute(_ANSWERS.format(name="answers_v3"))
+            conn.execute("INSERT INTO answers_v3 SELECT trial_id, epoch, prompt_id, answer, verdict FROM answers")
+            conn.execute("DROP TABLE answers")
+            conn.execute("ALTER TABLE answers_v3 RENAME TO answers")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+    except sqlite3.Error as exc:
+        conn.close()
+        raise SweepError(f"{path}: cannot upgrade this results store from schema version 2 to {SCHEMA_VERSION} ({exc}); make it writable") from None
+
+
+def _null_nan(value: Any) -> Any:
+    return None if isinstance(value, float) and value != value else value
 
 
 def _is_scalar(value: Any) -> bool:

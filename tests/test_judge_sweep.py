@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import socket
 from pathlib import Path
 
@@ -68,3 +69,93 @@ def test_an_unreachable_judge_fails_the_sweep_before_training(tmp_path):
     assert len(lines) == 2 and lines[-1].startswith("peftsweep: error: ")  # the sweep's summary line, then the error
     assert f"127.0.0.1:{port}" in lines[-1] and KEY not in proc.stderr
     assert not runs.exists()  # nothing written
+
+
+def test_a_judge_that_goes_away_mid_sweep_costs_no_training_and_rejudge_fills_the_verdicts(tmp_path, tiny_model_dir):
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from trainers.config import EvalConfig
+    from trainers.evaluate import win_rate
+    from trainers.judges import agreement_rate, make_judge
+
+    runs = tmp_path / "runs"
+    db = runs / "smoke" / "results.db"
+    args = ["run", "smoke", "--runs-dir", str(runs), "--set", "search.max_concurrent_trials=1"]
+    with chat_server() as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hpo.cli", *args, *_judge_args(server.base_url)], cwd=REPO,
+            env={**__import__("os").environ, KEY_ENV: KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:  # until the first epoch is judged and stored
+            try:
+                with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                    if conn.execute("SELECT count(*) FROM epochs WHERE win_rate IS NOT NULL").fetchone()[0]:
+                        break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.05)
+        first_url = server.base_url
+    # the judge is gone from here on
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        trials = conn.execute("SELECT * FROM trials").fetchall()
+        epochs = conn.execute("SELECT * FROM epochs ORDER BY trial_id, epoch").fetchall()
+        unjudged = [e for e in epochs if e["win_rate"] is None]
+        missing = conn.execute("SELECT count(*) FROM answers WHERE verdict IS NULL").fetchone()[0]
+        stored = conn.execute("SELECT count(*) FROM answers").fetchone()[0]
+    assert [t["status"] for t in trials] == ["completed", "completed"]
+    assert len(epochs) == 4  # every trial kept both its epochs
+    assert len(unjudged) == 3  # the first trial's first epoch was judged; the server was gone after it
+    for epoch in unjudged:
+        extra = json.loads(epoch["metrics_json"])
+        assert first_url in extra["judge_error"] and epoch["eval_ppl"] > 1 and epoch["train_loss"] is not None
+        assert all(epoch[c] is None for c in ("wins", "losses", "ties", "win_rate_low", "win_rate_high"))
+        assert extra["order_agreement"] is None
+    assert stored == 4 * 8 and missing == 3 * 8
+    last = {e["trial_id"]: e for e in epochs}  # each trial's latest epoch: its checkpoint, to resume from
+    assert all(Path(e["checkpoint"], "state.pt").is_file() for e in last.values())
+    assert "not judged" in stderr and KEY not in stdout + stderr
+    assert "not judged" in (runs / "smoke" / "report.html").read_text()
+
+    with chat_server() as server:  # back, on another port
+        rejudged = peftsweep(
+            "rejudge", "smoke", "--runs-dir", str(runs), "--missing", "--set", f"eval.base_url={server.base_url}",
+            env={KEY_ENV: KEY},
+        )  # fmt: skip
+        assert rejudged.returncode == 0, rejudged.stderr[-3000:]
+        assert len([line for line in rejudged.stderr.splitlines() if line.startswith("trial ")]) == 2  # one line per trial
+        settings = EvalConfig(judge="openai", base_url=server.base_url, api_model="judge-model", api_key_env=KEY_ENV)
+        import os
+
+        os.environ[KEY_ENV] = KEY
+        try:
+            judge = make_judge(settings)
+            with sqlite3.connect(db) as conn:
+                conn.row_factory = sqlite3.Row
+                base = conn.execute("SELECT * FROM baseline ORDER BY prompt_id").fetchall()
+                for epoch in conn.execute("SELECT * FROM epochs").fetchall():
+                    rows = conn.execute(
+                        "SELECT answer, verdict FROM answers WHERE trial_id = ? AND epoch = ? ORDER BY prompt_id",
+                        (epoch["trial_id"], epoch["epoch"]),
+                    ).fetchall()
+                    verdicts = judge.judge([b["prompt"] for b in base], [r["answer"] for r in rows], [b["answer"] for b in base],
+                                           [b["reference"] for b in base])  # fmt: skip
+                    assert [r["verdict"] for r in rows] == [v.score for v in verdicts]  # a direct judging of the stored answers
+                    expected = win_rate([v.score for v in verdicts])
+                    for key, value in expected.items():
+                        assert epoch[key] == pytest.approx(value), key
+                    extra = json.loads(epoch["metrics_json"])
+                    assert extra["order_agreement"] == pytest.approx(agreement_rate(verdicts)) and extra["judge_error"] is None
+        finally:
+            del os.environ[KEY_ENV]
+    assert "not judged" not in (runs / "smoke" / "report.html").read_text()
+    export = peftsweep("export", "smoke", "--runs-dir", str(runs))
+    assert all(row["judge"] for row in csv.DictReader(io.StringIO(export.stdout)))

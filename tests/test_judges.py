@@ -105,8 +105,8 @@ class FakeChatServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, reply):
-        super().__init__(("127.0.0.1", 0), ChatHandler)
+    def __init__(self, reply, port: int = 0):
+        super().__init__(("127.0.0.1", port), ChatHandler)
         self.reply = reply  # judge prompt text -> reply text
         self.script: list[str] = []  # "sleep", or an HTTP status such as "503", one per request in arrival order
         self.requests: list[dict] = []
@@ -159,9 +159,9 @@ def prefers_good(text: str) -> str:
 
 
 @contextlib.contextmanager
-def chat_server(reply=prefers_good):
-    """A FakeChatServer answering on 127.0.0.1 for the duration of the block."""
-    srv = FakeChatServer(reply)
+def chat_server(reply=prefers_good, port: int = 0):
+    """A FakeChatServer answering on 127.0.0.1 (on `port`, 0: any free one) for the duration of the block."""
+    srv = FakeChatServer(reply, port)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

@@ -127,6 +127,12 @@ class EvalConfig(_Strict):
     )
     timeout_s: float = Field(60.0, gt=0, description="openai judge: seconds to wait for one reply")
     max_retries: int = Field(3, ge=0, le=10, description="openai judge: retries, with exponential backoff, on timeouts, 429 and 5xx")
+    judge_wait_s: float = Field(
+        0.0,
+        ge=0,
+        description="openai judge: how long an unreachable endpoint is retried (backoff up to 30 s) before an epoch is "
+        "kept without verdicts (peftsweep rejudge fills them later); 0: max_retries only, as waiting holds the trial's GPU idle",
+    )
     num_prompts: int = Field(50, ge=1, description="judged prompts, taken from the eval split")
     retention_data: str | None = Field(
         None,

@@ -44,6 +44,11 @@ class JudgeError(RuntimeError):
     """A judge that cannot be used or reached; the one-line message says what to fix."""
 
 
+class JudgeUnavailable(JudgeError):
+    """The judge's endpoint did not answer (refused, timed out, 429 or 5xx) after its retries and
+    `eval.judge_wait_s`: an outage, not a wrong setting. A trial keeps its epoch without verdicts."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     score: float  # the trial's answer against the baseline's: WIN 1.0, TIE 0.5, LOSS 0.0
@@ -70,7 +75,17 @@ def make_judge(config: EvalConfig, *, device: torch.device | None = None) -> Jud
         api_key_env=config.api_key_env,
         timeout_s=config.timeout_s,
         max_retries=config.max_retries,
+        wait_s=config.judge_wait_s,
     )
+
+
+def judge_label(config: EvalConfig) -> str:
+    """Which judge gave an epoch's verdicts, in a few words (never the API key)."""
+    if config.judge == "reference":
+        return f"reference ({config.metric}, tie_margin {config.tie_margin:g})"
+    if config.judge == "hf":
+        return f"hf ({config.judge_model})"
+    return f"openai ({config.api_model} at {config.base_url})"
 
 
 def agreement_rate(verdicts: list[Verdict]) -> float | None:
@@ -227,7 +242,9 @@ class OpenAIJudge:
     The API key is read from the environment variable named `api_key_env` at each request (no
     Authorization header when it is unset, for local servers that need none), and is never
     stored on the object nor put in any message. Timeouts, connection errors, 429 and 5xx are
-    retried with exponential backoff; other 4xx fail at once.
+    retried with exponential backoff (for at least `wait_s` seconds in all), then raise
+    JudgeUnavailable; other 4xx fail at once. Redirects are refused: urllib would follow one to
+    another origin with the Authorization header.
     """
 
     base_url: str
@@ -238,6 +255,8 @@ class OpenAIJudge:
     backoff_s: float = 0.5  # first retry waits this long, then twice as long each time
     max_workers: int = 8  # requests in flight at once
     max_tokens: int = 16  # room for "The better answer is A." but not an essay
+    wait_s: float = 0.0  # an endpoint that stays unreachable is retried this long before the judge gives up
+    max_backoff_s: float = 30.0  # the longest wait between two retries
     url: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -254,7 +273,13 @@ class OpenAIJudge:
         if not texts:
             return []
         with ThreadPoolExecutor(max_workers=min(self.max_workers, len(texts))) as pool:
-            return [parse_verdict(reply) for reply in pool.map(self._complete, texts)]
+            futures = [pool.submit(self._complete, text) for text in texts]
+            try:
+                return [parse_verdict(future.result()) for future in futures]
+            except JudgeError:
+                for future in futures:  # one request gave up: the queued ones would only wait as long again
+                    future.cancel()
+                raise
 
     def _complete(self, text: str, max_tokens: int | None = None) -> str:
         payload = {
@@ -273,10 +298,13 @@ class OpenAIJudge:
         body = json.dumps(payload).encode()
         key = os.environ.get(self.api_key_env, "")
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-        for attempt in range(self.max_retries + 1):
+        opener = urllib.request.build_opener(_RefuseRedirects(self.url, key))
+        deadline = time.monotonic() + self.wait_s
+        attempt = 0
+        while True:
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                with opener.open(request, timeout=self.timeout_s) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as exc:
                 detail = _scrub(_error_detail(exc), key)
@@ -288,10 +316,13 @@ class OpenAIJudge:
                 problem = _scrub(str(reason) or type(exc).__name__, key)
             except json.JSONDecodeError:
                 raise JudgeError(f"eval.base_url: {self.url} replied with something other than JSON") from None
-            if attempt < self.max_retries:
-                time.sleep(self.backoff_s * 2**attempt)
-        tries = f"{self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
-        raise JudgeError(f"eval.base_url: no reply from {self.url} after {tries} ({problem}); start the server or fix base_url")
+            pause = min(self.backoff_s * 2**attempt, self.max_backoff_s)
+            if attempt >= self.max_retries and time.monotonic() + pause > deadline:
+                break
+            time.sleep(pause)
+            attempt += 1
+        tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
+        raise JudgeUnavailable(f"eval.base_url: no reply from {self.url} after {tries} ({problem}); start the server or fix base_url")
 
     def _client_error(self, code: int, detail: str, key: str) -> str:
         if code in (401, 403):
@@ -300,6 +331,20 @@ class OpenAIJudge:
         if code == 404:
             return f"eval.base_url: {self.url} answered HTTP 404{detail}; check base_url (usually ending in /v1) and api_model '{self.model}'"
         return f"eval.base_url: {self.url} answered HTTP {code}{detail}; check api_model '{self.model}' and the endpoint"
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: urllib follows a 302 to any origin (turning the POST into a GET)
+    with the Authorization header, which would hand the API key to whoever the server names."""
+
+    def __init__(self, url: str, key: str):
+        self.url, self.key = url, key
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise JudgeError(
+            f"eval.base_url: {self.url} redirected (HTTP {code}) to {_scrub(newurl, self.key)}; "
+            "peftsweep does not follow redirects (the API key would go along): set base_url to the endpoint itself"
+        )
 
 
 def _error_detail(exc: urllib.error.HTTPError) -> str:

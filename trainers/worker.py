@@ -20,7 +20,7 @@ import torch
 from trainers.config import TrialConfig
 from trainers.data import batches, load_retention_texts, load_splits, packed_batches, tokenize, tokenize_text
 from trainers.evaluate import generate_answers, perplexity, win_rate
-from trainers.judges import agreement_rate, make_judge
+from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge
 from trainers.methods import attach_adapter, get_method
 from trainers.model import load_base_model, pick_device
 
@@ -28,6 +28,8 @@ Report = Callable[[dict[str, Any], Callable[[Path], None]], None]
 STATE_FILE = "state.pt"  # in a checkpoint folder: what training resumes from
 ADAPTER_DIR = "adapter"  # in a checkpoint folder: the adapter, for peft.PeftModel.from_pretrained
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What an epoch's verdicts give (trainers.evaluate.win_rate): missing (None) when the judge was unavailable.
+VERDICT_METRICS = ("win_rate", "wins", "losses", "ties", "win_rate_low", "win_rate_high")
 
 
 class TrainStatus(str, enum.Enum):
@@ -225,25 +227,31 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
                 model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device,
                 sampling=config.eval.sampling,
             )
+            inference_peak = peak_memory_gb(device)  # the trained model's serving peak: before an hf judge loads its own weights
             judged = time.perf_counter()
-            verdicts = judge.judge(prompts, answers, baseline, references)
+            try:
+                verdicts, judge_error = judge.judge(prompts, answers, baseline, references), None
+            except JudgeUnavailable as exc:  # an outage, not a training failure: the epoch is kept without verdicts
+                verdicts, judge_error = None, str(exc)
             totals["judge_seconds"] += time.perf_counter() - judged
             totals["eval_seconds"] += time.perf_counter() - start  # perplexities, answers and judging
 
-            scores = [v.score for v in verdicts]
+            scores = [v.score for v in verdicts] if verdicts is not None else [None] * len(answers)
             metrics = {
                 "epoch": epoch,
                 "train_loss": sum(losses) / len(losses) if losses else None,
                 "eval_ppl": eval_ppl,
                 "retention_ppl": retention_ppl,
-                **win_rate(scores),
-                "order_agreement": agreement_rate(verdicts),
+                **(win_rate(scores) if verdicts is not None else dict.fromkeys(VERDICT_METRICS)),
+                "order_agreement": agreement_rate(verdicts) if verdicts is not None else None,
+                "judge_error": judge_error,
+                "judge": judge_label(config.eval) if verdicts is not None else None,
                 "answer_length_diff": _mean_length_diff(answers, baseline),
                 **totals,
                 "tokens_per_second": totals["tokens_trained"] / totals["train_seconds"] if totals["train_seconds"] else None,
                 "peak_memory_gb": max(train_peak, peak_memory_gb(device)),
                 "train_memory_gb": train_peak or None,
-                "inference_memory_gb": peak_memory_gb(device),
+                "inference_memory_gb": inference_peak,
                 "estimated_memory_gb": estimate,
                 "estimated_inference_memory_gb": inference_estimate,
                 "trainable_params": sum(p.numel() for p in params),
