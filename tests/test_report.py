@@ -121,7 +121,7 @@ def test_load_trials_columns_best_epoch_and_totals(store):
         "eval_ppl", "win_rate", "win_rate_low", "win_rate_high", "wins", "losses", "ties",
         "retention_ppl", "order_agreement", "answer_length_diff",
         "train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd", "tokens_trained", "tokens_per_second",
-        "trainable_params", "total_params", "peak_memory_gb", "train_memory_gb", "inference_memory_gb", "error",
+        "trainable_params", "total_params", "peak_memory_gb", "train_memory_gb", "inference_memory_gb", "error", "error_log",
         "judge", "epochs_not_judged",
     ]  # fmt: skip
     assert set(trials["trial_id"]) == set(TRIALS)
