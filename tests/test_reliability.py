@@ -9,6 +9,8 @@ from __future__ import annotations
 import gc
 import json
 import os
+import pickle
+import random
 import signal
 import sqlite3
 import subprocess
@@ -17,10 +19,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, peftsweep
 from trainers.config import DataConfig, EvalConfig, ModelConfig, ResourceConfig, TrainConfig, TrialConfig
-from trainers.worker import TrainStatus, baseline_answers, release_memory, train
+from trainers.worker import (
+    STATE_FILE,
+    TrainStatus,
+    baseline_answers,
+    load_state,
+    release_memory,
+    restore_rng_state,
+    rng_state,
+    train,
+)
 
 
 def _config(**train: object) -> TrialConfig:
@@ -55,6 +67,49 @@ def test_a_resumed_training_matches_an_uninterrupted_one(baseline, tmp_path):
         assert again[key] == pytest.approx(first[key], rel=1e-6), key
     assert again["answers"] == first["answers"]
     assert again["tokens_trained"] == first["tokens_trained"]
+    state = torch.load(tmp_path / "epoch-1" / STATE_FILE, weights_only=True)  # tensors and plain containers only
+    assert state["epoch"] == 1 and state["cuda_rng"] is None  # no GPU here
+
+
+class _Planted:
+    """What a tampered state.pt could hold: unpickling it with weights_only=False runs `touch`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_checkpoint_state_cannot_run_code(baseline, tmp_path):
+    """Resume state is loaded with weights_only=True: a state.pt that would run code on unpickling is refused."""
+    marker = tmp_path / "code-ran"
+    (tmp_path / "epoch-1").mkdir()
+    torch.save({"epoch": 1, "payload": _Planted(marker)}, tmp_path / "epoch-1" / STATE_FILE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train(_config(), baseline, lambda m, s: None, resume_from=tmp_path / "epoch-1")
+    assert not marker.exists()
+
+
+def test_the_cuda_random_state_is_saved_and_restored(monkeypatch, tmp_path):
+    """There is no GPU here, so torch.cuda's availability and RNG calls are stand-ins (monkeypatched);
+    what is real is the state dict, its round trip through torch.save and a weights_only load, and the restore."""
+    cuda_states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed where fewer GPUs are visible
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in cuda_states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(list(states)))
+    rng = random.Random(7)
+    torch.save(rng_state(rng), tmp_path / STATE_FILE)
+    expected = rng.random()
+    state = load_state(tmp_path / STATE_FILE)
+    restore_rng_state(state, rng)
+    assert rng.random() == expected
+    assert len(restored) == 1 and len(restored[0]) == 1 and torch.equal(restored[0][0], cuda_states[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine resuming a GPU trial's state
+    restore_rng_state(state, rng)
+    assert len(restored) == 1
 
 
 def test_a_nan_loss_ends_the_trial_as_diverged(baseline):

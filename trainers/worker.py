@@ -146,15 +146,14 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
     totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0}
     first_epoch = 1
     if resume_from is not None:
-        state = torch.load(Path(resume_from) / STATE_FILE, weights_only=False)
+        state = load_state(Path(resume_from) / STATE_FILE)
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 named[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_state(state, rng)
         totals = dict(state["totals"])
         first_epoch = state["epoch"] + 1
 
@@ -168,8 +167,7 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": rng.getstate(),
-            "torch_rng": torch.get_rng_state(),
+            **rng_state(rng),
             "totals": dict(totals),
         }
         torch.save(state, folder / STATE_FILE)
@@ -269,6 +267,29 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
     if measured:
         return TrainResult(TrainStatus.INFEASIBLE, config.train.epochs, metrics, measured)
     return TrainResult(TrainStatus.SUCCESS, config.train.epochs, metrics)
+
+
+def rng_state(rng: random.Random) -> dict[str, Any]:
+    """Every random state training draws from: the data order's, torch's CPU generator and, on a GPU, CUDA's (dropout)."""
+    return {
+        "rng": rng.getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: dict[str, Any], rng: random.Random) -> None:
+    """Put back what `rng_state` saved; a CUDA state is restored only where there is a GPU to take it."""
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():  # absent in checkpoints written before it was saved
+        torch.cuda.set_rng_state_all(state["cuda_rng"][: torch.cuda.device_count()])
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's resume state, unpickled with `weights_only=True`: tensors and plain containers only,
+    so a planted or damaged state.pt cannot run code (random.getstate() is a tuple of ints: allowed as is)."""
+    return torch.load(path, weights_only=True)
 
 
 def _over_constraints(config: TrialConfig, train_gb: float, inference_gb: float, how: str) -> str | None:
