@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import pickle
 import random
@@ -23,6 +24,7 @@ import torch
 
 from tests.conftest import REPO, peftsweep
 from trainers.config import DataConfig, EvalConfig, ModelConfig, ResourceConfig, TrainConfig, TrialConfig
+from trainers.data import DataError
 from trainers.worker import (
     STATE_FILE,
     TrainStatus,
@@ -329,3 +331,32 @@ def test_a_configuration_over_the_memory_constraints_is_skipped_as_infeasible(ba
     serving = _config().model_copy(update={"constraints": ConstraintConfig(inference_memory_gb=0.001)})
     result = train(serving, baseline, lambda m, save: None)
     assert result.status is TrainStatus.INFEASIBLE and "inference memory" in result.error
+
+
+def test_examples_whose_response_is_cut_off_are_skipped_not_a_divergence(baseline, tmp_path):
+    """With response-only loss, an example whose prompt fills data.max_length has no label token; a batch of
+    only such examples has a loss of 0/0 = NaN, which is no divergence. They are skipped, and counted."""
+    long_prompt = "Tell me about the forest. " * 20  # about 185 tokens: over 64
+    records = [{"instruction": long_prompt if i % 2 else f"Question {i}?", "output": f"Answer {i}."} for i in range(16)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n" for i in range(4)))
+    config = _config(batch_size=1, epochs=1).model_copy(
+        update={"data": DataConfig(source=str(data), eval_source=str(held_out), max_length=64)}
+    )
+    reported = []
+    result = train(config, baseline, lambda m, s: reported.append(m))
+    assert result.status is TrainStatus.SUCCESS, result.error
+    assert reported[0]["train_examples_skipped"] == 8
+    assert math.isfinite(reported[0]["train_loss"])
+
+
+def test_no_training_example_with_a_response_token_is_one_clear_error(baseline, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Tell me about the forest. " * 20, "output": "x"}) + "\n" for _ in range(4)))
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text(json.dumps({"instruction": "Question?", "output": "Answer."}) + "\n")
+    config = _config(epochs=1).model_copy(update={"data": DataConfig(source=str(data), eval_source=str(held_out), max_length=32)})
+    with pytest.raises(DataError, match=r"data.max_length 32: no training example has a response token that fits"):
+        train(config, baseline, lambda m, s: None)

@@ -403,6 +403,15 @@ def tokenize(examples: list[Example], tokenizer: Any, max_length: int, response_
     return out
 
 
+def carries_loss(example: Tokenized) -> bool:
+    """Whether some token of the example is trained on: a label after the first token (the first is never predicted).
+
+    With response-only loss, an example whose prompt fills max_length has none; a batch of only such
+    examples would have a loss of 0/0, NaN.
+    """
+    return any(label != IGNORE_INDEX for label in example.labels[1:])
+
+
 def batches(
     data: list[Tokenized], batch_size: int, pad_id: int, rng: random.Random | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:

@@ -18,7 +18,16 @@ from typing import Any, Callable
 import torch
 
 from trainers.config import TrialConfig
-from trainers.data import batches, load_retention_texts, load_splits, packed_batches, tokenize, tokenize_text
+from trainers.data import (
+    DataError,
+    batches,
+    carries_loss,
+    load_retention_texts,
+    load_splits,
+    packed_batches,
+    tokenize,
+    tokenize_text,
+)
 from trainers.evaluate import generate_answers, perplexity, win_rate
 from trainers.judges import agreement_rate, make_judge
 from trainers.methods import attach_adapter, get_method
@@ -123,6 +132,13 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
     model, tokenizer = load_base_model(config.model, device, method.load_options(config.train))
     splits = load_splits(config.data, config.eval.num_prompts, tokenizer=tokenizer)
     train_set = tokenize(splits.train, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
+    # An example cut off before its response has nothing to learn, and a batch of them a NaN loss that is no divergence.
+    skipped = sum(not carries_loss(t) for t in train_set)
+    train_set = [t for t in train_set if carries_loss(t)]
+    if not train_set:
+        raise DataError(
+            f"data.max_length {config.data.max_length}: no training example has a response token that fits; raise data.max_length"
+        )
     eval_set = tokenize(splits.eval, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
     retention_set = _retention_set(config, tokenizer)
     references = [ex.response for ex in splits.judged]
@@ -232,6 +248,7 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
             metrics = {
                 "epoch": epoch,
                 "train_loss": sum(losses) / len(losses) if losses else None,
+                "train_examples_skipped": skipped,  # no response token within data.max_length
                 "eval_ppl": eval_ppl,
                 "retention_ppl": retention_ppl,
                 **win_rate(scores),
