@@ -37,6 +37,11 @@ Report = Callable[[dict[str, Any], Callable[[Path], None]], None]
 STATE_FILE = "state.pt"  # in a checkpoint folder: what training resumes from
 ADAPTER_DIR = "adapter"  # in a checkpoint folder: the adapter, for peft.PeftModel.from_pretrained
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak resident set size
+LIFETIME_PEAK_NOTE = (
+    "the peak-memory reset failed, so peak memory is the process's lifetime peak (in a reused worker perhaps an earlier "
+    "trial's): resources.max_memory_gb and the measured memory constraints were not checked against it"
+)
 
 
 class TrainStatus(str, enum.Enum):
@@ -197,10 +202,11 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
         return TrainResult(TrainStatus.INFEASIBLE, 0, {}, over)
     cap = config.resources.max_memory_gb if device.type == "cpu" else None
     train_peak = 0.0
+    lifetime_peak = False  # a peak reset failed: peaks include what the process held before, perhaps an earlier trial
     try:
         for epoch in range(first_epoch, config.train.epochs + 1):
             model.train()
-            reset_peak_memory(device)
+            epoch_peak = reset_peak_memory(device)
             start = time.perf_counter()
             losses = []
             if not method.trains:
@@ -225,13 +231,14 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 totals["tokens_trained"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                if cap and peak_memory_gb(device) > cap:
+                if cap and epoch_peak and peak_memory_gb(device) > cap:
                     raise MemoryCapExceeded(f"peak resident memory {peak_memory_gb(device):.2f} GB > resources.max_memory_gb {cap:g}")
             totals["train_seconds"] += time.perf_counter() - start
             train_peak = max(train_peak, peak_memory_gb(device)) if micro_batches else train_peak
 
             model.eval()
-            reset_peak_memory(device)
+            epoch_peak = reset_peak_memory(device) and epoch_peak
+            lifetime_peak = lifetime_peak or not epoch_peak
             start = time.perf_counter()
             eval_ppl = perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), device)
             retention_ppl = _retention_ppl(model, retention_set, config, tokenizer.pad_token_id, device)
@@ -259,6 +266,7 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
                 "peak_memory_gb": max(train_peak, peak_memory_gb(device)),
                 "train_memory_gb": train_peak or None,
                 "inference_memory_gb": peak_memory_gb(device),
+                "peak_memory_scope": "epoch" if epoch_peak else "process_lifetime",
                 "estimated_memory_gb": estimate,
                 "estimated_inference_memory_gb": inference_estimate,
                 "trainable_params": sum(p.numel() for p in params),
@@ -267,6 +275,8 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
                 "answers": answers,
                 "verdicts": scores,
             }
+            if lifetime_peak:
+                metrics["memory_checks_skipped"] = LIFETIME_PEAK_NOTE
             epochs_done = epoch
             report(metrics, lambda folder, epoch=epoch: save(folder, epoch))
     except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -280,7 +290,9 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
             f"out of memory at epoch {epochs_done + 1} (batch_size={config.train.batch_size}, "
             f"max_length={config.data.max_length}, method={config.train.method}; estimated need {estimate:.2f} GB): {detail}",
         )
-    measured = _over_constraints(config, metrics.get("train_memory_gb") or 0.0, metrics.get("inference_memory_gb") or 0.0, "measured")
+    measured = None if lifetime_peak else _over_constraints(
+        config, metrics.get("train_memory_gb") or 0.0, metrics.get("inference_memory_gb") or 0.0, "measured"
+    )
     if measured:
         return TrainResult(TrainStatus.INFEASIBLE, config.train.epochs, metrics, measured)
     return TrainResult(TrainStatus.SUCCESS, config.train.epochs, metrics)
@@ -371,15 +383,19 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: CUDA's peak allocated, or (Linux) the process's peak resident set VmHWM."""
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak: CUDA's peak allocated, or (Linux) the process's peak resident set VmHWM.
+
+    False when it could not (not Linux, or not allowed): `peak_memory_gb` is then the process's lifetime peak.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+        CLEAR_REFS.write_text("5")
     except OSError:
-        pass  # not Linux, or not allowed: the peak is then the process's lifetime peak
+        return False
+    return True
 
 
 def peak_memory_gb(device: torch.device) -> float:
