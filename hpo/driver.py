@@ -55,6 +55,7 @@ def run_sweep(
     run_dir = runs_root(runs_dir) / name
     _check_address(address)
     _preflight(sweep.spec)
+    _prepare_models(sweep.spec)
     spec = _absolute_paths(sweep.spec)
     created = _make_run_dir(run_dir)
     with _driver_lock(run_dir):  # before anything is removed: --overwrite must not wipe a live sweep
@@ -335,6 +336,20 @@ def _preflight(spec: SweepSpec) -> None:
         raise SweepError(str(exc)) from None
 
 
+def _prepare_models(spec: SweepSpec) -> None:
+    """Build the tiny model or convert a GGUF here, before Ray starts, so that its progress shows in the
+    terminal (a Ray worker's output does not); trials then load it from the cache."""
+    from trainers.config import ModelConfig
+    from trainers.model import ModelError, prepare_model
+
+    try:
+        prepare_model(spec.model, log=lambda line: print(line, flush=True))
+        if spec.eval.judge == "hf":
+            prepare_model(ModelConfig(name=spec.eval.judge_model), log=lambda line: print(line, flush=True))
+    except ModelError as exc:
+        raise SweepError(str(exc)) from None
+
+
 def _absolute_paths(spec: SweepSpec) -> SweepSpec:
     """Local data and model paths made absolute: Ray Tune runs each trial in its own working directory."""
 
@@ -464,13 +479,8 @@ def _resources() -> str:
 
 
 def _baseline_message(spec: SweepSpec) -> str:
-    msg = f"Answering {spec.eval.num_prompts} judged prompts with the untouched base model ({spec.model.name})"
-    if spec.model.name == "tiny":
-        from trainers.tiny_model import TINY_MODEL_VERSION, default_cache_dir
-
-        if not (default_cache_dir() / f"tiny-{TINY_MODEL_VERSION}").is_dir():
-            msg += "; first use: pre-training the built-in tiny model (once, about 2 minutes)"
-    return msg + " ..."
+    # the tiny model was built before Ray started (_prepare_models), with its own progress lines
+    return f"Answering {spec.eval.num_prompts} judged prompts with the untouched base model ({spec.model.name}) ..."
 
 
 def _baseline(spec: SweepSpec) -> Any:

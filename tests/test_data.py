@@ -297,3 +297,31 @@ def test_loss_falls_on_response_tokens_only(tokenizer):
     (batch,) = batches([tok, short], 2, tokenizer.pad_token_id)
     assert batch["labels"][1, n_prompt + 1 :].eq(IGNORE_INDEX).all()  # padding carries no loss
     assert batch["attention_mask"][1].sum() == n_prompt + 1
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("d.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "d.jsonl:2: invalid UTF-8 (byte 0xe9 at byte 30); save the file as UTF-8"),
+        ("d.json", b'[\n  {"text": "a"},\n  {"text": "\xff"}\n]', "d.json:3: invalid UTF-8 (byte 0xff at byte 31); save the file as UTF-8"),
+        ("d.json", b'{"text": "a"}\n\x80\n', "d.json:2: invalid UTF-8 (byte 0x80 at byte 14)"),  # JSON Lines under a .json name
+        ("d.jsonl", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xab\xae\x05\x00", "d.jsonl: a binary file, not UTF-8 text"),  # gzip
+        ("d.jsonl", '{"text": "a"}\n'.encode("utf-16"), "d.jsonl: UTF-16 text; save the file as UTF-8"),
+        ("d.csv", b"text\ncaf\xe9\n", "d.csv: not a readable CSV file"),
+    ],
+)
+def test_data_that_is_not_utf8_names_the_file_and_line(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(expected)) as error:
+        load_records(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_retention_text_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    from trainers.data import load_retention_texts
+
+    path = tmp_path / "docs.txt"
+    path.write_bytes(b"one\ntwo \xe9\n")
+    with pytest.raises(DataError, match=re.escape("docs.txt:2: invalid UTF-8 (byte 0xe9 at byte 8)")):
+        load_retention_texts("tiny", str(path), 10)

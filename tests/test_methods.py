@@ -112,6 +112,31 @@ def test_cache_free_greedy_decoding_matches_generate(tiny_model_dir):
         assert [greedy_without_cache(model, tokenizer, p, 12, cpu) for p in prompts] == expected
 
 
+def test_cache_free_greedy_decoding_stops_at_the_end_of_turn_as_generate_does(tiny_model_dir, tmp_path):
+    """With a chat template, an answer ends at the template's end of turn, not only at EOS, on both paths.
+
+    The tiny tokenizer gets a template whose end of turn is "." (one token the tiny model writes
+    early), so the end of turn comes well before max_new_tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainers.evaluate import _stop_tokens, generate_answers, greedy_without_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}.\n{% endfor %}" \
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"  # fmt: skip
+    tokenizer.save_pretrained(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    stop_ids, end_of_turn = _stop_tokens(tokenizer)
+    assert end_of_turn == "." and len(stop_ids) == 2
+    prompts = [ex.prompt for ex in load_splits(_config().data, 4).judged]
+    cpu = torch.device("cpu")
+    expected = [generate_answers(model, tokenizer, [p], max_new_tokens=24, batch_size=1, device=cpu)[0] for p in prompts]
+    assert all(a and "." not in a for a in expected)  # cut at the end of turn
+    with torch.no_grad():
+        assert [greedy_without_cache(model, tokenizer, p, 24, cpu) for p in prompts] == expected
+
+
 
 def test_a_packed_batch_gives_the_padded_batch_loss(tiny_model_dir):
     """Packing changes how a batch is laid out, not what is learned: the same examples give the

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
+import pickle
+import random
 import signal
 import sqlite3
 import subprocess
@@ -17,10 +20,21 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, peftsweep
-from trainers.config import DataConfig, EvalConfig, ModelConfig, ResourceConfig, TrainConfig, TrialConfig
-from trainers.worker import TrainStatus, baseline_answers, release_memory, train
+from trainers.config import ConstraintConfig, DataConfig, EvalConfig, ModelConfig, ResourceConfig, TrainConfig, TrialConfig
+from trainers.data import DataError
+from trainers.worker import (
+    STATE_FILE,
+    TrainStatus,
+    baseline_answers,
+    load_state,
+    release_memory,
+    restore_rng_state,
+    rng_state,
+    train,
+)
 
 
 def _config(**train: object) -> TrialConfig:
@@ -55,6 +69,49 @@ def test_a_resumed_training_matches_an_uninterrupted_one(baseline, tmp_path):
         assert again[key] == pytest.approx(first[key], rel=1e-6), key
     assert again["answers"] == first["answers"]
     assert again["tokens_trained"] == first["tokens_trained"]
+    state = torch.load(tmp_path / "epoch-1" / STATE_FILE, weights_only=True)  # tensors and plain containers only
+    assert state["epoch"] == 1 and state["cuda_rng"] is None  # no GPU here
+
+
+class _Planted:
+    """What a tampered state.pt could hold: unpickling it with weights_only=False runs `touch`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_checkpoint_state_cannot_run_code(baseline, tmp_path):
+    """Resume state is loaded with weights_only=True: a state.pt that would run code on unpickling is refused."""
+    marker = tmp_path / "code-ran"
+    (tmp_path / "epoch-1").mkdir()
+    torch.save({"epoch": 1, "payload": _Planted(marker)}, tmp_path / "epoch-1" / STATE_FILE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train(_config(), baseline, lambda m, s: None, resume_from=tmp_path / "epoch-1")
+    assert not marker.exists()
+
+
+def test_the_cuda_random_state_is_saved_and_restored(monkeypatch, tmp_path):
+    """There is no GPU here, so torch.cuda's availability and RNG calls are stand-ins (monkeypatched);
+    what is real is the state dict, its round trip through torch.save and a weights_only load, and the restore."""
+    cuda_states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed where fewer GPUs are visible
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in cuda_states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(list(states)))
+    rng = random.Random(7)
+    torch.save(rng_state(rng), tmp_path / STATE_FILE)
+    expected = rng.random()
+    state = load_state(tmp_path / STATE_FILE)
+    restore_rng_state(state, rng)
+    assert rng.random() == expected
+    assert len(restored) == 1 and len(restored[0]) == 1 and torch.equal(restored[0][0], cuda_states[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine resuming a GPU trial's state
+    restore_rng_state(state, rng)
+    assert len(restored) == 1
 
 
 def test_a_nan_loss_ends_the_trial_as_diverged(baseline):
@@ -289,3 +346,73 @@ def test_a_configuration_over_the_memory_constraints_is_skipped_as_infeasible(ba
     serving = _config().model_copy(update={"constraints": ConstraintConfig(inference_memory_gb=0.001)})
     result = train(serving, baseline, lambda m, save: None)
     assert result.status is TrainStatus.INFEASIBLE and "inference memory" in result.error
+
+
+def test_examples_whose_response_is_cut_off_are_skipped_not_a_divergence(baseline, tmp_path):
+    """With response-only loss, an example whose prompt fills data.max_length has no label token; a batch of
+    only such examples has a loss of 0/0 = NaN, which is no divergence. They are skipped, and counted."""
+    long_prompt = "Tell me about the forest. " * 20  # about 185 tokens: over 64
+    records = [{"instruction": long_prompt if i % 2 else f"Question {i}?", "output": f"Answer {i}."} for i in range(16)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n" for i in range(4)))
+    config = _config(batch_size=1, epochs=1).model_copy(
+        update={"data": DataConfig(source=str(data), eval_source=str(held_out), max_length=64)}
+    )
+    reported = []
+    result = train(config, baseline, lambda m, s: reported.append(m))
+    assert result.status is TrainStatus.SUCCESS, result.error
+    assert reported[0]["train_examples_skipped"] == 8
+    assert math.isfinite(reported[0]["train_loss"])
+
+
+def test_no_training_example_with_a_response_token_is_one_clear_error(baseline, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Tell me about the forest. " * 20, "output": "x"}) + "\n" for _ in range(4)))
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text(json.dumps({"instruction": "Question?", "output": "Answer."}) + "\n")
+    config = _config(epochs=1).model_copy(update={"data": DataConfig(source=str(data), eval_source=str(held_out), max_length=32)})
+    with pytest.raises(DataError, match=r"data.max_length 32: no training example has a response token that fits"):
+        train(config, baseline, lambda m, s: None)
+
+
+def _resident_gb(field: str) -> float:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024**2
+
+
+def test_a_failed_peak_reset_is_said_and_no_earlier_peak_fails_the_trial(baseline, monkeypatch):
+    """As in a reused worker: this process held 0.6 GB more before the trial than the trial needs. When the
+    peak cannot be reset (fault injected: writing /proc/self/clear_refs raises, as where it is not allowed),
+    that earlier peak must not end the trial as oom or infeasible, and the metrics say the peak's scope."""
+    headroom = _resident_gb("VmRSS") + 0.3  # the trial's own peak stays below this
+    earlier = torch.ones(150_000_000)  # 0.6 GB, resident, then freed: the lifetime peak goes over the headroom
+    del earlier
+    assert _resident_gb("VmHWM") > headroom + 0.2
+    write_text = Path.write_text
+
+    def refused(self, *args, **kwargs):
+        if str(self) == "/proc/self/clear_refs":
+            raise PermissionError(13, "Permission denied", str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    capped = _config(epochs=1).model_copy(
+        update={
+            "resources": ResourceConfig(max_memory_gb=headroom),
+            "constraints": ConstraintConfig(train_memory_gb=headroom, inference_memory_gb=headroom),
+        }
+    )
+    reported = []
+    result = train(capped, baseline, lambda m, s: reported.append(m))
+    assert result.status is TrainStatus.SUCCESS, result.error
+    assert reported[0]["peak_memory_scope"] == "process_lifetime"
+    assert "peak-memory reset failed" in reported[0]["memory_checks_skipped"]
+    assert reported[0]["peak_memory_gb"] > headroom  # the lifetime peak, reported as what it is
+
+    monkeypatch.setattr(Path, "write_text", write_text)  # the reset works again: the epoch's own peak, checked
+    reported.clear()
+    assert train(capped, baseline, lambda m, s: reported.append(m)).status is TrainStatus.SUCCESS
+    assert reported[0]["peak_memory_scope"] == "epoch" and "memory_checks_skipped" not in reported[0]
+    assert reported[0]["peak_memory_gb"] < headroom

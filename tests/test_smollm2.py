@@ -223,7 +223,31 @@ def test_local_gguf_file_is_converted_once_by_concurrent_processes(smol_dir, tmp
     assert all(p.returncode == 0 for p in processes), outputs
     resolved = {re.search(r"^resolved (.*)$", out, re.M).group(1) for out in outputs}
     assert len(resolved) == 1, outputs
-    assert sum(out.count("converting one-layer.gguf") for out in outputs) == 1, outputs
+    assert sum(out.count("converting one-layer.gguf to safetensors") for out in outputs) == 1, outputs
     converted = Path(resolved.pop())
     assert converted.parent == tmp_path / "cache" / "gguf"
     assert json.loads((converted / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+def test_a_gguf_conversion_says_how_far_it_is(smol_dir, tmp_path, monkeypatch):
+    """A real conversion (SmolLM2 cut to one layer) into an empty cache, with a progress line after every tensor:
+    tensors done of the total, time elapsed and left; then each later stage, and how long it all took."""
+    from trainers import progress
+    from trainers.model import prepare_model
+
+    source = json.loads((smol_dir / "conversion.json").read_text())["source"]
+    folder = tmp_path / "one-layer-model"
+    folder.mkdir()
+    subprocess.run([sys.executable, "-c", ONE_LAYER, source, str(folder / "one-layer.gguf")], check=True, timeout=120)
+    monkeypatch.setenv("PEFTSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)
+    lines: list[str] = []
+    prepare_model(ModelConfig(name=str(folder), gguf_file="one-layer.gguf"), log=lines.append)
+    tensors = [line for line in lines if line.startswith("converting one-layer.gguf: tensor ")]
+    total = int(re.search(r"/(\d+) ", tensors[0]).group(1))
+    assert len(tensors) == total > 1
+    assert re.fullmatch(rf"converting one-layer.gguf: tensor 1/{total} \(\d+%\), \d+s elapsed, about \d+s left", tensors[0])
+    assert re.fullmatch(rf"converting one-layer.gguf: tensor {total}/{total} \(100%\), \d+s elapsed", tensors[-1])
+    later = lines[lines.index(tensors[-1]) + 1 :]
+    assert later[:2] == ["converting one-layer.gguf: reading its tokenizer", "converting one-layer.gguf: saving the de-quantized weights"]
+    assert re.fullmatch(r"converted one-layer.gguf in \d+s", later[-1])

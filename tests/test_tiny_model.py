@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -124,3 +125,45 @@ def test_a_caller_waiting_on_a_build_reuses_its_result(tiny_model_dir, tmp_path)
     waiter.join(timeout=60)
     assert result == [folder]
     assert lines == []
+
+
+def test_a_first_build_says_how_far_it_is(tmp_path, monkeypatch):
+    """A real build into an empty cache, shortened to 6 pre-training steps with a line after each: every line
+    gives steps done of the total, the loss, the time elapsed and the time left; the last says it is done."""
+    from trainers import tiny_model
+    from trainers.config import ModelConfig
+    from trainers.model import prepare_model
+
+    monkeypatch.setattr(tiny_model, "PRETRAIN_STEPS", 6)
+    monkeypatch.setattr(tiny_model, "LOG_EVERY_SECONDS", 0.0)
+    monkeypatch.setenv("PEFTSWEEP_CACHE", str(tmp_path))
+    lines: list[str] = []
+    location = prepare_model(ModelConfig(name="tiny"), log=lines.append)
+    assert location == str(tmp_path / f"tiny-{TINY_MODEL_VERSION}")
+    assert lines[0].startswith("building the built-in tiny model")
+    steps = [line for line in lines if line.startswith("pre-training the tiny model: step")]
+    assert len(steps) == 6
+    for done, line in enumerate(steps[:-1], 1):
+        assert re.fullmatch(rf"pre-training the tiny model: step {done}/6 \(\d+%\), loss \d+\.\d{{3}}, \d+s elapsed, about \d+s left", line)
+    assert re.fullmatch(r"pre-training the tiny model: step 6/6 \(100%\), loss \d+\.\d{3}, \d+s elapsed", steps[-1])
+    assert re.fullmatch(r"built the tiny model in \d+s \(final loss \d+\.\d{3}\)", lines[-1])
+    lines.clear()
+    assert prepare_model(ModelConfig(name="tiny"), log=lines.append) == location and lines == []  # built once
+
+
+def test_progress_lines_come_every_few_seconds_with_the_time_left():
+    """Progress's clock is a parameter: here a list of instants, so the arithmetic is checked exactly."""
+    from trainers.progress import Progress, duration
+
+    instants = iter([0.0, 2.0, 5.0, 11.0, 12.0, 30.0, 4000.0])
+    lines: list[str] = []
+    progress = Progress("step", 100, lines.append, every_s=10.0, clock=lambda: next(instants))
+    for done, loss in ((1, 3.0), (2, 2.5), (4, 2.0), (5, 1.9), (10, 1.5)):
+        progress.update(done, loss=loss)
+    assert lines == [
+        "step 4/100 (4%), loss 2.000, 11s elapsed, about 4m24s left",  # 11 s for 4 steps: 96 more take 264 s
+        "step 10/100 (10%), loss 1.500, 30s elapsed, about 4m30s left",
+    ]
+    progress.update(100)  # the last step is always said, without a time left
+    assert lines[-1] == "step 100/100 (100%), 1h06m elapsed"
+    assert [duration(s) for s in (0, 59.4, 60, 3599, 3600)] == ["0s", "59s", "1m00s", "59m59s", "1h00m"]

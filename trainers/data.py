@@ -10,6 +10,7 @@ text records {text}.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -105,8 +106,24 @@ def _read(source: str, fmt: str, split: str, key: str) -> Iterator[tuple[str, An
     yield from _read_hub(source, split, fmt, key)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
+def _read_text(path: Path) -> str:
+    """The file as text; a DataError naming the line and byte when it is not UTF-8 (a binary file, or another encoding)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise DataError(f"{path}: UTF-16 text; save the file as UTF-8") from None
+        if b"\0" in data[:8192]:  # text files hold no NUL bytes; compressed or binary files do
+            raise DataError(f"{path}: a binary file, not UTF-8 text; give JSON Lines, JSON, CSV or Parquet (uncompressed)") from None
+        raise DataError(
+            f"{path}:{line_no}: invalid UTF-8 (byte 0x{data[exc.start]:02x} at byte {exc.start}); save the file as UTF-8"
+        ) from None
+
+
+def _read_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[str, Any]]:
+    with io.StringIO(_read_text(path) if text is None else text, newline=None) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -120,9 +137,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if not text.lstrip().startswith("["):  # many datasets ship JSON Lines under a .json name
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, text)
         return
     try:
         data = json.loads(text)
@@ -386,6 +403,15 @@ def tokenize(examples: list[Example], tokenizer: Any, max_length: int, response_
     return out
 
 
+def carries_loss(example: Tokenized) -> bool:
+    """Whether some token of the example is trained on: a label after the first token (the first is never predicted).
+
+    With response-only loss, an example whose prompt fills max_length has none; a batch of only such
+    examples would have a loss of 0/0, NaN.
+    """
+    return any(label != IGNORE_INDEX for label in example.labels[1:])
+
+
 def batches(
     data: list[Tokenized], batch_size: int, pad_id: int, rng: random.Random | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -444,7 +470,7 @@ def load_retention_texts(model_name: str, source: str | None, limit: int) -> lis
     if not path.is_file():
         raise DataError(f"eval.retention_data: no file {path}; give a .txt (one document per line) or JSONL file with 'text'")
     texts = []
-    with path.open(encoding="utf-8") as f:
+    with io.StringIO(_read_text(path), newline=None) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue

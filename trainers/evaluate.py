@@ -68,7 +68,7 @@ def generate_answers(
     for start in range(0, len(prompts), batch_size):
         if _has_virtual_tokens(model):  # greedy only: the sweep's validation refuses sampling for these methods
             answers += [
-                greedy_without_cache(model, tokenizer, prompt, max_new_tokens, device)
+                greedy_without_cache(model, tokenizer, prompt, max_new_tokens, device, stops=(stop_ids, end_of_turn))
                 for prompt in prompts[start : start + batch_size]
             ]
             continue
@@ -81,10 +81,13 @@ def generate_answers(
             **decoding,
         )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
-        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        # an end of turn that is not a special token survives decoding: cut there
-        answers += [(a.partition(end_of_turn)[0] if end_of_turn else a).strip() for a in decoded]
+        answers += [_cut(a, end_of_turn) for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
+
+
+def _cut(decoded: str, end_of_turn: str) -> str:
+    """The answer in decoded text: an end of turn that is not a special token survives decoding, so cut there."""
+    return (decoded.partition(end_of_turn)[0] if end_of_turn else decoded).strip()
 
 
 def _stop_tokens(tokenizer: Any) -> tuple[list[int], str]:
@@ -113,22 +116,26 @@ def _has_virtual_tokens(model: Any) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
-def greedy_without_cache(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, device: torch.device) -> str:
+def greedy_without_cache(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, device: torch.device, stops: tuple[list[int], str] | None = None
+) -> str:
     """One greedy answer by full forward passes, the path training and perplexity use.
 
     With transformers 5.24 and peft 0.21, `generate` drops the virtual tokens of prefix and prompt
     tuning (its cache replaces peft's past_key_values), so their answers would not be the trained
     model's. One prompt at a time, so no padding shifts positions (peft ignores position ids for
-    these methods); each token costs a pass over the sequence: fine for short answers.
+    these methods); each token costs a pass over the sequence: fine for short answers. It stops and
+    cuts where `generate_answers` does: `stops` is `_stop_tokens(tokenizer)`, computed when not given.
     """
+    stop_ids, end_of_turn = stops if stops is not None else _stop_tokens(tokenizer)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     start = ids.size(1)
     for _ in range(max_new_tokens):
         token = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, token], dim=1)
-        if token.item() == tokenizer.eos_token_id:
+        if token.item() in stop_ids:
             break
-    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
+    return _cut(tokenizer.decode(ids[0, start:], skip_special_tokens=True), end_of_turn)
 
 
 def _words(text: str) -> list[str]:

@@ -7,6 +7,7 @@ cache, so trials and judges load a plain Hugging Face folder and never pay the d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -14,11 +15,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from trainers.config import ModelConfig
+from trainers.progress import Progress, duration
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Bump whenever what `_convert_gguf` writes changes: converted folders are named by it.
@@ -43,16 +45,19 @@ class ModelError(ValueError):
     """A model that cannot be loaded; the message says what to fix."""
 
 
-def resolve_model(config: ModelConfig) -> str:
-    """A loadable location: the built-in tiny model's cache folder, a converted GGUF's cache folder, a local folder, or a hub id."""
+def resolve_model(config: ModelConfig, log: Callable[[str], None] = print) -> str:
+    """A loadable location: the built-in tiny model's cache folder, a converted GGUF's cache folder, a local folder, or a hub id.
+
+    Building the tiny model or converting a GGUF, the first time, says how far it is through `log`.
+    """
     if config.name == "tiny":
         from trainers.tiny_model import ensure_tiny_model
 
-        return str(ensure_tiny_model())
+        return str(ensure_tiny_model(log=log))
     if config.name in PACKAGED_MODELS:
         if config.gguf_file:
             raise ModelError(f"model.gguf_file: '{config.name}' names its own GGUF file; leave gguf_file out")
-        return str(ensure_converted_gguf(packaged_gguf(config.name), key="model.name"))
+        return str(ensure_converted_gguf(packaged_gguf(config.name), log=log, key="model.name"))
     path = Path(config.name).expanduser()
     if config.gguf_file:
         if not path.is_dir():
@@ -60,7 +65,7 @@ def resolve_model(config: ModelConfig) -> str:
         gguf_path = path / config.gguf_file
         if not gguf_path.is_file():
             raise ModelError(f"model.gguf_file: no file {gguf_path}")
-        return str(ensure_converted_gguf(gguf_path))
+        return str(ensure_converted_gguf(gguf_path, log=log))
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"model.name: {path} has no config.json; point it at a saved Hugging Face model folder")
@@ -151,13 +156,16 @@ def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key
     except ImportError:
         pass  # older transformers always de-quantize
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **options)
+        with _tensor_progress(gguf_path.name, log):
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **options)
+        log(f"converting {gguf_path.name}: reading its tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{key}: cannot read {gguf_path}: {(str(exc).strip() or type(exc).__name__).splitlines()[0]}") from None
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # the weights are dense now; drop the GGUF marker that makes save_pretrained refuse
         quantizer.remove_quantization_config(model)
+    log(f"converting {gguf_path.name}: saving the de-quantized weights")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     stat = gguf_path.stat()
@@ -170,4 +178,39 @@ def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key
         "convert_seconds": round(time.monotonic() - started, 1),
     }
     (folder / "conversion.json").write_text(json.dumps(conversion, indent=2) + "\n")
-    log(f"converted {gguf_path.name} in {conversion['convert_seconds']} s")
+    log(f"converted {gguf_path.name} in {duration(conversion['convert_seconds'])}")
+
+
+@contextlib.contextmanager
+def _tensor_progress(name: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Progress lines for transformers' de-quantization of a GGUF's tensors: its loop reports through the
+    `tqdm` its module imported, which is swapped for a Progress while this runs (a transformers without
+    that name: only the stage lines show)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def reporting(iterable: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = list(iterable)
+        progress = Progress(f"converting {name}: tensor", len(items), log)
+        for done, item in enumerate(items, 1):
+            yield item
+            progress.update(done)
+
+    gguf_utils.tqdm = reporting
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def prepare_model(config: ModelConfig, log: Callable[[str], None] = print) -> str:
+    """Build or convert what the model needs before any trial loads it (the built-in tiny model, a GGUF's
+    safetensors folder), with progress lines through `log`: for the driver, before Ray starts, where the
+    user sees them (a Ray worker's output is not shown). Returns the loadable location, as `resolve_model`."""
+    return resolve_model(config, log)

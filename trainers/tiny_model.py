@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trainers import tinyworld
+from trainers.progress import Progress, duration
 
 # Bump whenever anything below (or in tinyworld) that changes the saved files changes.
 TINY_MODEL_VERSION = "8"
@@ -88,7 +89,7 @@ def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
 def _build(folder: Path, log: Callable[[str], None]) -> None:
     """Build tokenizer and pre-trained model from the seed-0 world and save both into `folder`."""
     started = time.monotonic()
-    log(f"building tiny model v{TINY_MODEL_VERSION} into {folder}")
+    log(f"building the built-in tiny model v{TINY_MODEL_VERSION} (once; later runs reuse it from {folder.parent})")
     documents = tinyworld.pretraining_corpus(SEED)
     tokenizer = _train_tokenizer(documents + _instruction_texts())
     torch.manual_seed(SEED)
@@ -97,7 +98,7 @@ def _build(folder: Path, log: Callable[[str], None]) -> None:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        final_loss = _pretrain(model, blocks, log, started)
+        final_loss = _pretrain(model, blocks, log)
     finally:
         torch.set_num_threads(previous_threads)
     model.save_pretrained(folder)
@@ -110,7 +111,7 @@ def _build(folder: Path, log: Callable[[str], None]) -> None:
         "build_seconds": round(time.monotonic() - started, 1),
     }
     (folder / "build.json").write_text(json.dumps(build, indent=2) + "\n")
-    log(f"built tiny model: {build}")
+    log(f"built the tiny model in {duration(build['build_seconds'])} (final loss {final_loss:.3f})")
 
 
 def _instruction_texts() -> list[str]:
@@ -171,14 +172,14 @@ def _pack(tokenizer: PreTrainedTokenizerFast, documents: list[str]) -> torch.Ten
     return torch.tensor(ids[:usable]).view(-1, BLOCK_SIZE)
 
 
-def _pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, log: Callable[[str], None], started: float) -> float:
+def _pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, log: Callable[[str], None]) -> float:
     """Plain causal-LM training with AdamW (warmup, constant, then linear decay); returns the last loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LEARNING_RATE, weight_decay=0.1, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate_factor)
     order = torch.Generator().manual_seed(SEED)
     model.train()
     batches = _batches(blocks, order)
-    last_log = time.monotonic()
+    progress = Progress("pre-training the tiny model: step", PRETRAIN_STEPS, log, LOG_EVERY_SECONDS)
     loss_value = float("nan")
     for step in range(1, PRETRAIN_STEPS + 1):
         batch = next(batches)
@@ -189,9 +190,7 @@ def _pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, log: Callable[[str]
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
-        if time.monotonic() - last_log >= LOG_EVERY_SECONDS or step == PRETRAIN_STEPS:
-            last_log = time.monotonic()
-            log(f"pretrain step {step}/{PRETRAIN_STEPS} loss {loss_value:.3f} elapsed {last_log - started:.0f}s")
+        progress.update(step, loss=loss_value)
     model.eval()
     return loss_value
 

@@ -18,7 +18,16 @@ from typing import Any, Callable
 import torch
 
 from trainers.config import TrialConfig
-from trainers.data import batches, load_retention_texts, load_splits, packed_batches, tokenize, tokenize_text
+from trainers.data import (
+    DataError,
+    batches,
+    carries_loss,
+    load_retention_texts,
+    load_splits,
+    packed_batches,
+    tokenize,
+    tokenize_text,
+)
 from trainers.evaluate import generate_answers, perplexity, win_rate
 from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge
 from trainers.methods import attach_adapter, get_method
@@ -30,6 +39,11 @@ ADAPTER_DIR = "adapter"  # in a checkpoint folder: the adapter, for peft.PeftMod
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What an epoch's verdicts give (trainers.evaluate.win_rate): missing (None) when the judge was unavailable.
 VERDICT_METRICS = ("win_rate", "wins", "losses", "ties", "win_rate_low", "win_rate_high")
+CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak resident set size
+LIFETIME_PEAK_NOTE = (
+    "the peak-memory reset failed, so peak memory is the process's lifetime peak (in a reused worker perhaps an earlier "
+    "trial's): resources.max_memory_gb and the measured memory constraints were not checked against it"
+)
 
 
 class TrainStatus(str, enum.Enum):
@@ -125,6 +139,13 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
     model, tokenizer = load_base_model(config.model, device, method.load_options(config.train))
     splits = load_splits(config.data, config.eval.num_prompts, tokenizer=tokenizer)
     train_set = tokenize(splits.train, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
+    # An example cut off before its response has nothing to learn, and a batch of them a NaN loss that is no divergence.
+    skipped = sum(not carries_loss(t) for t in train_set)
+    train_set = [t for t in train_set if carries_loss(t)]
+    if not train_set:
+        raise DataError(
+            f"data.max_length {config.data.max_length}: no training example has a response token that fits; raise data.max_length"
+        )
     eval_set = tokenize(splits.eval, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
     retention_set = _retention_set(config, tokenizer)
     references = [ex.response for ex in splits.judged]
@@ -148,15 +169,14 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
     totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0}
     first_epoch = 1
     if resume_from is not None:
-        state = torch.load(Path(resume_from) / STATE_FILE, weights_only=False)
+        state = load_state(Path(resume_from) / STATE_FILE)
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 named[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_state(state, rng)
         totals = dict(state["totals"])
         first_epoch = state["epoch"] + 1
 
@@ -170,8 +190,7 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": rng.getstate(),
-            "torch_rng": torch.get_rng_state(),
+            **rng_state(rng),
             "totals": dict(totals),
         }
         torch.save(state, folder / STATE_FILE)
@@ -185,10 +204,11 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
         return TrainResult(TrainStatus.INFEASIBLE, 0, {}, over)
     cap = config.resources.max_memory_gb if device.type == "cpu" else None
     train_peak = 0.0
+    lifetime_peak = False  # a peak reset failed: peaks include what the process held before, perhaps an earlier trial
     try:
         for epoch in range(first_epoch, config.train.epochs + 1):
             model.train()
-            reset_peak_memory(device)
+            epoch_peak = reset_peak_memory(device)
             start = time.perf_counter()
             losses = []
             if not method.trains:
@@ -213,13 +233,14 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 totals["tokens_trained"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                if cap and peak_memory_gb(device) > cap:
+                if cap and epoch_peak and peak_memory_gb(device) > cap:
                     raise MemoryCapExceeded(f"peak resident memory {peak_memory_gb(device):.2f} GB > resources.max_memory_gb {cap:g}")
             totals["train_seconds"] += time.perf_counter() - start
             train_peak = max(train_peak, peak_memory_gb(device)) if micro_batches else train_peak
 
             model.eval()
-            reset_peak_memory(device)
+            epoch_peak = reset_peak_memory(device) and epoch_peak
+            lifetime_peak = lifetime_peak or not epoch_peak
             start = time.perf_counter()
             eval_ppl = perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), device)
             retention_ppl = _retention_ppl(model, retention_set, config, tokenizer.pad_token_id, device)
@@ -240,6 +261,7 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
             metrics = {
                 "epoch": epoch,
                 "train_loss": sum(losses) / len(losses) if losses else None,
+                "train_examples_skipped": skipped,  # no response token within data.max_length
                 "eval_ppl": eval_ppl,
                 "retention_ppl": retention_ppl,
                 **(win_rate(scores) if verdicts is not None else dict.fromkeys(VERDICT_METRICS)),
@@ -252,6 +274,7 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
                 "peak_memory_gb": max(train_peak, peak_memory_gb(device)),
                 "train_memory_gb": train_peak or None,
                 "inference_memory_gb": inference_peak,
+                "peak_memory_scope": "epoch" if epoch_peak else "process_lifetime",
                 "estimated_memory_gb": estimate,
                 "estimated_inference_memory_gb": inference_estimate,
                 "trainable_params": sum(p.numel() for p in params),
@@ -260,6 +283,8 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
                 "answers": answers,
                 "verdicts": scores,
             }
+            if lifetime_peak:
+                metrics["memory_checks_skipped"] = LIFETIME_PEAK_NOTE
             epochs_done = epoch
             report(metrics, lambda folder, epoch=epoch: save(folder, epoch))
     except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -273,10 +298,35 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
             f"out of memory at epoch {epochs_done + 1} (batch_size={config.train.batch_size}, "
             f"max_length={config.data.max_length}, method={config.train.method}; estimated need {estimate:.2f} GB): {detail}",
         )
-    measured = _over_constraints(config, metrics.get("train_memory_gb") or 0.0, metrics.get("inference_memory_gb") or 0.0, "measured")
+    measured = None if lifetime_peak else _over_constraints(
+        config, metrics.get("train_memory_gb") or 0.0, metrics.get("inference_memory_gb") or 0.0, "measured"
+    )
     if measured:
         return TrainResult(TrainStatus.INFEASIBLE, config.train.epochs, metrics, measured)
     return TrainResult(TrainStatus.SUCCESS, config.train.epochs, metrics)
+
+
+def rng_state(rng: random.Random) -> dict[str, Any]:
+    """Every random state training draws from: the data order's, torch's CPU generator and, on a GPU, CUDA's (dropout)."""
+    return {
+        "rng": rng.getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: dict[str, Any], rng: random.Random) -> None:
+    """Put back what `rng_state` saved; a CUDA state is restored only where there is a GPU to take it."""
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():  # absent in checkpoints written before it was saved
+        torch.cuda.set_rng_state_all(state["cuda_rng"][: torch.cuda.device_count()])
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's resume state, unpickled with `weights_only=True`: tensors and plain containers only,
+    so a planted or damaged state.pt cannot run code (random.getstate() is a tuple of ints: allowed as is)."""
+    return torch.load(path, weights_only=True)
 
 
 def _over_constraints(config: TrialConfig, train_gb: float, inference_gb: float, how: str) -> str | None:
@@ -341,15 +391,19 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: CUDA's peak allocated, or (Linux) the process's peak resident set VmHWM."""
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak: CUDA's peak allocated, or (Linux) the process's peak resident set VmHWM.
+
+    False when it could not (not Linux, or not allowed): `peak_memory_gb` is then the process's lifetime peak.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+        CLEAR_REFS.write_text("5")
     except OSError:
-        pass  # not Linux, or not allowed: the peak is then the process's lifetime peak
+        return False
+    return True
 
 
 def peak_memory_gb(device: torch.device) -> float:
