@@ -336,6 +336,10 @@ def _preflight(spec: SweepSpec) -> None:
         raise SweepError(str(exc)) from None
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)  # standard output is for the report's path
+
+
 def _prepare_models(spec: SweepSpec) -> None:
     """Build the tiny model or convert a GGUF here, before Ray starts, so that its progress shows in the
     terminal (a Ray worker's output does not); trials then load it from the cache."""
@@ -343,9 +347,9 @@ def _prepare_models(spec: SweepSpec) -> None:
     from trainers.model import ModelError, prepare_model
 
     try:
-        prepare_model(spec.model, log=lambda line: print(line, flush=True))
+        prepare_model(spec.model, log=_say)
         if spec.eval.judge == "hf":
-            prepare_model(ModelConfig(name=spec.eval.judge_model), log=lambda line: print(line, flush=True))
+            prepare_model(ModelConfig(name=spec.eval.judge_model), log=_say)
     except ModelError as exc:
         raise SweepError(str(exc)) from None
 

@@ -98,7 +98,9 @@ def test_a_second_run_with_the_same_name_is_refused(smoke_run):
     before = (runs / "smoke" / "results.db").stat().st_mtime_ns
     proc = peftsweep("run", "smoke", "--runs-dir", str(runs))
     assert proc.returncode == 2
-    assert "already exists: `peftsweep resume" in proc.stderr and "--overwrite replaces it" in proc.stderr
+    # A completed run is not resumable: the advice is to replace it or keep both, never `resume`.
+    assert "already exists: that sweep has completed (its report: peftsweep report smoke); --overwrite replaces it" in proc.stderr
+    assert "resume" not in proc.stderr.replace("peftsweep report", "")
     assert (runs / "smoke" / "results.db").stat().st_mtime_ns == before
 
 
