@@ -106,7 +106,7 @@ def _open_store(name: str, runs_dir: str | None):
 
     root = runs_root(runs_dir)
     path = root / name / "results.db"
-    if not path.is_file():
+    if not path.exists():  # a folder in its place is Store.open's to explain
         known = sorted(p.parent.name for p in root.glob("*/results.db"))
         raise SweepError(f"no run '{name}' in {root}/ (runs: {', '.join(known) or 'none'}); run it first: peftsweep run SWEEP")
     return Store.open(path)
@@ -235,16 +235,15 @@ def ls(runs_dir: RunsDir = None) -> None:
             typer.echo(f"  {ref:<20} invalid: {exc}")
     root = runs_root(runs_dir)
     typer.echo(f"Runs in {root}/:")
-    import sqlite3
+    from hpo.store import Store
 
     for db in sorted(root.glob("*/results.db")):
         try:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            status = conn.execute("SELECT status FROM sweep").fetchone()[0]
-            trials = conn.execute("SELECT count(*) FROM trials").fetchone()[0]
-            conn.close()
-        except sqlite3.Error:
-            status, trials = "unreadable", "?"
+            with Store.open(db) as store:  # checks the store is whole: a damaged one is named, the others listed
+                status, trials = store.sweep()["status"], len(store.trials())
+        except SweepError as exc:
+            typer.echo(f"  {db.parent.name:<20} {'unreadable':<12} {exc}")
+            continue
         typer.echo(f"  {db.parent.name:<20} {status:<12} {trials} trials")
 
 
