@@ -58,13 +58,18 @@ def run(
     runs_dir: RunsDir = None,
 ) -> None:
     """Run a sweep: every trial through Ray Tune, results to the store, then the report."""
-    from hpo.spec import NAME_RE, load_sweep
+    from hpo.checks import check_inputs, check_run_name
+    from hpo.spec import load_sweep
 
+    run_name = name
     try:
+        if name is not None:
+            check_run_name(name, from_option=True)
         loaded = load_sweep(sweep, set_)
-        run_name = name or loaded.name
-        if not NAME_RE.match(run_name):
-            raise SweepError(f"--name '{run_name}': use letters, digits, '.', '_' and '-' only")
+        if name is None:
+            run_name = loaded.name
+            check_run_name(run_name, from_option=False)
+        check_inputs(loaded.spec)  # before the first line of output: bad input gets one line, the error
         typer.echo(f"Sweep {loaded.path}: {_grid_size(loaded.spec)}, scheduler {loaded.spec.scheduler.name}", err=True)
         from hpo.driver import run_sweep
 
@@ -203,14 +208,21 @@ def _frame(rows: list[dict]):
 
 
 @app.command()
-def validate(sweeps: Annotated[list[str], typer.Argument(help="sweep names or files")]) -> None:
-    """Check sweep files without running them."""
+def validate(
+    sweeps: Annotated[list[str], typer.Argument(help="sweep names or files")],
+    set_: Annotated[
+        list[str], typer.Option("--set", help="override a value in each sweep, as run does: --set train.epochs=2 (repeatable)")
+    ] = [],
+) -> None:
+    """Check sweep files without running them: every check `run` makes before Ray starts (data, model, prompt lengths, judge, storage)."""
+    from hpo.checks import check_inputs
     from hpo.spec import load_sweep
 
     failed = 0
     for ref in sweeps:
         try:
-            loaded = load_sweep(ref)
+            loaded = load_sweep(ref, set_)
+            check_inputs(loaded.spec)
         except SweepError as exc:
             typer.echo(f"peftsweep: error: {exc}", err=True)
             failed += 1

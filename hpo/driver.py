@@ -21,6 +21,7 @@ from typing import Any
 from ray.tune import Callback, Stopper
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from hpo.checks import check_inputs
 from hpo.errors import SweepError
 from hpo.progress import ProgressCallback
 from hpo.spec import VARIANT, Dimension, Sweep, SweepSpec, coerce_value, flatten_params
@@ -48,7 +49,7 @@ def run_sweep(
     name = name or sweep.name
     run_dir = runs_root(runs_dir) / name
     _check_address(address)
-    _preflight(sweep.spec)
+    check_inputs(sweep.spec)
     spec = _absolute_paths(sweep.spec)
     _prepare_storage(spec, run_dir, overwrite)
     _prepare_run_dir(run_dir, overwrite)
@@ -183,26 +184,6 @@ class _driver_lock:
 
     def __exit__(self, *exc_info) -> None:
         self.file.close()
-
-
-def _preflight(spec: SweepSpec) -> None:
-    """Check data and model paths before Ray starts, so bad input costs nothing."""
-    from trainers.data import DataError, load_retention_texts, load_splits
-    from trainers.judges import JudgeError, make_judge
-    from trainers.config import ModelConfig
-    from trainers.model import ModelError, resolve_model
-
-    try:
-        load_splits(spec.data, spec.eval.num_prompts)  # format, files, split sizes (a chat template is checked on the worker)
-        if spec.model.name != "tiny":
-            resolve_model(spec.model)
-        load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
-        if spec.eval.judge == "hf" and spec.eval.judge_model != "tiny":
-            resolve_model(ModelConfig(name=spec.eval.judge_model))
-        if spec.eval.judge in ("reference", "openai"):  # an unreachable endpoint fails here, before any training
-            make_judge(spec.eval).check()
-    except (DataError, ModelError, JudgeError) as exc:
-        raise SweepError(str(exc)) from None
 
 
 def _absolute_paths(spec: SweepSpec) -> SweepSpec:
