@@ -37,7 +37,7 @@ def open_sweep(name: str, runs_dir: str | Path | None = None) -> Store:
     """The store of run NAME under runs_dir (default: $PEFTSWEEP_RUNS, else ./runs), as `peftsweep report` finds it."""
     root = Path(runs_dir or os.environ.get("PEFTSWEEP_RUNS", "runs"))
     path = root / name / "results.db"
-    if not path.is_file():
+    if not path.exists():  # a folder in its place is Store.open's to explain
         known = sorted(p.parent.name for p in root.glob("*/results.db"))
         raise SweepError(f"no run '{name}' in {root}/ (runs: {', '.join(known) or 'none'})")
     return Store.open(path)

@@ -72,21 +72,31 @@ def run(
     runs_dir: RunsDir = None,
 ) -> None:
     """Run a sweep: every trial through Ray Tune, results to the store, then the report."""
-    from hpo.spec import NAME_RE, load_sweep
+    from hpo.checks import check_inputs, check_run_name
+    from hpo.spec import load_sweep
 
+    run_name = name
     try:
+        if name is not None:
+            check_run_name(name, from_option=True)
         loaded = load_sweep(sweep, set_)
-        run_name = name or loaded.name
-        if not NAME_RE.match(run_name):
-            raise SweepError(f"--name '{run_name}': use letters, digits, '.', '_' and '-' only")
+        if name is None:
+            run_name = loaded.name
+            check_run_name(run_name, from_option=False)
+        check_inputs(loaded.spec)  # before the first line of output: bad input gets one line, the error
         typer.echo(f"Sweep {loaded.path}: {_grid_size(loaded.spec)}, scheduler {loaded.spec.scheduler.name}", err=True)
         from hpo.driver import run_sweep
 
-        run_dir = run_sweep(loaded, name=run_name, runs_dir=runs_dir, overwrite=overwrite, address=address, overrides=set_)
+        run_dir = run_sweep(
+            loaded, name=run_name, runs_dir=runs_dir, overwrite=overwrite, address=address, overrides=set_, checked=True
+        )
     except SweepError as exc:
         _fail(str(exc))
     except (SweepInterrupted, SweepFailed) as exc:
         _stopped(exc, run_name)
+    except KeyboardInterrupt:  # before the sweep started: nothing to resume
+        typer.echo("peftsweep: interrupted before the sweep started; nothing was run", err=True)
+        raise typer.Exit(130)
     typer.echo(str(run_dir / "report.html"))
 
 
@@ -118,7 +128,7 @@ def _open_store(name: str, runs_dir: str | None):
 
     root = runs_root(runs_dir)
     path = root / name / "results.db"
-    if not path.is_file():
+    if not path.exists():  # a folder in its place is Store.open's to explain
         known = sorted(p.parent.name for p in root.glob("*/results.db"))
         raise SweepError(f"no run '{name}' in {root}/ (runs: {', '.join(known) or 'none'}); run it first: peftsweep run SWEEP")
     return Store.open(path)
@@ -236,14 +246,21 @@ def _frame(rows: list[dict]):
 
 
 @app.command()
-def validate(sweeps: Annotated[list[str], typer.Argument(help="sweep names or files")]) -> None:
-    """Check sweep files without running them."""
+def validate(
+    sweeps: Annotated[list[str], typer.Argument(help="sweep names or files")],
+    set_: Annotated[
+        list[str], typer.Option("--set", help="override a value in each sweep, as run does: --set train.epochs=2 (repeatable)")
+    ] = [],
+) -> None:
+    """Check sweep files without running them: every check `run` makes before Ray starts (data, model, prompt lengths, judge, storage)."""
+    from hpo.checks import check_inputs
     from hpo.spec import load_sweep
 
     failed = 0
     for ref in sweeps:
         try:
-            loaded = load_sweep(ref)
+            loaded = load_sweep(ref, set_)
+            check_inputs(loaded.spec)
         except SweepError as exc:
             typer.echo(f"peftsweep: error: {exc}", err=True)
             failed += 1
@@ -268,16 +285,15 @@ def ls(runs_dir: RunsDir = None) -> None:
             typer.echo(f"  {ref:<20} invalid: {exc}")
     root = runs_root(runs_dir)
     typer.echo(f"Runs in {root}/:")
-    import sqlite3
+    from hpo.store import Store
 
     for db in sorted(root.glob("*/results.db")):
         try:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            status = conn.execute("SELECT status FROM sweep").fetchone()[0]
-            trials = conn.execute("SELECT count(*) FROM trials").fetchone()[0]
-            conn.close()
-        except sqlite3.Error:
-            status, trials = "unreadable", "?"
+            with Store.open(db) as store:  # checks the store is whole: a damaged one is named, the others listed
+                status, trials = store.sweep()["status"], len(store.trials())
+        except SweepError as exc:
+            typer.echo(f"  {db.parent.name:<20} {'unreadable':<12} {exc}")
+            continue
         typer.echo(f"  {db.parent.name:<20} {status:<12} {trials} trials")
 
 

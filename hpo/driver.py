@@ -26,6 +26,7 @@ from typing import Any
 from ray.tune import Callback, Stopper
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from hpo.checks import check_inputs
 from hpo.errors import SweepError, SweepFailed, SweepInterrupted
 from hpo.progress import ProgressCallback
 from hpo.spec import VARIANT, Dimension, Sweep, SweepSpec, coerce_value, flatten_params
@@ -49,13 +50,17 @@ def run_sweep(
     overwrite: bool = False,
     address: str | None = None,
     overrides: list[str] = (),
+    checked: bool = False,
 ) -> Path:
-    """Run a validated sweep to the end; returns the run folder (store + report)."""
+    """Run a validated sweep to the end; returns the run folder (store + report).
+
+    `checked`: the caller made hpo.checks.check_inputs already (the CLI, before its first line).
+    """
     name = name or sweep.name
     run_dir = runs_root(runs_dir) / name
     _check_address(address)
-    _preflight(sweep.spec)
-    _prepare_models(sweep.spec)
+    if not checked:
+        check_inputs(sweep.spec)  # builds the tiny model (or converts a GGUF) first, with progress lines
     spec = _absolute_paths(sweep.spec)
     created = _make_run_dir(run_dir)
     with _driver_lock(run_dir):  # before anything is removed: --overwrite must not wipe a live sweep
@@ -316,44 +321,6 @@ class _driver_lock:
         self.file.close()
 
 
-def _preflight(spec: SweepSpec) -> None:
-    """Check data and model paths before Ray starts, so bad input costs nothing."""
-    from trainers.data import DataError, load_retention_texts, load_splits
-    from trainers.judges import JudgeError, make_judge
-    from trainers.config import ModelConfig
-    from trainers.model import ModelError, resolve_model
-
-    try:
-        load_splits(spec.data, spec.eval.num_prompts)  # format, files, split sizes (a chat template is checked on the worker)
-        if spec.model.name != "tiny":
-            resolve_model(spec.model)
-        load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
-        if spec.eval.judge == "hf" and spec.eval.judge_model != "tiny":
-            resolve_model(ModelConfig(name=spec.eval.judge_model))
-        if spec.eval.judge in ("reference", "openai"):  # an unreachable endpoint fails here, before any training
-            make_judge(spec.eval).check()
-    except (DataError, ModelError, JudgeError) as exc:
-        raise SweepError(str(exc)) from None
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)  # standard output is for the report's path
-
-
-def _prepare_models(spec: SweepSpec) -> None:
-    """Build the tiny model or convert a GGUF here, before Ray starts, so that its progress shows in the
-    terminal (a Ray worker's output does not); trials then load it from the cache."""
-    from trainers.config import ModelConfig
-    from trainers.model import ModelError, prepare_model
-
-    try:
-        prepare_model(spec.model, log=_say)
-        if spec.eval.judge == "hf":
-            prepare_model(ModelConfig(name=spec.eval.judge_model), log=_say)
-    except ModelError as exc:
-        raise SweepError(str(exc)) from None
-
-
 def _absolute_paths(spec: SweepSpec) -> SweepSpec:
     """Local data and model paths made absolute: Ray Tune runs each trial in its own working directory."""
 
@@ -483,7 +450,7 @@ def _resources() -> str:
 
 
 def _baseline_message(spec: SweepSpec) -> str:
-    # the tiny model was built before Ray started (_prepare_models), with its own progress lines
+    # the tiny model was built before Ray started (hpo.checks.check_inputs), with its own progress lines
     return f"Answering {spec.eval.num_prompts} judged prompts with the untouched base model ({spec.model.name}) ..."
 
 

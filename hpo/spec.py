@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hpo.errors import SweepError
 from trainers.config import (
@@ -28,6 +28,7 @@ from trainers.config import (
     ResourceConfig,
     TrainConfig,
     TrialConfig,
+    numbers_not_booleans,
 )
 
 EPOCH_METRICS = ("win_rate", "eval_ppl")  # reported by the worker after every epoch
@@ -37,6 +38,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    _numbers_not_booleans = field_validator("*", mode="before")(numbers_not_booleans)
 
 
 class Dimension(_Strict):
@@ -330,8 +333,9 @@ def _validate(raw: dict[str, Any], path: Path, from_cli: set[str]) -> SweepSpec:
 def _describe(error: dict[str, Any], path: Path, from_cli: set[str], root: type[BaseModel]) -> str:
     loc = [str(p) for p in error["loc"]]
     key = ".".join(loc) or "(top level)"
-    origin = " (from --set)" if any(key == k or key.startswith(k + ".") for k in from_cli) else ""
-    if error["type"] == "extra_forbidden":
+    unknown = error["type"] == "extra_forbidden"  # --set trainer.epochs=2 is refused at 'trainer'
+    origin = " (from --set)" if any(key == k or key.startswith(k + ".") or (unknown and k.startswith(key + ".")) for k in from_cli) else ""
+    if unknown:
         valid = _fields_at(root, loc[:-1])
         close = difflib.get_close_matches(loc[-1], valid, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
@@ -396,9 +400,9 @@ def _check_dimensions(spec: SweepSpec, space: dict[str, Dimension], prefix: str,
             try:
                 TrainConfig(**{**base, name: value})
             except ValidationError as exc:
-                err = exc.errors()[0]
+                msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
                 idx = f"{dim.kind}[{i}]"
-                raise SweepError(f"{where}.{idx}: {err['msg'][0].lower() + err['msg'][1:]} (got {value!r})") from None
+                raise SweepError(f"{where}.{idx}: {msg[0].lower() + msg[1:]} (got {value!r})") from None
 
 
 VARIANT = "method_variant"  # grid with conditional parameters: one Tune parameter holding a method and its values

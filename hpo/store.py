@@ -7,6 +7,7 @@ while a sweep is still writing.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sqlite3
@@ -179,7 +180,9 @@ class Store:
 
     @classmethod
     def open(cls, path: Path) -> "Store":
-        """Open an existing store, checking that this version of peftsweep can read it."""
+        """Open an existing store, checking that this version of peftsweep can read it and that it is whole."""
+        if path.is_dir():
+            raise SweepError(f"{path}: a folder, not a results store file; {_start_over(path)}")
         if not path.is_file():
             raise SweepError(f"{path}: no results store there (run the sweep first: peftsweep run SWEEP)")
         conn = _connect(path)
@@ -188,7 +191,10 @@ class Store:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise SweepError(f"{path}: not a peftsweep results store ({exc})") from None
-        version = int(row["value"]) if row else None
+        version = int(row["value"]) if row and str(row["value"]).isdigit() else None
+        if version is None:
+            conn.close()
+            raise SweepError(f"{path}: damaged results store: meta holds no schema_version; {_start_over(path)}")
         if version == 2:
             _migrate_from_2(conn, path)
             version = SCHEMA_VERSION
@@ -198,6 +204,13 @@ class Store:
                 f"{path}: results store schema version {version}, this peftsweep reads version "
                 f"{SCHEMA_VERSION}; use the peftsweep version that wrote it"
             )
+        try:
+            problem = _damage(conn)
+        except sqlite3.DatabaseError as exc:
+            problem = str(exc)
+        if problem:
+            conn.close()
+            raise SweepError(f"{path}: damaged results store: {problem}; {_start_over(path)}")
         return cls(path, conn)
 
     def close(self) -> None:
@@ -372,6 +385,72 @@ class Store:
         if trial_id is not None:
             query, args = query + " WHERE trial_id = ?", (trial_id,)
         return [dict(r) for r in self.conn.execute(query + " ORDER BY trial_id, epoch, prompt_id", args)]
+
+
+def _start_over(path: Path) -> str:
+    return (
+        f"peftsweep cannot repair it: start the sweep over with "
+        f"peftsweep run SWEEP --name {path.parent.name} --overwrite"
+    )
+
+
+# JSON columns and what each holds: readers take these apart on every read.
+_JSON_COLUMNS = {
+    "sweep": {"spec_json": dict, "searched_json": list, "objectives_json": list, "versions_json": dict},
+    "trials": {"params_json": dict},
+    "epochs": {"metrics_json": dict},
+}
+_NUMBER_COLUMNS = {"sweep": ("started_at", "finished_at"), "trials": ("started_at", "ended_at"), "epochs": ("epoch", *EPOCH_COLUMNS)}
+
+
+@functools.cache
+def _schema_columns() -> dict[str, list[str]]:
+    """Each table of the schema with its columns, read off a store created in memory."""
+    expected = sqlite3.connect(":memory:")
+    try:
+        expected.executescript(_SCHEMA)
+        tables = [t for (t,) in expected.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")]
+        return {t: [row[1] for row in expected.execute(f"PRAGMA table_info({t})")] for t in tables}
+    finally:
+        expected.close()
+
+
+def _damage(conn: sqlite3.Connection) -> str | None:
+    """What is wrong with an opened store that reports the right schema version, or None when it is whole.
+
+    Checks what every reader relies on: the tables and columns of the schema, the one sweep row,
+    JSON that parses to the right shape, and numbers where numbers belong.
+    """
+    if (problem := conn.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
+        return f"SQLite reports {problem}"
+    for table, wanted in _schema_columns().items():
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if not columns:
+            return f"table {table} is missing"
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            return f"table {table} lacks column {', '.join(missing)}"
+    if conn.execute("SELECT count(*) FROM sweep WHERE id = 1").fetchone()[0] != 1:
+        return "table sweep has no sweep row"
+    for table, columns in _JSON_COLUMNS.items():
+        key = "id" if table == "sweep" else "trial_id, epoch" if table == "epochs" else "trial_id"
+        for row in conn.execute(f"SELECT {key}, {', '.join(columns)} FROM {table}"):
+            for column, shape in columns.items():
+                try:
+                    value = json.loads(row[column])
+                except (TypeError, ValueError):
+                    value = None
+                if not isinstance(value, shape):
+                    where = ", ".join(f"{k.strip()} {row[k.strip()]}" for k in key.split(","))
+                    return f"{table} row ({where}): {column} is not a JSON {shape.__name__}"
+    for table, columns in _NUMBER_COLUMNS.items():
+        for column in columns:
+            found = conn.execute(
+                f"SELECT count(*) FROM {table} WHERE typeof({column}) NOT IN ('integer', 'real', 'null')"
+            ).fetchone()[0]
+            if found:
+                return f"table {table}: {found} row(s) hold a non-number in {column}"
+    return None
 
 
 class _tx:

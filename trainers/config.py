@@ -6,13 +6,28 @@ search space names fields of `TrainConfig`.
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+
+def _holds_numbers(annotation: Any) -> bool:
+    return annotation in (int, float) or any(_holds_numbers(a) for a in typing.get_args(annotation) if not isinstance(a, (str, bool)))
+
+
+def numbers_not_booleans(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """Refuse true/false in a number field: pydantic would read `epochs: true` as 1, a slip nobody means."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, bool) for v in values) and _holds_numbers(cls.model_fields[info.field_name].annotation):
+        raise ValueError("expected a number, not true or false")
+    return value
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    _numbers_not_booleans = field_validator("*", mode="before")(numbers_not_booleans)
 
 
 class ModelConfig(_Strict):

@@ -375,6 +375,30 @@ def _chat_template(config: DataConfig, tokenizer: Any) -> ChatTemplate | None:
     return None
 
 
+def check_lengths(config: DataConfig, tokenizer: Any) -> None:
+    """Refuse a data file none of whose records keeps a trained token within data.max_length.
+
+    Training skips (and counts) a record whose rendered prompt fills max_length; when every record
+    is such, the run would fail after the base model ran: better said before anything runs.
+    """
+    chat = _chat_template(config, tokenizer)
+    sources = [("data.source", config.source, config.split)]
+    if config.eval_source:
+        sources.append(("data.eval_source", config.eval_source, config.eval_split))
+    for key, source, split in sources:
+        examples = [to_example(r, chat, config.system_prompt) for r in load_records(source, config.format, split, key)]
+        fitted = tokenize(examples, tokenizer, config.max_length, config.response_only_loss)
+        if any(label != IGNORE_INDEX for t in fitted for label in t.labels[1:]):  # the first token is never predicted
+            continue
+        lengths = [len(tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]) for ex in examples]
+        shortest = min(range(len(lengths)), key=lengths.__getitem__)
+        raise DataError(
+            f"{key} {source}: no response token fits in data.max_length {config.max_length} for any record "
+            f"(the shortest prompt, record {shortest + 1}, is {lengths[shortest]} tokens); "
+            f"raise data.max_length to at least {lengths[shortest] + 1} or shorten the prompts"
+        )
+
+
 # --- tokenizing ------------------------------------------------------------------------------------
 
 

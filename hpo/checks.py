@@ -1,0 +1,86 @@
+"""Checks made before Ray starts, so bad input costs nothing: `run` and `validate` make the same ones."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from hpo.errors import SweepError
+from hpo.spec import NAME_RE, SweepSpec
+from trainers.config import ModelConfig
+
+MAX_NAME_LENGTH = 100  # a run name is a folder name: well under any filesystem's limit, with room for Ray's paths
+
+
+def check_run_name(name: str, *, from_option: bool) -> None:
+    """A run name is one plain folder name; `from_option`: given with --name, else taken from the sweep file's name."""
+    what = f"--name '{name}'" if from_option else f"run name '{name}' (the sweep file's name)"
+    fix = "choose another --name" if from_option else "pass --name NAME"
+    if not name:
+        raise SweepError("--name '': empty; give a run name, or leave --name out to use the sweep's name")
+    if len(name) > MAX_NAME_LENGTH:
+        raise SweepError(f"{what[:40]}...: {len(name)} characters, at most {MAX_NAME_LENGTH}; {fix}")
+    if not NAME_RE.match(name):
+        raise SweepError(f"{what}: use letters, digits, '.', '_' and '-' only, starting with a letter or digit; {fix}")
+
+
+def check_inputs(spec: SweepSpec) -> None:
+    """Storage, data, model, prompt lengths, retention text and judge: each problem as one SweepError line.
+
+    Loads the model's tokenizer (never its weights) to measure prompts; the built-in tiny model is
+    built first if it is not in the cache yet.
+    """
+    from trainers.data import DataError, check_lengths, load_retention_texts, load_splits
+    from trainers.judges import JudgeError, make_judge
+    from trainers.model import ModelError, prepare_model
+
+    check_storage(spec.storage)
+    try:
+        load_splits(spec.data, spec.eval.num_prompts)  # files, formats, split sizes: before any model is needed
+        # The tiny model is built (a GGUF converted) here, before Ray starts: its progress lines reach
+        # the terminal, which a Ray worker's output does not; the trials then load it from the cache.
+        location = prepare_model(spec.model, log=_say)
+        check_lengths(spec.data, _tokenizer(location, spec.model))  # also the chat template
+        load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
+        if spec.eval.judge == "hf":
+            prepare_model(ModelConfig(name=spec.eval.judge_model), log=_say)
+        if spec.eval.judge in ("reference", "openai"):  # an unreachable endpoint fails here, before any training
+            make_judge(spec.eval).check()
+    except (DataError, ModelError, JudgeError) as exc:
+        raise SweepError(str(exc)) from None
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)  # standard output is for results (the report's path)
+
+
+def _tokenizer(location: str, model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    from trainers.model import ModelError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=model.revision)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise ModelError(f"model.name: cannot load the tokenizer of '{model.name}': {first}") from None
+    tokenizer.model_max_length = 2**62  # measuring a long prompt is the point: no warning that it is long
+    return tokenizer
+
+
+def check_storage(storage: str | None) -> None:
+    """A local `storage` must be a folder this machine can create and write: Ray Tune writes it only
+    after the base model ran. Object-store URIs are Ray Tune's to reach."""
+    if not storage or "://" in storage:
+        return
+    path = Path(storage).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    fix = "give a folder this machine can write (every node, on a cluster), or an object-store URI such as s3://bucket/prefix"
+    if not existing.is_dir():
+        raise SweepError(f"storage {storage}: {existing} is a file, not a folder; {fix}")
+    try:  # a probe, removed at once: permissions alone do not tell (root, read-only mounts, /proc)
+        os.rmdir(tempfile.mkdtemp(prefix=".peftsweep-probe-", dir=existing))
+    except OSError as exc:
+        raise SweepError(f"storage {storage}: cannot create a folder in {existing} ({exc.strerror}); {fix}") from None
