@@ -144,6 +144,9 @@ def report(name: Annotated[str, typer.Argument(help="run name")], runs_dir: Runs
         path = write_report(store, store.path.parent / "report.html")
     except SweepError as exc:
         _fail(str(exc))
+    except OSError as exc:  # a full disk, a read-only run folder: the store is untouched
+        typer.echo(f"peftsweep: error: cannot write {exc.filename or 'the report'}: {exc.strerror}; free space or fix the folder's permissions, then run this again", err=True)
+        raise typer.Exit(1)
     typer.echo(str(path))
 
 

@@ -112,7 +112,13 @@ def resume_sweep(name: str, *, runs_dir: str | None = None, address: str | None 
         if sweep["status"] == "completed":
             store.close()
             raise SweepError(f"sweep {name} has completed; nothing to resume (its report: peftsweep report {name})")
-        spec = SweepSpec.model_validate({k: v for k, v in sweep["spec"].items() if k != "overrides"})
+        try:
+            spec = SweepSpec.model_validate({k: v for k, v in sweep["spec"].items() if k != "overrides"})
+        except ValueError as exc:  # pydantic's ValidationError: a damaged store, or one of another version
+            store.close()
+            first = str(exc).strip().splitlines()[0]
+            raise SweepError(f"{store.path}: damaged results store: its sweep spec does not validate ({first}); "
+                             f"start the sweep over with peftsweep run SWEEP --name {name} --overwrite") from None
         experiment = experiment_path(spec, run_dir)
         if not tune.Tuner.can_restore(experiment):
             store.close()
