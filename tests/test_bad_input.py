@@ -201,7 +201,8 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, tiny_model_dir):
+    # tiny_model_dir: the model is built first, since a first build's progress lines precede any error.
     import ray
 
     _data(tmp_path)
