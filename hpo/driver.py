@@ -728,10 +728,12 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
     # ended by an exception raised in tune.report, unwound only now: free what it held first.
     release_memory()
     checkpoint = tune.get_checkpoint()  # set when Tune restarts a lost trial, or on `peftsweep resume`
-    resume_from = Path(checkpoint.to_directory()) if checkpoint is not None else None
     trace = None
     try:
-        result = train(config, baseline, report, resume_from)
+        # as_directory reads a local checkpoint in place; a copy (from an object store) is removed
+        # once the training has read it, so no checkpoint_tmp_* folder outlives the trial.
+        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
+            result = train(config, baseline, report, Path(folder) if folder else None)
     except Exception as exc:
         result = TrainResult(TrainStatus.ERROR, 0, {}, _last_line(f"{type(exc).__name__}: {exc}"))
         trace = traceback.format_exc()

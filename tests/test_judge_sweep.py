@@ -66,7 +66,7 @@ def test_an_unreachable_judge_fails_the_sweep_before_training(tmp_path):
     proc = peftsweep("run", "smoke", "--runs-dir", str(runs), *_judge_args(f"http://127.0.0.1:{port}/v1"), env={KEY_ENV: KEY})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[-1].startswith("peftsweep: error: ")  # the sweep's summary line, then the error
+    assert len(lines) == 1 and lines[0].startswith("peftsweep: error: eval.base_url: ")  # checked before the sweep starts
     assert f"127.0.0.1:{port}" in lines[-1] and KEY not in proc.stderr
     assert not runs.exists()  # nothing written
 

@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -261,6 +262,8 @@ def test_a_killed_trial_process_restarts_from_its_last_epoch(tmp_path, tiny_mode
     sweep = _sweep_file(tmp_path, "train: {epochs: 3, lora_r: 4, learning_rate: 3e-3}\nsearch: {max_retries: 1}\n")
     runs = tmp_path / "runs"
     db = runs / "sweep" / "results.db"
+    copies = lambda: set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))  # noqa: E731
+    copies_before = copies()
     proc = _start("run", str(sweep), "--runs-dir", str(runs))
     _wait_for(lambda: _query(db, "SELECT metrics_json FROM epochs WHERE epoch = 1"), 300, proc)
     pid = json.loads(_query(db, "SELECT metrics_json FROM epochs WHERE epoch = 1")[0][0])["worker_pid"]
@@ -274,6 +277,7 @@ def test_a_killed_trial_process_restarts_from_its_last_epoch(tmp_path, tiny_mode
     assert [e for e, _ in epochs] == [1, 2, 3]
     last = json.loads(epochs[-1][1])
     assert last["resumed_from_epoch"] >= 1 and last["worker_pid"] != pid  # a new process, from a checkpoint
+    assert copies() == copies_before  # the checkpoint was read in place, not copied and left in /tmp
 
 
 def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path, tiny_model_dir):

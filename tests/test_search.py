@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from ray import tune
 
-from hpo.driver import GpuHoursBudget, _search_alg, param_space
+from hpo.driver import SPENT_KEY, GpuHoursBudget, _search_alg, param_space
 from hpo.spec import load_sweep
 from tests.conftest import REPO, peftsweep
 
@@ -64,11 +64,11 @@ def test_folded_epochs_are_not_searched(monkeypatch):
 
 def test_gpu_hours_budget_stops_all_once_spent():
     budget = GpuHoursBudget(1.0)
-    assert budget("a", {"gpu_hours": 0.4}) is False and not budget.stop_all()
-    budget("b", {"gpu_hours": 0.5})
-    budget("a", {"gpu_hours": 0.45})  # cumulative per trial: the latest value counts, not the sum of reports
+    assert budget("a", {SPENT_KEY: 0.4}) is False and not budget.stop_all()
+    budget("b", {SPENT_KEY: 0.5})
+    budget("a", {SPENT_KEY: 0.45})  # cumulative per trial: the latest value counts, not the sum of reports
     assert not budget.stop_all()
-    budget("b", {"gpu_hours": 0.6})
+    budget("b", {SPENT_KEY: 0.6})
     assert budget.stop_all()
 
 

@@ -130,4 +130,4 @@ def test_checkpoints_go_to_the_sweeps_storage(tmp_path, tiny_model_dir):
     best = peftsweep("best", "smoke", "--runs-dir", str(runs))
     assert f"adapter: {shared / 'smoke'}" in best.stdout
     again = peftsweep(*args, "--name", "smoke")
-    assert again.returncode == 2 and "already holds a sweep named smoke" in again.stderr
+    assert again.returncode == 2 and "that sweep has completed" in again.stderr
