@@ -127,7 +127,7 @@ def test_a_caller_waiting_on_a_build_reuses_its_result(tiny_model_dir, tmp_path)
     assert lines == []
 
 
-def test_a_first_build_says_how_far_it_is(tmp_path, monkeypatch):
+def test_a_first_build_says_how_far_it_is(tmp_path, monkeypatch, capsys):
     """A real build into an empty cache, shortened to 6 pre-training steps with a line after each: every line
     gives steps done of the total, the loss, the time elapsed and the time left; the last says it is done."""
     from trainers import tiny_model
@@ -147,6 +147,10 @@ def test_a_first_build_says_how_far_it_is(tmp_path, monkeypatch):
         assert re.fullmatch(rf"pre-training the tiny model: step {done}/6 \(\d+%\), loss \d+\.\d{{3}}, \d+s elapsed, about \d+s left", line)
     assert re.fullmatch(r"pre-training the tiny model: step 6/6 \(100%\), loss \d+\.\d{3}, \d+s elapsed", steps[-1])
     assert re.fullmatch(r"built the tiny model in \d+s \(final loss \d+\.\d{3}\)", lines[-1])
+    from transformers.utils import logging
+
+    assert "Writing model shards" not in capsys.readouterr().err  # our lines, not transformers' bars in between
+    assert logging.is_progress_bar_enabled()  # silenced for the save only
     lines.clear()
     assert prepare_model(ModelConfig(name="tiny"), log=lines.append) == location and lines == []  # built once
 

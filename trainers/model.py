@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from trainers.config import ModelConfig
-from trainers.progress import Progress, duration
+from trainers.progress import Progress, duration, no_progress_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Bump whenever what `_convert_gguf` writes changes: converted folders are named by it.
@@ -166,7 +166,8 @@ def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key
     if quantizer is not None:  # the weights are dense now; drop the GGUF marker that makes save_pretrained refuse
         quantizer.remove_quantization_config(model)
     log(f"converting {gguf_path.name}: saving the de-quantized weights")
-    model.save_pretrained(folder)
+    with no_progress_bars():
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     stat = gguf_path.stat()
     conversion = {

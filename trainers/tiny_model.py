@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trainers import tinyworld
-from trainers.progress import Progress, duration
+from trainers.progress import Progress, duration, no_progress_bars
 
 # Bump whenever anything below (or in tinyworld) that changes the saved files changes.
 TINY_MODEL_VERSION = "8"
@@ -101,7 +101,8 @@ def _build(folder: Path, log: Callable[[str], None]) -> None:
         final_loss = _pretrain(model, blocks, log)
     finally:
         torch.set_num_threads(previous_threads)
-    model.save_pretrained(folder)
+    with no_progress_bars():
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     build = {
         "version": TINY_MODEL_VERSION,
