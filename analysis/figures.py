@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 
 from analysis.load import training_id
 from analysis.style import cell, duration, label, num, style
-from hpo.store import COMPLETED
+from trainers.vocabulary import TrialStatus
 
 if TYPE_CHECKING:
     from analysis.report_data import CurvesPlot, EffectsPlot, FrontierPlot, ImportancePlot, ParallelPlot, ScatterPlot
@@ -83,7 +83,7 @@ def curves_figure(plot: CurvesPlot, colours: dict[str, str], best_trial: str | N
             legend = {"legendgroup": status, "showlegend": status not in listed, "opacity": 0.6}
             listed.add(status)
         else:
-            name, colour = (trial_id if status == COMPLETED else f"{trial_id} ({status_label})"), colours[trial_id]
+            name, colour = (trial_id if status == TrialStatus.COMPLETED else f"{trial_id} ({status_label})"), colours[trial_id]
         line_colours[trial_id] = colour
         fig.add_trace(
             go.Scatter(

@@ -1,37 +1,32 @@
-"""Read a sweep's results store into DataFrames: one row per trial, per epoch, or per judged answer."""
+"""Read a sweep's results store into DataFrames: one row per trial, per epoch, or per judged answer.
+
+`load_results` reads the store once, in one transaction (a consistent picture of a sweep that is
+still writing); the DataFrame functions take its Results (or a Store, read on the spot).
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from hpo.errors import SweepError
-from hpo.store import EPOCH_COLUMNS, FINISHED, Store, epoch_score
-
-# Measured afresh at each epoch, so they can pick a trial's best epoch. The costs (train_seconds,
-# gpu_hours, ...) are cumulative: by them the best epoch would always be the first.
-QUALITY_METRICS = ("win_rate", "eval_ppl")
-
-# Taken from a trial's best epoch.
-BEST_EPOCH_METRICS = (
-    "eval_ppl", "win_rate", "win_rate_low", "win_rate_high", "wins", "losses", "ties",
-    "retention_ppl", "order_agreement", "answer_length_diff",
-)  # fmt: skip
-
-# The trial's totals (its last epoch's), and its peak memory over all epochs.
-TRIAL_METRICS = (
-    "train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd",
-    "tokens_trained", "tokens_per_second", "trainable_params", "total_params",
-    "peak_memory_gb", "train_memory_gb", "inference_memory_gb",
-)  # fmt: skip
-PEAK_METRICS = ("peak_memory_gb", "train_memory_gb", "inference_memory_gb")  # the largest over the trial's epochs
-
-# What a configuration costs, in the order a cost axis is chosen from the sweep's objectives.
-COST_METRICS = ("train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
-
+from hpo.spec import SweepSpec
+from hpo.store import Store, epoch_score
+from trainers.vocabulary import (
+    BEST_EPOCH_METRICS,
+    COST_METRICS,
+    EPOCH_COLUMNS,
+    FINISHED,
+    PEAK_METRICS,
+    QUALITY_METRICS,
+    TRIAL_METRICS,
+    TrialStatus,
+)
 
 def open_sweep(name: str, runs_dir: str | Path | None = None) -> Store:
     """The store of run NAME under runs_dir (default: $PEFTSWEEP_RUNS, else ./runs), as `peftsweep report` finds it."""
@@ -43,10 +38,48 @@ def open_sweep(name: str, runs_dir: str | Path | None = None) -> Store:
     return Store.open(path)
 
 
-def param_columns(store: Store) -> list[str]:
+@dataclass(frozen=True)
+class Results:
+    """Everything a results store holds, read in one transaction."""
+
+    path: Path  # the store's file
+    sweep: dict[str, Any]
+    spec: SweepSpec  # the stored spec, validated again: it decides epoch folding
+    trials: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+    answers: list[dict[str, Any]]
+    baseline: list[dict[str, Any]]
+    baseline_metrics: dict[str, Any]
+
+    def traceback_path(self, trial_id: str) -> Path:
+        return Store.traceback_path_beside(self.path, trial_id)
+
+
+def load_results(store: Store) -> Results:
+    """The one read of a store that everything in analysis starts from."""
+    with store.snapshot():
+        sweep = store.sweep()
+        return Results(
+            path=store.path,
+            sweep=sweep,
+            spec=SweepSpec.from_store(sweep["spec"], store.path),
+            trials=store.trials(),
+            epochs=store.epochs(),
+            answers=store.answers(),
+            baseline=store.baseline(),
+            baseline_metrics=store.baseline_metrics(),
+        )
+
+
+def _results(source: Results | Store) -> Results:
+    return source if isinstance(source, Results) else load_results(source)
+
+
+def param_columns(source: Results | Store) -> list[str]:
     """The searched parameter names, then `epochs` when trials carry it and it is not searched."""
-    columns = list(store.sweep()["searched"])
-    if "epochs" not in columns and any("epochs" in t["params"] for t in store.trials()):
+    results = _results(source)
+    columns = list(results.sweep["searched"])
+    if "epochs" not in columns and any("epochs" in t["params"] for t in results.trials):
         columns.append("epochs")
     return columns
 
@@ -75,17 +108,18 @@ def cost_metric(objectives: list[dict[str, str]], trials: pd.DataFrame) -> str:
     return "train_seconds"
 
 
-def load_trials(store: Store) -> pd.DataFrame:
+def load_trials(source: Results | Store) -> pd.DataFrame:
     """One row per trial: status, searched params, best-epoch metrics, totals; trials without epochs keep NaNs."""
-    params = param_columns(store)
-    columns = [
+    results = _results(source)
+    params = param_columns(results)
+    columns = [  # TrialSummary's fields, with the searched parameters and the metrics in the middle
         "trial_id", "status", *params, "epochs_completed", "best_epoch",
         *BEST_EPOCH_METRICS, *TRIAL_METRICS, "error", "error_log", "judge", "epochs_not_judged",
     ]  # fmt: skip
-    trials = store.trials()
-    epochs = _epoch_frame(store)
-    metric, mode = selection_objective(store.sweep()["objectives"], epochs)
-    folded = folded_epochs(store.sweep()["spec"])
+    trials = results.trials
+    epochs = _epoch_frame(results)
+    metric, mode = selection_objective(results.sweep["objectives"], epochs)
+    folded = results.spec.folded_epochs
     rows = []
     for trial in trials:
         own = epochs[epochs["trial_id"] == trial["trial_id"]].sort_values("epoch")
@@ -99,11 +133,11 @@ def load_trials(store: Store) -> pd.DataFrame:
             row = _trial_row(trial, reached, params, metric, mode)
             row |= {"trial_id": f"{trial['trial_id']}@{value}", "epochs": value}
             if len(reached) >= value:
-                row["status"] = "completed"
+                row["status"] = TrialStatus.COMPLETED
             rows.append(row)
 
     df = pd.DataFrame(rows, columns=columns)
-    df["error_log"] = [_error_log(store, trial_id) for trial_id in df["trial_id"]]
+    df["error_log"] = [_error_log(results, trial_id) for trial_id in df["trial_id"]]
     numeric = ["best_epoch", *BEST_EPOCH_METRICS, *TRIAL_METRICS]
     df[numeric] = df[numeric].astype("float64")
     df["epochs_completed"] = df["epochs_completed"].astype("int64")
@@ -117,20 +151,6 @@ def load_trials(store: Store) -> pd.DataFrame:
 def training_id(trial_id: str) -> str:
     """The Ray Tune trial that trained a row: folded rows are named `<trial_id>@<epochs>`."""
     return trial_id.split("@", 1)[0]
-
-
-def folded_epochs(spec: dict) -> list[int] | None:
-    """The epochs values a folded grid answers (see hpo.spec.SweepSpec.folded_epochs), from the stored spec."""
-    search = spec.get("search", {})
-    grid = (search.get("space", {}).get("epochs") or {}).get("grid")
-    if not grid or search.get("algorithm") != "grid" or not search.get("fold_epochs", True):
-        return None
-    schedules = {spec.get("train", {}).get("lr_schedule", "constant")}
-    schedules |= set((search.get("space", {}).get("lr_schedule") or {}).get("grid") or [])
-    schedules |= {v for space in (search.get("conditional") or {}).values() for v in ((space.get("lr_schedule") or {}).get("grid") or [])}
-    if schedules - {"constant"}:
-        return None  # a decaying schedule: every epochs value trained on its own
-    return sorted({int(v) for v in grid})
 
 
 def _trial_row(trial: dict, own: pd.DataFrame, params: list[str], metric: str, mode: str) -> dict:
@@ -149,35 +169,37 @@ def _trial_row(trial: dict, own: pd.DataFrame, params: list[str], metric: str, m
     return row
 
 
-def _error_log(store: Store, trial_id: str) -> str | None:
+def _error_log(results: Results, trial_id: str) -> str | None:
     """The file with a failed trial's full traceback, if it has one."""
-    path = store.traceback_path(training_id(trial_id))
+    path = results.traceback_path(training_id(trial_id))
     return str(path) if path.is_file() else None
 
 
-def load_epochs(store: Store) -> pd.DataFrame:
+def load_epochs(source: Results | Store) -> pd.DataFrame:
     """One row per trial and epoch: trial_id, status, params, epoch, then every metric reported."""
-    params = param_columns(store)
+    results = _results(source)
+    params = param_columns(results)
     trials = pd.DataFrame(
         [{"trial_id": t["trial_id"], "status": t["status"]} | {p: t["params"].get(p, np.nan) for p in params}
-         for t in store.trials()],
+         for t in results.trials],
         columns=["trial_id", "status", *params],
     )  # fmt: skip
-    epochs = _epoch_frame(store)
+    epochs = _epoch_frame(results)
     return trials.merge(epochs, on="trial_id", how="inner")[
         ["trial_id", "status", *params, *epochs.columns.drop("trial_id")]
     ]
 
 
-def load_judgments(store: Store, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+def load_judgments(source: Results | Store, trials: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per trial and judged prompt at the trial's best epoch: trial_id, epoch, prompt_id, verdict.
 
-    `trials` is load_trials(store) (read again when not given); folded rows (id@epochs) get the
+    `trials` is load_trials(source) (made when not given); folded rows (id@epochs) get the
     verdicts of their training at their own best epoch.
     """
     columns = ["trial_id", "epoch", "prompt_id", "verdict"]
-    trials = load_trials(store) if trials is None else trials
-    answers = pd.DataFrame(store.answers(), columns=["trial_id", "epoch", "prompt_id", "answer", "verdict"])
+    results = _results(source)
+    trials = load_trials(results) if trials is None else trials
+    answers = pd.DataFrame(results.answers, columns=["trial_id", "epoch", "prompt_id", "answer", "verdict"])
     scored = trials[trials["best_epoch"].notna()]
     keys = pd.DataFrame(
         {
@@ -191,18 +213,20 @@ def load_judgments(store: Store, trials: pd.DataFrame | None = None) -> pd.DataF
     return keys.merge(answers, on=["training", "epoch"])[columns].reset_index(drop=True)
 
 
-def load_answers(store: Store, trial_id: str | None = None) -> pd.DataFrame:
+def load_answers(source: Results | Store, trial_id: str | None = None) -> pd.DataFrame:
     """One row per judged answer (all trials, or one), with the prompt, reference and base model's answer."""
     columns = ["trial_id", "epoch", "prompt_id", "prompt", "reference", "base_answer", "answer", "verdict"]
     trial_id = None if trial_id is None else training_id(trial_id)
-    answers = pd.DataFrame(store.answers(trial_id), columns=["trial_id", "epoch", "prompt_id", "answer", "verdict"])
-    baseline = pd.DataFrame(store.baseline(), columns=["prompt_id", "prompt", "reference", "answer"])
+    results = _results(source)
+    rows = [a for a in results.answers if trial_id is None or a["trial_id"] == trial_id]
+    answers = pd.DataFrame(rows, columns=["trial_id", "epoch", "prompt_id", "answer", "verdict"])
+    baseline = pd.DataFrame(results.baseline, columns=["prompt_id", "prompt", "reference", "answer"])
     baseline = baseline.rename(columns={"answer": "base_answer"})
     return answers.merge(baseline, on="prompt_id", how="left")[columns]
 
 
-def _epoch_frame(store: Store) -> pd.DataFrame:
-    frame = pd.DataFrame(store.epochs())
+def _epoch_frame(results: Results) -> pd.DataFrame:
+    frame = pd.DataFrame(results.epochs)
     if frame.empty:
         return pd.DataFrame(columns=["trial_id", "epoch", *EPOCH_COLUMNS])
     return frame

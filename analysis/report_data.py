@@ -14,11 +14,13 @@ import pandas as pd
 
 from analysis.frontier import pareto_front
 from analysis.load import (
+    Results,
     best_epoch_of,
     cost_metric,
     load_answers,
     load_epochs,
     load_judgments,
+    load_results,
     load_trials,
     param_columns,
     rank_trials,
@@ -26,9 +28,10 @@ from analysis.load import (
     training_id,
 )
 from analysis.stats import Correlation, SignTest, levels, sign_test, spearman, variance_explained
-from analysis.style import FINISHED, STATUS_STYLE, cell, duration, label, missing, num, plural, sentence_case, style
+from analysis.style import STATUS_STYLE, cell, duration, label, missing, num, plural, sentence_case, style
 from analysis.style import NOT_JUDGED, verdict_word
-from hpo.store import ERROR, Store
+from hpo.store import Store
+from trainers.vocabulary import FINISHED, TrialStatus
 
 SAMPLES_PER_VERDICT = 4
 # The sign test's level: a cheaper trial whose p-value is at least this is "not significantly worse".
@@ -158,17 +161,18 @@ class ReportData(NamedTuple):
 
 
 def report_data(store: Store) -> ReportData:
-    """Everything the report shows, as plain values."""
-    sweep = store.sweep()
-    params = param_columns(store)
-    epochs = load_epochs(store)
+    """Everything the report shows, as plain values, from one read of the store."""
+    results = load_results(store)
+    sweep = results.sweep
+    params = param_columns(results)
+    epochs = load_epochs(results)
     metric, mode = selection_objective(sweep["objectives"], epochs)
-    loaded = load_trials(store)
+    loaded = load_trials(results)
     cost = cost_metric(sweep["objectives"], loaded)
     trials = rank_trials(loaded, metric, mode, cost)
     finished = trials[trials["status"].isin(FINISHED) & trials[metric].notna()]
     best = finished.iloc[0] if len(finished) else None
-    baseline = store.baseline_metrics()
+    baseline = results.baseline_metrics
     notes: list[str] = _judge_notes(epochs, sweep["name"])
 
     frontiers = []
@@ -230,7 +234,7 @@ def report_data(store: Store) -> ReportData:
         metric=metric,
         cost=cost,
         census=_census(trials),
-        sweet_spot=None if best is None else sweet_spot(trials, load_judgments(store, trials), params, metric, cost),
+        sweet_spot=None if best is None else sweet_spot(trials, load_judgments(results, trials), params, metric, cost),
         trials=trials,
         best_trial=None if best is None else best["trial_id"],
         frontiers=frontiers,
@@ -241,7 +245,7 @@ def report_data(store: Store) -> ReportData:
         parallel=parallel,
         importance=importance,
         notes=notes,
-        samples=None if best is None else _samples(store, best),
+        samples=None if best is None else _samples(results, best),
     )
 
 
@@ -598,10 +602,10 @@ def _judge_notes(epochs: pd.DataFrame, name: str) -> list[str]:
     return notes
 
 
-def _samples(store: Store, best: pd.Series) -> Samples | None:
+def _samples(results: Results, best: pd.Series) -> Samples | None:
     """Up to SAMPLES_PER_VERDICT judged prompts of each verdict, for the best trial at its best epoch."""
     epoch = int(best["best_epoch"])
-    answers = load_answers(store, best["trial_id"])
+    answers = load_answers(results, best["trial_id"])
     answers = answers[answers["epoch"] == epoch]
     if answers.empty:
         return None
@@ -626,7 +630,7 @@ def _samples(store: Store, best: pd.Series) -> Samples | None:
 def _census(trials: pd.DataFrame) -> str:
     counts = trials["status"].value_counts()
     order = [s for s in STATUS_STYLE if s in counts] + [s for s in counts.index if s not in STATUS_STYLE]
-    statuses = ", ".join(plural(counts[s], "error") if s == ERROR else f"{counts[s]} {style(s)[0]}" for s in order)
+    statuses = ", ".join(plural(counts[s], "error") if s == TrialStatus.ERROR else f"{counts[s]} {style(s)[0]}" for s in order)
     return f"{plural(len(trials), 'trial')}: {statuses}." if len(trials) else "No trials yet."
 
 

@@ -7,18 +7,18 @@ from typing import Any
 
 import pandas as pd
 
-from hpo.store import COMPLETED, DIVERGED, EARLY_STOPPED, ERROR, FINISHED, INFEASIBLE, OOM, PENDING, RUNNING
+from trainers.vocabulary import TrialStatus
 
 # status: (label, plotly marker symbol, colour, line dash in the epoch curves)
 STATUS_STYLE = {
-    COMPLETED: ("completed", "circle", "#1f77b4", "solid"),
-    EARLY_STOPPED: ("early stopped", "triangle-down", "#ff7f0e", "dash"),
-    ERROR: ("error", "x", "#d62728", "dot"),
-    DIVERGED: ("diverged", "star-triangle-up", "#8c564b", "dot"),
-    OOM: ("out of memory", "square-x", "#e377c2", "dot"),
-    INFEASIBLE: ("infeasible", "hexagon-open", "#17becf", "dot"),
-    RUNNING: ("running", "circle-open", "#7f7f7f", "dashdot"),
-    PENDING: ("pending", "circle-open", "#bbbbbb", "dashdot"),
+    TrialStatus.COMPLETED: ("completed", "circle", "#1f77b4", "solid"),
+    TrialStatus.EARLY_STOPPED: ("early stopped", "triangle-down", "#ff7f0e", "dash"),
+    TrialStatus.ERROR: ("error", "x", "#d62728", "dot"),
+    TrialStatus.DIVERGED: ("diverged", "star-triangle-up", "#8c564b", "dot"),
+    TrialStatus.OOM: ("out of memory", "square-x", "#e377c2", "dot"),
+    TrialStatus.INFEASIBLE: ("infeasible", "hexagon-open", "#17becf", "dot"),
+    TrialStatus.RUNNING: ("running", "circle-open", "#7f7f7f", "dashdot"),
+    TrialStatus.PENDING: ("pending", "circle-open", "#bbbbbb", "dashdot"),
 }
 _OTHER_STYLE = ("other", "diamond", "#9467bd", "dashdot")
 

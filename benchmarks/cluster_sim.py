@@ -2,7 +2,7 @@
 
 `ray.cluster_utils.Cluster` starts NODES real Ray nodes on this machine, each declaring
 GPUS_PER_NODE GPUs it does not have (no GPU exists here). About two hundred short trials go through
-the driver's own Ray Tune setup, `hpo.driver._tuner` (same searcher, resources, run config, and
+the driver's own Ray Tune setup, `hpo.driver.make_tuner` (same searcher, resources, run config, and
 the StoreCallback writing a real results store), with one stand-in in place of the training
 worker: `standin_trial` holds 1 GPU and ~0 CPU, sleeps EPOCH_SECONDS per epoch and reports an
 epoch's metrics and judged answers, as the worker would. Everything but the training is real.
@@ -39,7 +39,7 @@ EPOCH_SECONDS = 1.0  # set from --epoch-seconds before the Tuner pickles standin
 
 
 def standin_trial(params, spec, baseline):
-    """Stands in for hpo.driver.run_trial: holds its GPU, sleeps each epoch, reports what the worker reports."""
+    """Stands in for hpo.trial.run_trial: holds its GPU, sleeps each epoch, reports what the worker reports."""
     import ray
     from ray import tune
 
@@ -80,8 +80,10 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    import hpo.driver as driver
+    from hpo.callbacks import StoreCallback
+    from hpo.driver import make_tuner
     from hpo.progress import ProgressCallback
+    from hpo.runtime import git_commit, init_ray, versions
     from hpo.spec import SweepSpec
     from hpo.store import Store
     from rich.console import Console
@@ -97,20 +99,19 @@ def main() -> None:
         for _ in range(args.nodes):
             cluster.add_node(num_cpus=1, num_gpus=args.gpus_per_node)
         cluster.wait_for_nodes()
-        driver._init_ray(cluster.address)
+        init_ray(cluster.address)
         store = Store.create(
             work / "results.db", name="cluster_sim", sweep_file="(benchmarks/cluster_sim.py)",
             spec=spec.model_dump(mode="json"), searched=["seed"], objectives=[o.model_dump() for o in spec.objectives],
-            versions=driver._versions(), git_commit=driver._git_commit(),
+            versions=versions(), git_commit=git_commit(),
         )
         baseline = [f"base answer {i}" for i in range(NUM_PROMPTS)]
         store.set_baseline((i, f"prompt {i}", f"reference {i}", a) for i, a in enumerate(baseline))
         callbacks = [
-            driver.StoreCallback(store, spec),
+            StoreCallback(store, spec),
             ProgressCallback(spec, "cluster_sim", console=Console(file=open(os.devnull, "w"))),
         ]
-        driver.run_trial = standin_trial  # _tuner wraps whatever run_trial is: the only thing replaced
-        tuner = driver._tuner(spec, baseline, work, callbacks)
+        tuner = make_tuner(spec, baseline, work, callbacks, trial=standin_trial)  # the trial is the only thing replaced
         rss_before_mib = _rss_mib()
         cpu_before = _cpu_seconds()
         started = time.monotonic()

@@ -6,7 +6,7 @@ as a share of the grid's compute, over several seeds.
    Its results store holds every configuration's win rate, eval perplexity and cumulative train +
    eval seconds after each epoch: the grid's compute, and the best win rate and perplexity it found.
 2. The search: for each seed and each objective (win rate, then eval perplexity), peftsweep's own
-   Tune setup (`hpo.driver._tuner`: Optuna's TPE through Ray Tune's OptunaSearch, Ray Tune's ASHA
+   Tune setup (`hpo.driver.make_tuner`: Optuna's TPE through Ray Tune's OptunaSearch, Ray Tune's ASHA
    with grace period 1 and reduction factor 2, 2 trials at a time) searches the same space, with
    one stand-in in place of the training worker: `replay_trial` reports, epoch by epoch, what the
    grid measured for the configuration TPE proposed, and waits a hundredth of that epoch's seconds
@@ -52,7 +52,7 @@ def key(params: dict[str, Any]) -> tuple:
 
 
 def replay_trial(params, spec, baseline):
-    """Stands in for hpo.driver.run_trial: reports the grid's measured epochs of this configuration."""
+    """Stands in for hpo.trial.run_trial: reports the grid's measured epochs of this configuration."""
     from ray import tune
 
     for row in TABLE[key(params)]:
@@ -106,7 +106,7 @@ class Trace(Callback):
 
 def search(grid: dict[str, Any], objective: str, seed: int, samples: int, work: Path) -> list[dict[str, Any]]:
     """One TPE + ASHA search of the grid's space through peftsweep's Tune setup; the trace of its results."""
-    import hpo.driver as driver
+    from hpo.driver import make_tuner
     from hpo.spec import SweepSpec
 
     spec = SweepSpec.model_validate({
@@ -117,10 +117,9 @@ def search(grid: dict[str, Any], objective: str, seed: int, samples: int, work: 
         "objectives": [{"metric": objective, "mode": "max" if objective == "win_rate" else "min"}],
     })
     trace = Trace()
-    driver.run_trial = replay_trial  # _tuner wraps whatever run_trial is: the only thing replaced
     run_dir = work / f"{objective}_{seed}"
     run_dir.mkdir()
-    results = driver._tuner(spec, [], run_dir, [trace]).fit()
+    results = make_tuner(spec, [], run_dir, [trace], trial=replay_trial).fit()  # the trial is the only thing replaced
     if results.errors:
         sys.exit(f"search {objective} seed {seed}: {len(results.errors)} trials failed: {results.errors[0]}")
     return trace.results
@@ -227,9 +226,9 @@ def main() -> None:
             os.environ["RAY_TMPDIR"] = env["RAY_TMPDIR"]
             import ray
 
-            import hpo.driver as driver
+            from hpo.runtime import init_ray
 
-            driver._init_ray(None)
+            init_ray(None)
             traces: dict[str, dict[int, list[dict[str, Any]]]] = {"win_rate": {}, "eval_ppl": {}}
             try:
                 for objective in traces:

@@ -56,11 +56,12 @@ def worker_packed_run(config: Any) -> dict[str, Any]:
 
 def worker_run(config: Any) -> dict[str, Any]:
     """The peftsweep worker, called directly (no Ray): its own per-epoch metrics."""
-    from trainers.worker import TrainStatus, train
+    from trainers.vocabulary import TrialStatus
+    from trainers.worker import train
 
     reports: list[dict[str, Any]] = []
     result = train(config, [""] * config.eval.num_prompts, lambda metrics, save: reports.append(metrics))
-    if result.status is not TrainStatus.SUCCESS:
+    if result.status is not TrialStatus.COMPLETED:
         raise RuntimeError(f"worker: {result.status.value}: {result.error}")
     last = reports[-1]
     return {"tokens": last["tokens_trained"], "seconds": last["train_seconds"], "train_loss": last["train_loss"], "eval_ppl": last["eval_ppl"]}

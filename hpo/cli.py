@@ -87,9 +87,10 @@ def run(
         typer.echo(f"Sweep {loaded.path}: {_grid_size(loaded.spec)}, scheduler {loaded.spec.scheduler.name}", err=True)
         from hpo.driver import run_sweep
 
-        run_dir = run_sweep(
+        outcome = run_sweep(
             loaded, name=run_name, runs_dir=runs_dir, overwrite=overwrite, address=address, overrides=set_, checked=True
         )
+        _report(outcome)
     except SweepError as exc:
         _fail(str(exc))
     except (SweepInterrupted, SweepFailed) as exc:
@@ -97,7 +98,38 @@ def run(
     except KeyboardInterrupt:  # before the sweep started: nothing to resume
         typer.echo("peftsweep: interrupted before the sweep started; nothing was run", err=True)
         raise typer.Exit(130)
-    typer.echo(str(run_dir / "report.html"))
+    typer.echo(str(outcome.run_dir / "report.html"))
+
+
+def _report(outcome) -> None:
+    """Write the report of a sweep that ran to its end; a failed sweep (no trial finished) is SweepFailed after it."""
+    try:
+        path = _write_report(outcome.run_dir)
+    except KeyboardInterrupt:  # the sweep is recorded; only its report is missing
+        name = outcome.run_dir.name
+        typer.echo(f"peftsweep: interrupted while writing the report; the sweep is in the store: `peftsweep report {name}` writes it", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"Report: {path}", err=True)
+    if outcome.status == "failed":
+        name = outcome.run_dir.name
+        raise SweepFailed(f"sweep {name} failed: {outcome.note} (peftsweep export {name} has each trial's error; report: {path})")
+
+
+def _write_report(run_dir: Path) -> Path:
+    """runs/NAME/report.html from the store; a report that cannot be written is SweepFailed (the store keeps the results)."""
+    from analysis.report import write_report
+    from hpo.store import Store
+
+    store = Store.open(run_dir / "results.db")
+    try:
+        return write_report(store, run_dir / "report.html")
+    except OSError as exc:
+        raise SweepFailed(
+            f"cannot write the report {run_dir / 'report.html'}: {exc.strerror}; the results are in the store: "
+            f"free space, then `peftsweep report {run_dir.name}`"
+        ) from None
+    finally:
+        store.close()
 
 
 @app.command()
@@ -114,16 +146,17 @@ def resume(
         _open_store(name, runs_dir).close()  # a clear error for an unknown run
         from hpo.driver import resume_sweep
 
-        run_dir = resume_sweep(name, runs_dir=runs_dir, address=address)
+        outcome = resume_sweep(name, runs_dir=runs_dir, address=address)
+        _report(outcome)
     except SweepError as exc:
         _fail(str(exc))
     except (SweepInterrupted, SweepFailed) as exc:
         _stopped(exc, name)
-    typer.echo(str(run_dir / "report.html"))
+    typer.echo(str(outcome.run_dir / "report.html"))
 
 
 def _open_store(name: str, runs_dir: str | None):
-    from hpo.driver import runs_root
+    from hpo.rundir import runs_root
     from hpo.store import Store
 
     root = runs_root(runs_dir)
@@ -140,8 +173,8 @@ def report(name: Annotated[str, typer.Argument(help="run name")], runs_dir: Runs
     from analysis.report import write_report
 
     try:
-        store = _open_store(name, runs_dir)
-        path = write_report(store, store.path.parent / "report.html")
+        with _open_store(name, runs_dir) as store:
+            path = write_report(store, store.path.parent / "report.html")
     except SweepError as exc:
         _fail(str(exc))
     except OSError as exc:  # a full disk, a read-only run folder: the store is untouched
@@ -164,9 +197,12 @@ def rejudge(
         _open_store(name, runs_dir).close()  # a clear error for an unknown run
         from hpo.rejudge import rejudge as rejudge_run
 
-        path = rejudge_run(name, runs_dir=runs_dir, overrides=set_, missing_only=missing, say=lambda line: typer.echo(line, err=True))
+        run_dir = rejudge_run(name, runs_dir=runs_dir, overrides=set_, missing_only=missing, say=lambda line: typer.echo(line, err=True))
+        path = _write_report(run_dir)
     except SweepError as exc:
         _fail(str(exc))
+    except SweepFailed as exc:
+        _stopped(exc, name)
     typer.echo(str(path))
 
 
@@ -183,7 +219,8 @@ def export(
     try:
         if format not in ("csv", "json"):
             raise SweepError(f"--format '{format}': use csv or json")
-        table = load_trials(_open_store(name, runs_dir))
+        with _open_store(name, runs_dir) as store:
+            table = load_trials(store)
     except SweepError as exc:
         _fail(str(exc))
     text = table.to_csv(index=False) if format == "csv" else table.to_json(orient="records", indent=2) + "\n"
@@ -205,14 +242,15 @@ def best(
     runs_dir: RunsDir = None,
 ) -> None:
     """The best trial: its parameters, its metrics at its best epoch, and where its adapter is."""
-    from analysis.load import cost_metric, load_trials, rank_trials, selection_objective, training_id
-    from hpo.store import FINISHED
+    from analysis.load import cost_metric, load_results, load_trials, rank_trials, selection_objective, training_id
+    from trainers.vocabulary import FINISHED
 
     try:
-        store = _open_store(name, runs_dir)
-        trials = load_trials(store)
-        epochs = store.epochs()
-        objectives = store.sweep()["objectives"]
+        with _open_store(name, runs_dir) as store:
+            results = load_results(store)
+        trials = load_trials(results)
+        epochs = results.epochs
+        objectives = results.sweep["objectives"]
         metric, mode = selection_objective(objectives, _frame(epochs))
         ranked = rank_trials(trials, metric, mode, cost_metric(objectives, trials))  # the report's ranking
         finished = ranked[ranked["status"].isin(FINISHED) & ranked[metric].notna()]
@@ -226,7 +264,7 @@ def best(
         (e["checkpoint"] for e in epochs if e["trial_id"] == training_id(row["trial_id"]) and e["epoch"] == epoch), None
     )
     adapter = Path(checkpoint) / "adapter" if checkpoint else None
-    params = " ".join(f"{p}={row[p]}" for p in store.sweep()["searched"] if p in row and str(row[p]) != "nan")
+    params = " ".join(f"{p}={row[p]}" for p in results.sweep["searched"] if p in row and str(row[p]) != "nan")
     lines = [
         f"best trial {row['trial_id']} ({row['status']}) by {metric}, at epoch {epoch} of {int(row['epochs_completed'])}",
         f"  parameters: {params or '(none searched)'}",
@@ -276,7 +314,7 @@ def validate(
 @app.command("ls")
 def ls(runs_dir: RunsDir = None) -> None:
     """List the sweep files and the runs."""
-    from hpo.driver import runs_root
+    from hpo.rundir import runs_root
     from hpo.spec import available_sweeps, load_sweep, sweeps_dir
 
     typer.echo(f"Sweeps in {sweeps_dir()}/:")

@@ -17,3 +17,9 @@ class SweepInterrupted(Exception):
 
 class SweepFailed(Exception):
     """The sweep ran but no trial finished (every one failed), or it could not go on (its store cannot be written)."""
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of `text` (of a traceback: the exception itself), for a one-line message."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text

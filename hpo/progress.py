@@ -11,7 +11,8 @@ from rich.live import Live
 from rich.table import Table
 
 from hpo.spec import SweepSpec, flatten_params
-from hpo.store import STATUS_KEY
+from hpo.trial import STATUS_KEY
+from trainers.vocabulary import TrialStatus
 
 
 def _fmt(value: Any) -> str:
@@ -93,13 +94,13 @@ class ProgressCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         epochs = self.spec.trial_config(trial.config).train.epochs
-        self.rows[trial.trial_id] = {"status": "running", "params": flatten_params(trial.config), "epochs": epochs}
+        self.rows[trial.trial_id] = {"status": TrialStatus.RUNNING, "params": flatten_params(trial.config), "epochs": epochs}
         self._event(f"trial {trial.trial_id} started: {self._params(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self.rows[trial.trial_id]
         if STATUS_KEY in result:
-            row["status"] = result[STATUS_KEY]
+            row["status"] = TrialStatus(result[STATUS_KEY])
             self._event(f"trial {trial.trial_id} {result[STATUS_KEY]}: {result['error']}")
             return
         row.update({k: result[k] for k in ("epoch", "eval_ppl", "win_rate", "train_seconds")})
@@ -115,15 +116,15 @@ class ProgressCallback(Callback):
         row = self.rows[trial.trial_id]
         if STATUS_KEY in (trial.last_result or {}):
             return  # its closing report said how it ended
-        row["status"] = "completed" if row.get("epoch", 0) >= row["epochs"] else "early_stopped"
+        row["status"] = TrialStatus.COMPLETED if row.get("epoch", 0) >= row["epochs"] else TrialStatus.EARLY_STOPPED
         self._event(f"trial {trial.trial_id} {row['status']}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.rows[trial.trial_id]["status"] = "restarting"
+        self.rows[trial.trial_id]["status"] = "restarting"  # shown only: the store keeps it running
         epoch = (trial.last_result or {}).get("epoch", 0)
         self._event(f"trial {trial.trial_id} lost its process; restarting from epoch {epoch} (retry {trial.num_failures} of {self.spec.search.max_retries})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.rows[trial.trial_id]["status"] = "error"
+        self.rows[trial.trial_id]["status"] = TrialStatus.ERROR
         error = str(trial.get_error() or "unknown error").strip().splitlines()
         self._event(f"trial {trial.trial_id} failed: {error[-1] if error else 'unknown error'}")

@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from hpo.driver import _driver_lock, runs_root
+from hpo.rundir import DriverLock, runs_root
 from hpo.errors import SweepError
-from hpo.spec import _apply_override, _describe
+from hpo.spec import apply_override, describe_error
 from hpo.store import Store
 from trainers.config import EvalConfig, _Strict
 from trainers.evaluate import win_rate
@@ -33,11 +33,11 @@ def eval_settings(stored: dict[str, Any], overrides: list[str], where: Path) -> 
     for item in overrides:
         if not item.partition("=")[0].strip().startswith("eval."):
             raise SweepError(f"--set '{item}': rejudge changes only the judge's settings: use --set eval.KEY=VALUE")
-        keys.add(_apply_override(raw, item))
+        keys.add(apply_override(raw, item))
     try:
         return _Overridden.model_validate(raw).eval
     except ValidationError as exc:
-        raise SweepError(_describe(exc.errors()[0], where, keys, _Overridden)) from None
+        raise SweepError(describe_error(exc.errors()[0], where, keys, _Overridden)) from None
 
 
 def rejudge(
@@ -48,11 +48,9 @@ def rejudge(
     missing_only: bool = False,
     say: Callable[[str], None] = print,
 ) -> Path:
-    """Judge the stored answers of run NAME again (only epochs with missing verdicts if `missing_only`); returns the report."""
-    from analysis.report import write_report
-
+    """Judge the stored answers of run NAME again (only epochs with missing verdicts if `missing_only`); returns its run folder."""
     run_dir = runs_root(runs_dir) / name
-    with _driver_lock(run_dir):  # no driver may write the store meanwhile
+    with DriverLock(run_dir):  # no driver may write the store meanwhile
         store = Store.open(run_dir / "results.db")
         try:
             settings = eval_settings(store.sweep()["spec"]["eval"], list(overrides), store.path)
@@ -93,6 +91,6 @@ def rejudge(
                 done = f"{len(epochs)} epoch{'s' if len(epochs) != 1 else ''} judged"
                 say(f"trial {trial['trial_id']}: {done}" + (f", win_rate {' '.join(rates)}" if rates else ""))
             store.add_rejudge({"at": time.time(), "judge": label, "eval": settings.model_dump(mode="json"), "epochs": judged_epochs})
-            return write_report(store, run_dir / "report.html")
+            return run_dir
         finally:
             store.close()

@@ -18,7 +18,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
-from hpo.store import ERROR, STATUS_KEY
+from hpo.trial import STATUS_KEY
+from trainers.vocabulary import TrialStatus
 
 MAX_REPEATS = 20  # proposals in a row that all ran before: then the last one runs after all
 
@@ -63,14 +64,14 @@ class OptunaSearchOnce(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        # A last epoch the judge missed reports NaN (hpo.driver._unjudged_objectives), which Optuna
+        # A last epoch the judge missed reports NaN (hpo.trial._unjudged_objectives), which Optuna
         # would record as a failed trial: it learns the trial's last judged values instead.
         known = getattr(self, "last_judged", {}).pop(trial_id, None)
         unjudged = result and any(isinstance(result.get(m), float) and math.isnan(result[m]) for m in self._metrics())
         if unjudged and known is not None:
             result = {**result, **dict(zip(self._metrics(), known))}
         trial = self._ot_trials.get(trial_id)
-        if trial is not None and result and not error and result.get(STATUS_KEY) != ERROR:
+        if trial is not None and result and not error and result.get(STATUS_KEY) != TrialStatus.ERROR:
             values = [result.get(m) for m in self._metrics()]
             # A trial that diverged, ran out of memory or was infeasible would again: its worst values
             # (inf for a minimized objective) are remembered too. An error may not recur: it is not.

@@ -30,9 +30,9 @@ from trainers.config import (
     TrialConfig,
     numbers_not_booleans,
 )
+from trainers.methods import METHODS
+from trainers.vocabulary import COST_METRICS, QUALITY_METRICS
 
-EPOCH_METRICS = ("win_rate", "eval_ppl")  # reported by the worker after every epoch
-COST_METRICS = ("train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -102,8 +102,11 @@ class SchedulerSpec(_Strict):
     reduction_factor: float = Field(2, gt=1, description="asha: keep 1/reduction_factor of trials at each rung")
 
 
+OBJECTIVE_METRICS = (*QUALITY_METRICS, *COST_METRICS)  # what a sweep can optimize: a quality or a cost
+
+
 class Objective(_Strict):
-    metric: Literal["win_rate", "eval_ppl", "train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb"]
+    metric: Literal[OBJECTIVE_METRICS]
     mode: Literal["min", "max"]
 
 
@@ -132,6 +135,17 @@ class SweepSpec(_Strict):
         description="where Ray Tune keeps checkpoints (adapters) and experiment state: a path every node sees, or an "
         "object-store URI such as s3://bucket/prefix; default runs/<name>/tune next to the store",
     )
+
+    @classmethod
+    def from_store(cls, stored: dict[str, Any], path: Path) -> "SweepSpec":
+        """The spec a results store at `path` recorded (Store.sweep()["spec"]), validated again."""
+        try:
+            return cls.model_validate({k: v for k, v in stored.items() if k != "overrides"})
+        except ValidationError as exc:  # a damaged store, or one of another version
+            error = exc.errors()[0]
+            first = f"{'.'.join(str(p) for p in error['loc']) or '(top level)'}: {error['msg']}"
+            raise SweepError(f"{path}: damaged results store: its sweep spec does not validate ({first}); "
+                             f"start the sweep over with peftsweep run SWEEP --name {path.parent.name} --overwrite") from None
 
     @property
     def multi_objective(self) -> bool:
@@ -195,7 +209,7 @@ class SweepSpec(_Strict):
     @property
     def tune_objective(self) -> Objective:
         """The objective Ray Tune's searcher and scheduler optimize: the first per-epoch one."""
-        return next(o for o in self.objectives if o.metric in EPOCH_METRICS)
+        return next(o for o in self.objectives if o.metric in QUALITY_METRICS)
 
     def trial_config(self, params: dict[str, Any]) -> TrialConfig:
         """The full configuration of one trial with searched `params`."""
@@ -280,13 +294,13 @@ def load_sweep(ref: str, overrides: list[str] = ()) -> Sweep:
         raise SweepError(f"{path}: expected a mapping of sections (model, train, search, ...), got {type(raw).__name__}")
     from_cli: set[str] = set()
     for item in overrides:
-        key = _apply_override(raw, item)
+        key = apply_override(raw, item)
         from_cli.add(key)
     spec = _validate(raw, path, from_cli)
     return Sweep(name=path.stem, path=path, spec=spec, raw=raw)
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> str:
+def apply_override(raw: dict[str, Any], item: str) -> str:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
@@ -310,11 +324,11 @@ def _validate(raw: dict[str, Any], path: Path, from_cli: set[str]) -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SweepError(_describe(exc.errors()[0], path, from_cli, SweepSpec)) from None
+        raise SweepError(describe_error(exc.errors()[0], path, from_cli, SweepSpec)) from None
     _check_space(spec, path)
-    if not any(o.metric in EPOCH_METRICS for o in spec.objectives):
+    if not any(o.metric in QUALITY_METRICS for o in spec.objectives):
         raise SweepError(
-            f"{path}: objectives: name at least one per-epoch metric ({' or '.join(EPOCH_METRICS)}) for the search to optimize"
+            f"{path}: objectives: name at least one per-epoch metric ({' or '.join(QUALITY_METRICS)}) for the search to optimize"
         )
     greedy_only = sorted({"prefix", "prompt"} & set(spec.methods_tried()))
     if spec.eval.do_sample and greedy_only:
@@ -330,7 +344,7 @@ def _validate(raw: dict[str, Any], path: Path, from_cli: set[str]) -> SweepSpec:
     return spec
 
 
-def _describe(error: dict[str, Any], path: Path, from_cli: set[str], root: type[BaseModel]) -> str:
+def describe_error(error: dict[str, Any], path: Path, from_cli: set[str], root: type[BaseModel]) -> str:
     loc = [str(p) for p in error["loc"]]
     key = ".".join(loc) or "(top level)"
     unknown = error["type"] == "extra_forbidden"  # --set trainer.epochs=2 is refused at 'trainer'
@@ -368,18 +382,20 @@ def _fields_at(model: Any, loc: list[str]) -> list[str]:
 def _check_space(spec: SweepSpec, path: Path) -> None:
     """Every searched name is a train field and every value it can take is a valid one."""
     _check_dimensions(spec, spec.search.space, f"{path}: search.space", spec.train.model_dump())
-    methods = typing.get_args(TrainConfig.model_fields["method"].annotation)
     tried = spec.methods_tried()
     for method, space in spec.search.conditional.items():
         where = f"{path}: search.conditional.{method}"
-        if method not in methods:
-            close = difflib.get_close_matches(method, methods, n=1)
-            raise SweepError(f"{where}: not a method; {f'did you mean {close[0]!r}?' if close else 'methods: ' + ', '.join(methods)}")
+        if method not in METHODS:
+            close = difflib.get_close_matches(method, METHODS, n=1)
+            raise SweepError(f"{where}: not a method; {f'did you mean {close[0]!r}?' if close else 'methods: ' + ', '.join(METHODS)}")
         if method not in tried:
             raise SweepError(f"{where}: method {method} is never tried; add it to search.space.method or set train.method")
         for name in space:
             if name in spec.search.space or name == "method":
                 raise SweepError(f"{where}.{name}: already searched for every method in search.space; keep it in one place")
+            if name in TrainConfig.model_fields and not METHODS[method].uses(name):
+                own = ", ".join(METHODS[method].params) or "none"
+                raise SweepError(f"{where}.{name}: {method} does not use {name} (its own parameters: {own}); search it under a method that does")
         _check_dimensions(spec, space, where, {**spec.train.model_dump(), "method": method})
 
 

@@ -7,37 +7,19 @@ while a sweep is still writing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from hpo.errors import SweepError
+from trainers.vocabulary import EPOCH_COLUMNS, SweepStatus, TrialStatus
 
 SCHEMA_VERSION = 3  # 3: answers.verdict is NULL where the judge was unavailable (2 opens, migrated in place)
-
-# Per-epoch metrics kept as columns; anything else a worker reports goes to metrics_json.
-EPOCH_COLUMNS = (
-    "train_loss",
-    "eval_ppl",
-    "win_rate",
-    "win_rate_low",
-    "win_rate_high",
-    "wins",
-    "losses",
-    "ties",
-    "train_seconds",
-    "eval_seconds",
-    "judge_seconds",
-    "retention_ppl",
-    "peak_memory_gb",
-    "tokens_trained",
-    "gpu_hours",
-    "cost_usd",
-)
 
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -90,25 +72,6 @@ _ANSWERS = """CREATE TABLE {name} (
     PRIMARY KEY (trial_id, epoch, prompt_id)
 );"""
 _SCHEMA = _SCHEMA.replace("{answers}", _ANSWERS.format(name="answers"))
-
-# Trial statuses, as recorded in `trials.status`.
-PENDING, RUNNING, COMPLETED, EARLY_STOPPED, ERROR, DIVERGED, OOM, INFEASIBLE = (
-    "pending",
-    "running",
-    "completed",
-    "early_stopped",
-    "error",  # an exception in training, or a process lost more often than search.max_retries
-    "diverged",  # the training loss became NaN or infinite
-    "oom",  # out of memory, or over resources.max_memory_gb
-    "infeasible",  # over the sweep's memory constraints: estimated (never trained) or measured
-)
-# Trials that ran to their end: only these can be on a frontier, be the best trial or enter a statistic.
-FINISHED = (COMPLETED, EARLY_STOPPED)
-# Key of a trial's closing report (one of the failed statuses above): how it ended, not a new epoch.
-STATUS_KEY = "trial_status"
-# Key of every epoch report that Ray Tune ranks checkpoints by (see epoch_score); never stored.
-SCORE_KEY = "checkpoint_score"
-
 
 def epoch_score(value: float | None, epoch: int, mode: str) -> float:
     """How good an epoch is by its objective `value` ("max" or "min" `mode`): higher is better, NaN unmeasured.
@@ -173,7 +136,7 @@ class Store:
                     json.dumps(versions),
                     git_commit,
                     time.time(),
-                    RUNNING,
+                    SweepStatus.RUNNING,
                 ),
             )
         return cls(path, conn)
@@ -229,28 +192,44 @@ class Store:
             self.conn.execute(
                 "INSERT INTO trials (trial_id, params_json, status, started_at, node) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT(trial_id) DO UPDATE SET status = excluded.status, started_at = excluded.started_at",
-                (trial_id, json.dumps(params), RUNNING, time.time(), node),
+                (trial_id, json.dumps(params), TrialStatus.RUNNING, time.time(), node),
             )
 
-    def set_trial_status(self, trial_id: str, status: str, error: str | None = None) -> None:
-        ended_at = None if status in (PENDING, RUNNING) else time.time()
+    def set_trial_status(self, trial_id: str, status: TrialStatus, error: str | None = None) -> None:
+        ended_at = None if status in (TrialStatus.PENDING, TrialStatus.RUNNING) else time.time()
         with _tx(self.conn):
             self.conn.execute(
                 "UPDATE trials SET status = ?, error = ?, ended_at = ? WHERE trial_id = ?",
                 (status, error, ended_at, trial_id),
             )
 
-    def end_unfinished(self, status: str) -> int:
+    def end_unfinished(self, status: TrialStatus) -> int:
         """Give every trial still pending or running `status` (the sweep ended around it); returns how many."""
         with _tx(self.conn):
             cursor = self.conn.execute(
-                "UPDATE trials SET status = ?, ended_at = ? WHERE status IN (?, ?)", (status, time.time(), PENDING, RUNNING)
+                "UPDATE trials SET status = ?, ended_at = ? WHERE status IN (?, ?)", (status, time.time(), TrialStatus.PENDING, TrialStatus.RUNNING)
             )
         return cursor.rowcount
 
     def traceback_path(self, trial_id: str) -> Path:
         """Where a failed trial's full traceback is kept: errors/<trial_id>.txt beside the store."""
-        return self.path.parent / "errors" / f"{trial_id}.txt"
+        return self.traceback_path_beside(self.path, trial_id)
+
+    @staticmethod
+    def traceback_path_beside(path: Path, trial_id: str) -> Path:
+        return path.parent / "errors" / f"{trial_id}.txt"
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads within see one state of the store, while a driver goes on writing (a WAL read transaction)."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.conn.execute("COMMIT")
 
     def write_traceback(self, trial_id: str, text: str) -> None:
         """Keep a failed trial's full traceback (the store keeps its last line, in trials.error)."""
@@ -337,9 +316,9 @@ class Store:
     def reopen(self) -> None:
         """Mark a stopped sweep as running again (peftsweep resume)."""
         with _tx(self.conn):
-            self.conn.execute("UPDATE sweep SET status = ?, note = NULL, finished_at = NULL WHERE id = 1", (RUNNING,))
+            self.conn.execute("UPDATE sweep SET status = ?, note = NULL, finished_at = NULL WHERE id = 1", (SweepStatus.RUNNING,))
 
-    def finish(self, status: str, note: str | None = None) -> None:
+    def finish(self, status: SweepStatus, note: str | None = None) -> None:
         with _tx(self.conn):
             self.conn.execute(
                 "UPDATE sweep SET status = ?, note = ?, finished_at = ? WHERE id = 1",

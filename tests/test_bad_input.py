@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from hpo.cli import app
 from hpo.spec import SweepSpec
-from hpo.store import COMPLETED, Store
+from hpo.store import Store
+from trainers.vocabulary import TrialStatus
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "sweeps" / "smoke.yaml")
@@ -42,7 +43,7 @@ def make_store(runs: Path, name: str = "done") -> Path:
     store.add_trial("t1", {"learning_rate": 0.001})
     metrics = {"train_loss": 1.0, "eval_ppl": 5.0, "win_rate": 0.5, "win_rate_low": 0.2, "win_rate_high": 0.8}
     store.add_epoch("t1", 1, {**metrics, "train_seconds": 2.0, "eval_seconds": 1.0, "gpu_hours": 0.0, "cost_usd": 0.0})
-    store.set_trial_status("t1", COMPLETED)
+    store.set_trial_status("t1", TrialStatus.COMPLETED)
     store.finish("completed")
     store.close()
     return runs / name / "results.db"

@@ -118,3 +118,30 @@ def test_a_store_from_another_schema_version(tmp_path):
     assert f"schema version 1, this peftsweep reads version {SCHEMA_VERSION}; use the peftsweep version that wrote it" in proc.stderr
     assert not (runs / "old" / "report.html").exists()
 
+
+
+def test_ctrl_c_while_the_report_is_written_says_the_sweep_is_kept(tmp_path, monkeypatch, capsys):
+    """The sweep ran to its end and is in the store; a Ctrl-C in the report says so and how to write it."""
+    import typer
+
+    import analysis.report
+    from hpo import cli
+    from hpo.driver import SweepOutcome
+    from hpo.store import Store
+    from trainers.vocabulary import SweepStatus
+
+    run_dir = tmp_path / "runs" / "done"
+    run_dir.mkdir(parents=True)
+    Store.create(run_dir / "results.db", name="done", sweep_file="x.yaml", spec={}, searched=[], objectives=[],
+                 versions={}, git_commit=None).close()  # fmt: skip
+
+    def interrupted(store, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analysis.report, "write_report", interrupted)
+    with pytest.raises(typer.Exit) as stopped:
+        cli._report(SweepOutcome(run_dir, SweepStatus.COMPLETED, None))
+    assert stopped.value.exit_code == 130
+    assert capsys.readouterr().err.strip() == (
+        "peftsweep: interrupted while writing the report; the sweep is in the store: `peftsweep report done` writes it"
+    )

@@ -16,7 +16,8 @@ import torch
 from trainers.config import ConstraintConfig, DataConfig, EvalConfig, TrainConfig, TrialConfig
 from trainers.evaluate import WIN
 from trainers.judges import JudgeError, JudgeUnavailable, OpenAIJudge, Verdict
-from trainers.worker import TrainStatus, baseline_answers, train
+from trainers.vocabulary import TrialStatus
+from trainers.worker import baseline_answers, train
 from tests.test_judges import KEY, KEY_ENV, QUESTION, chat_server
 
 
@@ -160,7 +161,7 @@ def test_a_judge_outage_after_the_first_epoch_keeps_every_epoch_without_verdicts
                 server.server_close()
 
         result = train(config, baseline, report)
-    assert result.status is TrainStatus.SUCCESS and result.epochs_completed == 2
+    assert result.status is TrialStatus.COMPLETED and result.epochs_completed == 2
     first, second = reported
     assert first["judge_error"] is None and first["win_rate"] is not None and None not in first["verdicts"]
     assert first["judge"] == f"openai (m at {server.base_url})"
@@ -207,12 +208,12 @@ def test_inference_memory_leaves_out_the_judges_weights(tiny_model_dir, monkeypa
     (metrics,) = reported
     assert _BigJudge.weights is not None  # the judge did load its weights
     assert metrics["peak_memory_gb"] - metrics["inference_memory_gb"] > 0.4  # the process peak has them...
-    assert result.status is TrainStatus.SUCCESS
+    assert result.status is TrialStatus.COMPLETED
     # ...the trained model's inference peak does not, so a constraint just above it keeps the trial feasible
     limit = ConstraintConfig(inference_memory_gb=metrics["inference_memory_gb"] + 0.2)
     _BigJudge.weights = None  # freed, as a judge of an earlier trial would be
     reported.clear()
     result = train(config.model_copy(update={"constraints": limit}), baseline, lambda m, save: reported.append(m))
-    assert result.status is TrainStatus.SUCCESS, result.error
+    assert result.status is TrialStatus.COMPLETED, result.error
     assert reported[0]["peak_memory_gb"] > limit.inference_memory_gb  # the judge's weights would have made it infeasible
     _BigJudge.weights = None

@@ -132,6 +132,8 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_and_rejudge_fills_th
         )  # fmt: skip
         assert rejudged.returncode == 0, rejudged.stderr[-3000:]
         assert len([line for line in rejudged.stderr.splitlines() if line.startswith("trial ")]) == 2  # one line per trial
+        report = runs / "smoke" / "report.html"
+        assert rejudged.stdout.strip() == str(report) and "not judged" not in report.read_text()  # rebuilt with the verdicts
         settings = EvalConfig(judge="openai", base_url=server.base_url, api_model="judge-model", api_key_env=KEY_ENV)
         import os
 

@@ -5,7 +5,6 @@ trial's perplexity."""
 from __future__ import annotations
 
 import math
-import typing
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from trainers.config import DataConfig, EvalConfig, TrainConfig, TrialConfig
 from trainers.data import batches, load_splits, tokenize
 from trainers.evaluate import perplexity
 from trainers.methods import METHODS
-from trainers.worker import TrainStatus, baseline_answers, lr_lambda, train
+from trainers.vocabulary import EpochMetrics, TrialStatus
+from trainers.worker import baseline_answers, lr_lambda, train
 
 
 def _config(**train: object) -> TrialConfig:
@@ -30,17 +30,34 @@ def baseline(tiny_model_dir) -> list[str]:
     return baseline_answers(_config()).answers
 
 
-def test_the_registry_and_the_config_name_the_same_methods():
-    allowed = typing.get_args(TrainConfig.model_fields["method"].annotation)
-    assert set(allowed) == set(METHODS)
+def test_the_registry_names_the_methods_a_config_takes():
+    for name in METHODS:
+        assert TrainConfig(method=name).method == name
+    with pytest.raises(ValueError, match="not a method; did you mean 'lora'"):
+        TrainConfig(method="lroa")
+
+
+def test_the_registry_owns_each_methods_parameters():
+    """A conditional parameter the method does not read is refused in one line, naming the method's own."""
+    from hpo.errors import SweepError
+    from hpo.spec import load_sweep
+
+    assert METHODS["lora"].uses("lora_r") and not METHODS["lora"].uses("num_virtual_tokens")
+    assert METHODS["prefix"].uses("num_virtual_tokens") and METHODS["prefix"].uses("learning_rate")
+    assert not METHODS["none"].uses("learning_rate") and not METHODS["ia3"].uses("lora_r")
+    with pytest.raises(SweepError) as err:
+        load_sweep("methods", ["search.conditional={lora: {num_virtual_tokens: {grid: [4]}}}"])
+    assert "search.conditional.lora.num_virtual_tokens: lora does not use num_virtual_tokens (its own parameters: lora_r" in str(err.value)
+    load_sweep("methods", ["search.conditional={prefix: {num_virtual_tokens: {grid: [4, 8]}}}"])  # prefix does
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_one_epoch(method, baseline):
     reported = []
     result = train(_config(method=method), baseline, lambda m, save: reported.append(m))
-    assert result.status is TrainStatus.SUCCESS, result.error
+    assert result.status is TrialStatus.COMPLETED, result.error
     [metrics] = reported
+    assert set(metrics) <= set(EpochMetrics.__annotations__), set(metrics) - set(EpochMetrics.__annotations__)  # each named once
     assert math.isfinite(metrics["eval_ppl"]) and metrics["eval_ppl"] > 1
     assert 0 <= metrics["win_rate"] <= 1
     if method == "none":
@@ -64,7 +81,7 @@ def test_knobs_bf16_accumulation_checkpointing_and_cosine(baseline):
     reported = []
     config = _config(precision="bf16", grad_accumulation_steps=2, gradient_checkpointing=True, lr_schedule="cosine", warmup_steps=2)
     result = train(config, baseline, lambda m, save: reported.append(m))
-    assert result.status is TrainStatus.SUCCESS, result.error
+    assert result.status is TrialStatus.COMPLETED, result.error
     assert math.isfinite(reported[0]["train_loss"]) and math.isfinite(reported[0]["eval_ppl"])
 
 
@@ -164,7 +181,7 @@ def test_a_packed_batch_gives_the_padded_batch_loss(tiny_model_dir):
 
 def test_training_with_packing(baseline):
     reported = []
-    assert train(_config(packing=True), baseline, lambda m, save: reported.append(m)).status is TrainStatus.SUCCESS
+    assert train(_config(packing=True), baseline, lambda m, save: reported.append(m)).status is TrialStatus.COMPLETED
     assert math.isfinite(reported[0]["eval_ppl"]) and reported[0]["tokens_per_second"] > 0
     with pytest.raises(ValueError, match="packing does not work with prefix tuning"):
         TrainConfig(method="prefix", packing=True)

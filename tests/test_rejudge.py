@@ -8,11 +8,13 @@ import sqlite3
 
 import pytest
 
-from hpo.driver import _driver_lock, _unjudged_objectives
+from analysis.report import write_report
 from hpo.errors import SweepError
 from hpo.rejudge import rejudge
+from hpo.rundir import DriverLock
 from hpo.spec import SweepSpec
 from hpo.store import SCHEMA_VERSION, Store
+from hpo.trial import _unjudged_objectives
 from trainers.evaluate import judge_against_reference
 from trainers.stats import wilson_interval
 
@@ -71,8 +73,10 @@ def test_rejudge_fills_missing_verdicts_and_records_the_judge(tmp_path):
     run.mkdir(parents=True)
     _store(run / "results.db").close()
     lines = []
-    report = rejudge("s", runs_dir=str(tmp_path / "runs"), missing_only=True, say=lines.append)
-    assert report.is_file() and "not judged" not in report.read_text()
+    assert rejudge("s", runs_dir=str(tmp_path / "runs"), missing_only=True, say=lines.append) == run
+    with Store.open(run / "results.db") as store:  # the report `peftsweep rejudge` writes next
+        report = write_report(store, run / "report.html")
+    assert "not judged" not in report.read_text()
     assert lines == ["trial t1: 1 epoch judged, win_rate 0.667"]
 
     expected = judge_against_reference(TRIAL_ANSWERS, BASE, REFERENCES, metric="token_f1", tie_margin=0.0)
@@ -107,7 +111,6 @@ def test_rejudge_refuses_bad_settings_in_one_line_and_writes_nothing(tmp_path, o
     run = tmp_path / "runs" / "s"
     run.mkdir(parents=True)
     _store(run / "results.db").close()
-    before = (run / "results.db").read_bytes()
     with pytest.raises(SweepError) as err:
         rejudge("s", runs_dir=str(tmp_path / "runs"), overrides=overrides, say=lambda line: None)
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -120,7 +123,7 @@ def test_rejudge_refuses_while_a_driver_runs_the_sweep(tmp_path):
     run = tmp_path / "runs" / "s"
     run.mkdir(parents=True)
     _store(run / "results.db").close()
-    with _driver_lock(run):
+    with DriverLock(run):
         with pytest.raises(SweepError, match="a driver is still running this sweep"):
             rejudge("s", runs_dir=str(tmp_path / "runs"), say=lambda line: None)
 

@@ -26,9 +26,9 @@ import torch
 from tests.conftest import REPO, peftsweep
 from trainers.config import ConstraintConfig, DataConfig, EvalConfig, ModelConfig, ResourceConfig, TrainConfig, TrialConfig
 from trainers.data import DataError
+from trainers.vocabulary import TrialStatus
 from trainers.worker import (
     STATE_FILE,
-    TrainStatus,
     baseline_answers,
     load_state,
     release_memory,
@@ -59,10 +59,10 @@ def test_a_resumed_training_matches_an_uninterrupted_one(baseline, tmp_path):
         straight.append(metrics)
         save(tmp_path / f"epoch-{metrics['epoch']}")  # as the Tune adapter does, during the report call
 
-    assert train(_config(), baseline, keep).status is TrainStatus.SUCCESS
+    assert train(_config(), baseline, keep).status is TrialStatus.COMPLETED
     resumed = []
     result = train(_config(), baseline, lambda m, save: resumed.append(m), resume_from=tmp_path / "epoch-1")
-    assert result.status is TrainStatus.SUCCESS
+    assert result.status is TrialStatus.COMPLETED
     assert [m["epoch"] for m in resumed] == [2]
     again, first = resumed[0], straight[1]
     assert again["resumed_from_epoch"] == 1 and first["resumed_from_epoch"] == 0
@@ -120,7 +120,7 @@ def test_a_nan_loss_ends_the_trial_as_diverged(baseline):
     # overflows float16 (the classic fp16 divergence) and the loss is NaN.
     fp16 = _config(lora_alpha=1e9).model_copy(update={"model": ModelConfig(dtype="float16")})
     result = train(fp16, baseline, lambda m, s: None)
-    assert result.status is TrainStatus.DIVERGED
+    assert result.status is TrialStatus.DIVERGED
     assert result.epochs_completed == 0
     assert "training loss is" in result.error and "at epoch 1" in result.error
 
@@ -129,7 +129,7 @@ def test_a_trial_over_its_memory_cap_ends_as_oom(baseline):
     """On CPU the cap is checked against peak resident memory; on a GPU torch raises CUDA OOM itself."""
     capped = _config().model_copy(update={"resources": ResourceConfig(max_memory_gb=0.01)})
     result = train(capped, baseline, lambda m, s: None)
-    assert result.status is TrainStatus.OOM
+    assert result.status is TrialStatus.OOM
     assert "out of memory at epoch 1" in result.error
     assert "batch_size=16" in result.error and "estimated need" in result.error
     assert "resources.max_memory_gb 0.01" in result.error
@@ -146,7 +146,7 @@ def test_a_finished_training_leaves_no_model_behind(baseline, tmp_path):
     """A worker process runs the sweep's next trial (resources.reuse_workers): nothing of this one may stay."""
     before = _modules()
     result = train(_config(epochs=1), baseline, lambda m, save: save(tmp_path / f"epoch{m['epoch']}"))
-    assert result.status is TrainStatus.SUCCESS
+    assert result.status is TrialStatus.COMPLETED
     release_memory()
     assert [name for i, name in _modules().items() if i not in before] == []
 
@@ -345,11 +345,11 @@ def test_a_configuration_over_the_memory_constraints_is_skipped_as_infeasible(ba
     tight = _config().model_copy(update={"constraints": ConstraintConfig(train_memory_gb=0.001)})
     reported = []
     result = train(tight, baseline, lambda m, save: reported.append(m))
-    assert result.status is TrainStatus.INFEASIBLE and result.epochs_completed == 0 and not reported  # never trained
+    assert result.status is TrialStatus.INFEASIBLE and result.epochs_completed == 0 and not reported  # never trained
     assert result.error.startswith("estimated training memory ") and "> constraints.train_memory_gb 0.001" in result.error
     serving = _config().model_copy(update={"constraints": ConstraintConfig(inference_memory_gb=0.001)})
     result = train(serving, baseline, lambda m, save: None)
-    assert result.status is TrainStatus.INFEASIBLE and "inference memory" in result.error
+    assert result.status is TrialStatus.INFEASIBLE and "inference memory" in result.error
 
 
 def test_examples_whose_response_is_cut_off_are_skipped_not_a_divergence(baseline, tmp_path):
@@ -366,7 +366,7 @@ def test_examples_whose_response_is_cut_off_are_skipped_not_a_divergence(baselin
     )
     reported = []
     result = train(config, baseline, lambda m, s: reported.append(m))
-    assert result.status is TrainStatus.SUCCESS, result.error
+    assert result.status is TrialStatus.COMPLETED, result.error
     assert reported[0]["train_examples_skipped"] == 8
     assert math.isfinite(reported[0]["train_loss"])
 
@@ -410,13 +410,13 @@ def test_a_failed_peak_reset_is_said_and_no_earlier_peak_fails_the_trial(baselin
     )
     reported = []
     result = train(capped, baseline, lambda m, s: reported.append(m))
-    assert result.status is TrainStatus.SUCCESS, result.error
+    assert result.status is TrialStatus.COMPLETED, result.error
     assert reported[0]["peak_memory_scope"] == "process_lifetime"
     assert "peak-memory reset failed" in reported[0]["memory_checks_skipped"]
     assert reported[0]["peak_memory_gb"] > headroom  # the lifetime peak, reported as what it is
 
     monkeypatch.setattr(Path, "write_text", write_text)  # the reset works again: the epoch's own peak, checked
     reported.clear()
-    assert train(capped, baseline, lambda m, s: reported.append(m)).status is TrainStatus.SUCCESS
+    assert train(capped, baseline, lambda m, s: reported.append(m)).status is TrialStatus.COMPLETED
     assert reported[0]["peak_memory_scope"] == "epoch" and "memory_checks_skipped" not in reported[0]
     assert reported[0]["peak_memory_gb"] < headroom

@@ -12,7 +12,8 @@ import pytest
 
 from analysis.load import load_answers, load_epochs, load_judgments, load_trials
 from analysis.report import build_report, report_data, sweet_spot, table_columns, write_report
-from hpo.store import COMPLETED, DIVERGED, EARLY_STOPPED, ERROR, OOM, Store
+from hpo.store import Store
+from trainers.vocabulary import TrialStatus
 from trainers.stats import wilson_interval
 
 INJECTED = "<script>alert(1)</script>"
@@ -22,20 +23,20 @@ OOM_ERROR = "CUDA out of memory <b>12 GiB</b>\nTraceback (most recent call last)
 # trial_id: (status, params, per-epoch (win_rate, eval_ppl, cumulative train_seconds, peak_memory_gb), error)
 TRIALS = {
     "t-good": (
-        COMPLETED, {"learning_rate": 2e-4, "lora_r": 16},
+        TrialStatus.COMPLETED, {"learning_rate": 2e-4, "lora_r": 16},
         [(0.40, 5.0, 14, 6.0), (0.62, 4.1, 28, 6.5), (0.60, 4.0, 41, 6.2)], None,
     ),
-    "t-cheap": (EARLY_STOPPED, {"learning_rate": 1e-3, "lora_r": 4}, [(0.45, 4.8, 10, 5.0)], None),
+    "t-cheap": (TrialStatus.EARLY_STOPPED, {"learning_rate": 1e-3, "lora_r": 4}, [(0.45, 4.8, 10, 5.0)], None),
     "t-bad": (
-        COMPLETED, {"learning_rate": 1e-5, "lora_r": 8},
+        TrialStatus.COMPLETED, {"learning_rate": 1e-5, "lora_r": 8},
         [(0.30, 5.9, 17, 5.5), (0.35, 5.5, 33, 5.5), (0.34, 5.6, 50, 5.5)], None,
     ),
     # The lowest perplexity, not the highest win rate: the paradox in miniature.
-    "t-mid": (COMPLETED, {"learning_rate": 1e-4, "lora_r": 8}, [(0.50, 4.2, 22, 5.5), (0.55, 3.8, 45, 5.5)], None),
+    "t-mid": (TrialStatus.COMPLETED, {"learning_rate": 1e-4, "lora_r": 8}, [(0.50, 4.2, 22, 5.5), (0.55, 3.8, 45, 5.5)], None),
     # Diverged after one good, cheap epoch: plotted, but never on a frontier, the best trial or in a statistic.
-    "t-late": (DIVERGED, {"learning_rate": 5e-4, "lora_r": 32}, [(0.70, 3.9, 5, 9.0)], "training loss became nan at epoch 2"),
-    "t-oom": (OOM, {"learning_rate": 3e-4, "lora_r": 64}, [], OOM_ERROR),
-    "t-crash": (ERROR, {"learning_rate": 3e-4, "lora_r": 4}, [], "ValueError: <bad> value"),
+    "t-late": (TrialStatus.DIVERGED, {"learning_rate": 5e-4, "lora_r": 32}, [(0.70, 3.9, 5, 9.0)], "training loss became nan at epoch 2"),
+    "t-oom": (TrialStatus.OOM, {"learning_rate": 3e-4, "lora_r": 64}, [], OOM_ERROR),
+    "t-crash": (TrialStatus.ERROR, {"learning_rate": 3e-4, "lora_r": 4}, [], "ValueError: <bad> value"),
 }  # fmt: skip
 # Perplexity on the base model's own text, the same at every epoch; the base model's is BASELINE's.
 RETENTION = {"t-good": 3.3, "t-cheap": 3.6, "t-bad": 3.05, "t-mid": 2.9, "t-late": 4.5}
@@ -59,7 +60,7 @@ def make_store(
         path,
         name=SWEEP_NAME,
         sweep_file="sweeps/demo.yaml",
-        spec={"method": "lora"},
+        spec={"train": {"method": "lora"}},
         searched=["learning_rate", "lora_r"],
         objectives=objectives or [{"metric": "win_rate", "mode": "max"}, {"metric": "train_seconds", "mode": "min"}],
         versions={"peft": "0.0"},
@@ -137,11 +138,11 @@ def test_load_trials_columns_best_epoch_and_totals(store):
 def test_load_trials_keeps_trials_without_epochs_with_nan_metrics(store):
     trials = by_id(load_trials(store))
     oom = trials.loc["t-oom"]
-    assert oom["status"] == OOM and oom["error"] == OOM_ERROR
+    assert oom["status"] == TrialStatus.OOM and oom["error"] == OOM_ERROR
     assert oom["epochs_completed"] == 0 and oom["lora_r"] == 64
     for column in ("best_epoch", "eval_ppl", "win_rate", "wins", "train_seconds", "cost_usd", "peak_memory_gb"):
         assert math.isnan(oom[column]), column
-    assert trials.loc["t-crash", "status"] == ERROR and trials.loc["t-late", "status"] == DIVERGED
+    assert trials.loc["t-crash", "status"] == TrialStatus.ERROR and trials.loc["t-late", "status"] == TrialStatus.DIVERGED
 
 
 def test_best_epoch_follows_the_first_per_epoch_objective(tmp_path):
@@ -214,11 +215,11 @@ def _judged(verdicts):
 
 def test_sweet_spot_skips_significantly_worse_cheaper_trials():
     trials = _ranked([
-        ("A", COMPLETED, 0.9, 100.0),
-        ("C", COMPLETED, 0.7, 30.0),
-        ("B", COMPLETED, 0.6, 10.0),
-        ("D", COMPLETED, 0.5, 5.0),  # cheapest finished, but never judged: not a candidate
-        ("E", ERROR, 0.95, 1.0),  # failed: never a candidate, however good and cheap
+        ("A", TrialStatus.COMPLETED, 0.9, 100.0),
+        ("C", TrialStatus.COMPLETED, 0.7, 30.0),
+        ("B", TrialStatus.COMPLETED, 0.6, 10.0),
+        ("D", TrialStatus.COMPLETED, 0.5, 5.0),  # cheapest finished, but never judged: not a candidate
+        ("E", TrialStatus.ERROR, 0.95, 1.0),  # failed: never a candidate, however good and cheap
     ])  # fmt: skip
     best = [1.0] * 20
     judged = _judged({
@@ -235,7 +236,7 @@ def test_sweet_spot_skips_significantly_worse_cheaper_trials():
 
 
 def test_sweet_spot_when_every_cheaper_trial_is_worse_or_the_best_is_cheapest():
-    trials = _ranked([("A", COMPLETED, 0.9, 100.0), ("B", EARLY_STOPPED, 0.6, 10.0)])
+    trials = _ranked([("A", TrialStatus.COMPLETED, 0.9, 100.0), ("B", TrialStatus.EARLY_STOPPED, 0.6, 10.0)])
     judged = _judged({"A": [1.0] * 20, "B": [0.0] * 6 + [1.0] * 14})
     spot = sweet_spot(trials, judged, [], "win_rate", "train_seconds")
     assert (spot.cheapest, spot.test, spot.cost_ratio) == ("A", None, 1.0)
@@ -244,7 +245,7 @@ def test_sweet_spot_when_every_cheaper_trial_is_worse_or_the_best_is_cheapest():
         "(exact two-sided sign test over shared prompts, p < 0.05)."
     )
 
-    trials = _ranked([("A", COMPLETED, 0.9, 10.0), ("B", COMPLETED, 0.6, 100.0)])
+    trials = _ranked([("A", TrialStatus.COMPLETED, 0.9, 10.0), ("B", TrialStatus.COMPLETED, 0.6, 100.0)])
     spot = sweet_spot(trials, judged, [], "win_rate", "train_seconds")
     assert spot.cheapest == "A" and spot.sentences[1] == "Sweet spot: A itself, also the cheapest finished trial."
 

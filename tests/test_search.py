@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 from ray import tune
 
-from hpo.driver import SPENT_KEY, GpuHoursBudget, _search_alg, param_space
+from hpo.callbacks import GpuHoursBudget
+from hpo.space import param_space, search_alg
+from hpo.trial import SPENT_KEY
 from hpo.spec import load_sweep
 from tests.conftest import REPO, peftsweep
 
 
 def _searcher(spec):
     """The sweep's searcher as Tune sets it up."""
-    searcher = _search_alg(spec)
+    searcher = search_alg(spec)
     searcher.set_search_properties(None, None, param_space(spec))
     return searcher
 
@@ -43,12 +45,12 @@ def test_same_seed_proposes_the_same_first_trials(sweep, monkeypatch):
 def test_multi_objective_search_gets_every_objective(monkeypatch):
     monkeypatch.chdir(REPO)
     spec = load_sweep("pareto").spec
-    searcher = _search_alg(spec)
+    searcher = search_alg(spec)
     assert spec.multi_objective
     assert searcher.metric == ["win_rate", "train_seconds"] and searcher.mode == ["max", "min"]
     assert type(searcher._sampler).__name__ == "NSGAIISampler"
     single = load_sweep("tpe_asha").spec
-    assert not single.multi_objective and _search_alg(single).metric == "win_rate"
+    assert not single.multi_objective and search_alg(single).metric == "win_rate"
 
 
 def test_folded_epochs_are_not_searched(monkeypatch):
@@ -152,15 +154,21 @@ def test_local_paths_become_absolute_before_trials(tmp_path, monkeypatch):
 def test_a_decaying_schedule_trains_each_epochs_value_on_its_own(tmp_path):
     """Under a linear or cosine schedule the learning rate at epoch k depends on the total epochs,
     so one long training cannot answer the shorter ones: folding is off, and the CLI says why."""
-    from analysis.load import folded_epochs
+    from hpo.spec import SweepSpec
+
+    def stored(spec: SweepSpec) -> SweepSpec:  # as analysis reads it back from a store (one decision: the spec's)
+        return SweepSpec.from_store({**spec.model_dump(mode="json"), "overrides": []}, tmp_path / "results.db")
 
     path = tmp_path / "cosine.yaml"
     path.write_text("train: {lr_schedule: cosine}\nsearch:\n  space:\n    epochs: {grid: [1, 2, 3]}\n")
     spec = load_sweep(str(path), []).spec
     assert spec.folded_epochs is None and spec.num_trainings == 3
-    assert folded_epochs(spec.model_dump(mode="json")) is None
+    assert stored(spec).folded_epochs is None
     constant = load_sweep(str(path), ["train.lr_schedule=constant"]).spec
-    assert constant.folded_epochs == [1, 2, 3] and folded_epochs(constant.model_dump(mode="json")) == [1, 2, 3]
+    assert constant.folded_epochs == [1, 2, 3] and stored(constant).folded_epochs == [1, 2, 3]
+    # A searched schedule overrides train.lr_schedule: a grid of [constant] folds, whatever train says.
+    searched = load_sweep(str(path), ["search.space.lr_schedule.grid=[constant]"]).spec
+    assert searched.folded_epochs == [1, 2, 3] and stored(searched).folded_epochs == [1, 2, 3]
     proc = peftsweep("validate", str(path))
     assert proc.returncode == 0 and "epochs not folded: a decaying lr_schedule depends on the total epochs" in proc.stdout
 
@@ -180,7 +188,7 @@ CONDITIONAL = (
 def test_conditional_parameters_exist_only_for_their_method(tmp_path):
     import optuna
 
-    from hpo.driver import _optuna_space
+    from hpo.space import _optuna_space
 
     path = tmp_path / "conditional.yaml"
     path.write_text(CONDITIONAL.replace("ALGO", "tpe"))
@@ -247,7 +255,7 @@ def test_max_concurrent_trials_reaches_the_grid_generator(tmp_path):
     """Ray Tune applies TuneConfig.max_concurrent_trials to Searchers only; a grid's generator needs its own limit."""
     path = tmp_path / "one_at_a_time.yaml"
     path.write_text("search:\n  max_concurrent_trials: 1\n  space:\n    learning_rate: {grid: [1e-3, 3e-3]}\n")
-    assert _search_alg(load_sweep(str(path), []).spec).max_concurrent == 1
+    assert search_alg(load_sweep(str(path), []).spec).max_concurrent == 1
 
 
 @pytest.mark.parametrize("algorithm", ["tpe", "nsga2"])
@@ -299,7 +307,7 @@ def test_a_used_up_conditional_space_still_gets_trials(tmp_path):
 
 
 def test_deterministic_failures_are_remembered_and_errors_are_not(tmp_path):
-    from hpo.store import STATUS_KEY
+    from hpo.trial import STATUS_KEY
 
     path = tmp_path / "ppl.yaml"
     path.write_text(

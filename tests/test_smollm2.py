@@ -25,7 +25,8 @@ from trainers.data import IGNORE_INDEX, load_splits, tokenize
 from trainers.evaluate import generate_answers
 from trainers.judges import make_judge
 from trainers.model import ModelError, PackagedModel, load_base_model, resolve_model
-from trainers.worker import STATE_FILE, TrainStatus, baseline_answers, train
+from trainers.vocabulary import TrialStatus
+from trainers.worker import STATE_FILE, baseline_answers, train
 
 REPO = Path(__file__).resolve().parent.parent
 ALIAS = "smollm2-135m-instruct"
@@ -135,7 +136,7 @@ def test_lora_trial_trains_and_is_judged(smol_dir, tmp_path, one_thread):
 
     reports = []
     result = train(config, base.answers, lambda metrics, save: reports.append((metrics, save)))
-    assert result.status is TrainStatus.SUCCESS, result.error
+    assert result.status is TrialStatus.COMPLETED, result.error
     [(metrics, save)] = reports
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_ppl"])
     assert math.isfinite(metrics["retention_ppl"]) and metrics["retention_ppl"] != base.retention_ppl

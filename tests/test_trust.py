@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sqlite3
 import subprocess
@@ -22,9 +21,10 @@ import pytest
 
 from analysis.load import best_epoch_of, load_trials
 from analysis.report_data import report_data
-from hpo.driver import SPENT_KEY, GpuHoursBudget, _closing_report
+from hpo.callbacks import GpuHoursBudget
+from hpo.trial import SPENT_KEY, STATUS_KEY, _closing_report
 from hpo.reaper import descendants
-from hpo.store import STATUS_KEY, epoch_score
+from hpo.store import epoch_score
 from tests.conftest import REPO, peftsweep
 from tests.test_report import make_store
 from tests.test_reliability import _query, _start, _sweep_file, _wait_for
@@ -98,10 +98,10 @@ def test_the_gpu_hours_budget_counts_a_failed_trials_spend_and_not_its_worst_val
 
 def test_a_failed_trials_closing_report_keeps_its_last_reported_cost(tmp_path):
     from hpo.spec import load_sweep
-    from trainers.worker import TrainResult, TrainStatus
+    from trainers.vocabulary import TrialResult, TrialStatus
 
     spec = load_sweep("smoke", ["objectives=[{metric: win_rate, mode: max}, {metric: gpu_hours, mode: min}]"]).spec
-    failed = TrainResult(TrainStatus.OOM, 1, {"win_rate": 0.6}, "out of memory")
+    failed = TrialResult(TrialStatus.OOM, 1, {"win_rate": 0.6}, "out of memory")
     closing = _closing_report(spec, failed, {"win_rate": 0.6, "gpu_hours": 0.25})
     assert closing["gpu_hours"] == 0.25 and closing["win_rate"] == 0.6
     assert _closing_report(spec, failed, {})["gpu_hours"] == math.inf  # nothing reported: the worst, for the searcher
@@ -256,7 +256,7 @@ def test_a_full_disk_stops_the_sweep_with_one_line_and_resume_continues(tmp_path
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-3000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith(f"peftsweep: failed: cannot write") and "full" in line or "No space left" in line, line
+    assert line.startswith("peftsweep: failed: cannot write") and ("full" in line or "No space left" in line), line
     assert "`peftsweep resume sweep` continues" in line and "Traceback" not in err
     filler.unlink()
     resumed = peftsweep("resume", "sweep", "--runs-dir", str(runs))

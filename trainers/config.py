@@ -6,10 +6,13 @@ search space names fields of `TrainConfig`.
 
 from __future__ import annotations
 
+import difflib
 import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from trainers.methods import METHODS
 
 
 def _holds_numbers(annotation: Any) -> bool:
@@ -73,7 +76,7 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    method: Literal["lora", "dora", "qlora", "prefix", "prompt", "ia3", "full", "none"] = Field(
+    method: str = Field(
         "lora", description="PEFT method, by registered name (trainers/methods.py); none: evaluate the base model untrained"
     )
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="peak learning rate (AdamW)")
@@ -103,6 +106,14 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     seed: int = Field(0, description="seed of initialisation and data order")
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in METHODS:
+            close = difflib.get_close_matches(value, METHODS, n=1)
+            raise ValueError(f"not a method; {f'did you mean {close[0]!r}?' if close else 'methods: ' + ', '.join(METHODS)}")
+        return value
 
     @model_validator(mode="after")
     def _packing_needs_real_tokens(self) -> "TrainConfig":

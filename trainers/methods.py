@@ -1,23 +1,29 @@
 """PEFT methods, registered by name: a sweep file names a method, never imports code.
 
-A method says how the base model is loaded (`load_options`: QLoRA loads it in 4 bits) and how a
-trainable model is made from it (`attach`), so loading stays apart from adapting, and several
-adapters of one method can later share one loaded base model.
+A method says how the base model is loaded (`load_options`: QLoRA loads it in 4 bits), how a
+trainable model is made from it (`attach`), and which of the train fields are its own
+(`params`: lora_r for LoRA, num_virtual_tokens for prefix tuning), so that a sweep cannot search a
+parameter its method ignores. Loading stays apart from adapting, so several adapters of one method
+can later share one loaded base model. Importing this module loads neither torch nor peft.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:
+    from trainers.config import TrainConfig
 
-from trainers.config import TrainConfig
+AttachFn = Callable[[Any, "TrainConfig"], Any]
+LoadOptionsFn = Callable[["TrainConfig"], dict[str, Any]]
 
-AttachFn = Callable[[Any, TrainConfig], Any]
-LoadOptionsFn = Callable[[TrainConfig], dict[str, Any]]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Train fields that belong to some methods only; every other train field applies to every method that trains.
+LORA_PARAMS = ("lora_r", "lora_alpha", "lora_alpha_per_rank", "lora_dropout", "target_modules")
+VIRTUAL_TOKEN_PARAMS = ("num_virtual_tokens",)
+QLORA_PARAMS = (*LORA_PARAMS, "qlora_compute_dtype")
+METHOD_PARAMS = frozenset({*QLORA_PARAMS, *VIRTUAL_TOKEN_PARAMS})
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,13 @@ class Method:
     attach: AttachFn  # base model -> the model to train
     load_options: LoadOptionsFn  # extra `from_pretrained` arguments for the base model
     trains: bool = True  # `none` evaluates the base model without training
+    params: tuple[str, ...] = ()  # its own train fields (of METHOD_PARAMS)
+
+    def uses(self, field: str) -> bool:
+        """Whether this method reads the train field `field`: its own, or one every training method shares."""
+        if field in METHOD_PARAMS:
+            return field in self.params
+        return self.trains or field in ("method", "epochs", "seed")
 
 
 METHODS: dict[str, Method] = {}
@@ -40,12 +53,12 @@ def _no_options(train: TrainConfig) -> dict[str, Any]:
 
 
 def register_method(
-    name: str, *, load_options: LoadOptionsFn = _no_options, trains: bool = True
+    name: str, *, params: tuple[str, ...] = (), load_options: LoadOptionsFn = _no_options, trains: bool = True
 ) -> Callable[[AttachFn], AttachFn]:
-    """Register `attach(base_model, train_config) -> trainable model` under `name`."""
+    """Register `attach(base_model, train_config) -> trainable model` under `name`, with the train fields it reads besides the shared ones."""
 
     def decorator(attach: AttachFn) -> AttachFn:
-        METHODS[name] = Method(name, attach, load_options, trains)
+        METHODS[name] = Method(name, attach, load_options, trains, params)
         return attach
 
     return decorator
@@ -75,14 +88,14 @@ def _lora_config(train: TrainConfig, **extra: Any) -> Any:
     )
 
 
-@register_method("lora")
+@register_method("lora", params=LORA_PARAMS)
 def attach_lora(model: Any, train: TrainConfig) -> Any:
     from peft import get_peft_model
 
     return get_peft_model(model, _lora_config(train))
 
 
-@register_method("dora")
+@register_method("dora", params=LORA_PARAMS)
 def attach_dora(model: Any, train: TrainConfig) -> Any:
     """Weight-decomposed LoRA (peft's `use_dora`): LoRA on the direction, a learned magnitude."""
     from peft import get_peft_model
@@ -93,6 +106,7 @@ def attach_dora(model: Any, train: TrainConfig) -> Any:
 def _four_bit(train: TrainConfig) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
+    from trainers.model import DTYPES
 
     return {
         "quantization_config": BitsAndBytesConfig(
@@ -104,7 +118,7 @@ def _four_bit(train: TrainConfig) -> dict[str, Any]:
     }
 
 
-@register_method("qlora", load_options=_four_bit)
+@register_method("qlora", params=QLORA_PARAMS, load_options=_four_bit)
 def attach_qlora(model: Any, train: TrainConfig) -> Any:
     """LoRA on a base model loaded in 4-bit NF4 (bitsandbytes; it runs on CPU too)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -113,7 +127,7 @@ def attach_qlora(model: Any, train: TrainConfig) -> Any:
     return get_peft_model(model, _lora_config(train))
 
 
-@register_method("prefix")
+@register_method("prefix", params=VIRTUAL_TOKEN_PARAMS)
 def attach_prefix(model: Any, train: TrainConfig) -> Any:
     """Prefix tuning: trained key/value prefixes in every layer."""
     from peft import PrefixTuningConfig, get_peft_model
@@ -121,7 +135,7 @@ def attach_prefix(model: Any, train: TrainConfig) -> Any:
     return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=train.num_virtual_tokens))
 
 
-@register_method("prompt")
+@register_method("prompt", params=VIRTUAL_TOKEN_PARAMS)
 def attach_prompt(model: Any, train: TrainConfig) -> Any:
     """Prompt tuning: trained virtual token embeddings before the input."""
     from peft import PromptTuningConfig, get_peft_model

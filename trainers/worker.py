@@ -5,13 +5,12 @@ It knows nothing of Ray, Optuna or the results store: it is given a `report(metr
 
 from __future__ import annotations
 
-import enum
 import gc
 import math
 import random
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,13 +31,12 @@ from trainers.evaluate import generate_answers, perplexity, win_rate
 from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge
 from trainers.methods import attach_adapter, get_method
 from trainers.model import load_base_model, pick_device
+from trainers.vocabulary import VERDICT_METRICS, EpochMetrics, TrialResult, TrialStatus
 
-Report = Callable[[dict[str, Any], Callable[[Path], None]], None]
+Report = Callable[[EpochMetrics, Callable[[Path], None]], None]
 STATE_FILE = "state.pt"  # in a checkpoint folder: what training resumes from
 ADAPTER_DIR = "adapter"  # in a checkpoint folder: the adapter, for peft.PeftModel.from_pretrained
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# What an epoch's verdicts give (trainers.evaluate.win_rate): missing (None) when the judge was unavailable.
-VERDICT_METRICS = ("win_rate", "wins", "losses", "ties", "win_rate_low", "win_rate_high")
 CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak resident set size
 LIFETIME_PEAK_NOTE = (
     "the peak-memory reset failed, so peak memory is the process's lifetime peak (in a reused worker perhaps an earlier "
@@ -46,26 +44,8 @@ LIFETIME_PEAK_NOTE = (
 )
 
 
-class TrainStatus(str, enum.Enum):
-    SUCCESS = "success"
-    DIVERGED = "diverged"  # the training loss became NaN or infinite
-    OOM = "oom"  # out of memory, or over the trial's memory cap
-    ERROR = "error"  # an exception; the orchestrator records its last line
-    INFEASIBLE = "infeasible"  # over the sweep's memory constraints (estimated before training, or measured)
-
-
 class MemoryCapExceeded(MemoryError):
     """A CPU trial's resident memory went over `resources.max_memory_gb`."""
-
-
-@dataclass
-class TrainResult:
-    """What a trial ended with; per-epoch metrics went through `report` already."""
-
-    status: TrainStatus
-    epochs_completed: int
-    last_metrics: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
 
 
 def setup(config: TrialConfig) -> torch.device:
@@ -126,7 +106,7 @@ def _retention_ppl(model: Any, retention_set: list | None, config: TrialConfig, 
     return perplexity(model, batches(retention_set, config.eval.batch_size, pad_id), device)
 
 
-def train(config: TrialConfig, baseline: list[str], report: Report, resume_from: Path | None = None) -> TrainResult:
+def train(config: TrialConfig, baseline: list[str], report: Report, resume_from: Path | None = None) -> TrialResult:
     """Fine-tune one adapter and report metrics and a checkpoint after every epoch.
 
     `report(metrics, save)` gets each epoch's metrics and `save(folder)`, which writes the epoch's
@@ -195,13 +175,13 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
         }
         torch.save(state, folder / STATE_FILE)
 
-    metrics: dict[str, Any] = {}
+    metrics: EpochMetrics = {}
     epochs_done = first_epoch - 1
     estimate = estimate_memory_gb(model, config)
     inference_estimate = estimate_inference_memory_gb(model, config)
     over = _over_constraints(config, estimate, inference_estimate, "estimated")
     if over:
-        return TrainResult(TrainStatus.INFEASIBLE, 0, {}, over)
+        return TrialResult(TrialStatus.INFEASIBLE, 0, {}, over)
     cap = config.resources.max_memory_gb if device.type == "cpu" else None
     train_peak = 0.0
     lifetime_peak = False  # a peak reset failed: peaks include what the process held before, perhaps an earlier trial
@@ -222,7 +202,7 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
                 with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
                     loss = model(**batch, use_cache=False).loss  # no cache: training needs none, and packing needs its absence
                 if not math.isfinite(loss.item()):  # the divergence guard
-                    return TrainResult(TrainStatus.DIVERGED, epochs_done, metrics, f"training loss is {loss.item()} at epoch {epoch}")
+                    return TrialResult(TrialStatus.DIVERGED, epochs_done, metrics, f"training loss is {loss.item()} at epoch {epoch}")
                 scaler.scale(loss / accumulate).backward()
                 if i % accumulate == 0 or i == len(micro_batches):
                     scaler.unscale_(optimizer)
@@ -291,8 +271,8 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # what this trial's tensors held is freed as it returns
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return TrainResult(
-            TrainStatus.OOM,
+        return TrialResult(
+            TrialStatus.OOM,
             epochs_done,
             metrics,
             f"out of memory at epoch {epochs_done + 1} (batch_size={config.train.batch_size}, "
@@ -302,8 +282,8 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
         config, metrics.get("train_memory_gb") or 0.0, metrics.get("inference_memory_gb") or 0.0, "measured"
     )
     if measured:
-        return TrainResult(TrainStatus.INFEASIBLE, config.train.epochs, metrics, measured)
-    return TrainResult(TrainStatus.SUCCESS, config.train.epochs, metrics)
+        return TrialResult(TrialStatus.INFEASIBLE, config.train.epochs, metrics, measured)
+    return TrialResult(TrialStatus.COMPLETED, config.train.epochs, metrics)
 
 
 def rng_state(rng: random.Random) -> dict[str, Any]:

@@ -1,0 +1,111 @@
+"""What the driver hooks into Ray Tune: the callback that records every trial in the store, and the GPU-hours budget."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from ray.tune import Callback, Stopper
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from hpo.errors import last_line
+from hpo.spec import SweepSpec, flatten_params
+from hpo.store import Store
+from hpo.trial import SCORE_KEY, SPENT_KEY, STATUS_KEY
+from trainers.vocabulary import TrialStatus
+
+_RAY_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", SCORE_KEY}  # not stored
+
+
+class StoreCallback(Callback):
+    """Writes every trial, epoch and answer to the results store as Tune reports them."""
+
+    def __init__(self, store: Store, spec: SweepSpec):
+        self._store: Store | None = store
+        self.path = store.path.resolve()
+        self.spec = spec
+        self._filesystem: Any = None  # the checkpoints' (pyarrow) filesystem, known from the first checkpoint
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks into its experiment state; a SQLite connection does not pickle,
+        # so a restored callback (peftsweep resume) reopens the store by its path.
+        return {"spec": self.spec, "path": self.path, "_store": None, "_filesystem": None}
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store.open(self.path)
+        return self._store
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.store.add_trial(trial.trial_id, flatten_params(trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if STATUS_KEY in result:
+            if result.get("traceback"):
+                self.store.write_traceback(trial.trial_id, result["traceback"])
+            self.store.set_trial_status(trial.trial_id, TrialStatus(result[STATUS_KEY]), result["error"])
+            return
+        epoch = int(result["epoch"])
+        if epoch == 1:
+            self.store.set_trial_placement(trial.trial_id, result.get("node"), result.get("devices"))
+        self.store.add_epoch(trial.trial_id, epoch, {k: v for k, v in result.items() if k not in _RAY_KEYS})
+        self.store.add_answers(
+            trial.trial_id, epoch, ((i, a, v) for i, (a, v) in enumerate(zip(result["answers"], result["verdicts"])))
+        )
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        epoch = (trial.last_result or {}).get("epoch")
+        if epoch is not None and checkpoint is not None:
+            self._filesystem = checkpoint.filesystem
+            self.forget_removed_checkpoints(trial.trial_id)
+            self.store.set_checkpoint(trial.trial_id, int(epoch), checkpoint.path)
+
+    def forget_removed_checkpoints(self, trial_id: str | None = None) -> None:
+        """Clear the store's pointers to checkpoints that Ray Tune removed (it keeps the best
+        `search.keep_best_k` and the latest; it removes the others after this callback has run)."""
+        for trial, epoch, path in self.store.checkpoints(trial_id):
+            if self._filesystem is not None:
+                import pyarrow.fs
+
+                gone = self._filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound
+            else:
+                gone = "://" not in path and not os.path.exists(path)
+            if gone:
+                self.store.set_checkpoint(trial, epoch, None)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.forget_removed_checkpoints(trial.trial_id)
+        if STATUS_KEY in (trial.last_result or {}):
+            return  # the closing report recorded how it failed
+        planned = self.spec.trial_config(trial.config).train.epochs  # trial_config flattens method variants
+        done = int((trial.last_result or {}).get("epoch", 0))
+        self.store.set_trial_status(trial.trial_id, TrialStatus.COMPLETED if done >= planned else TrialStatus.EARLY_STOPPED)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.forget_removed_checkpoints(trial.trial_id)
+        error = str(trial.get_error() or "unknown error")  # a lost process: Ray's full traceback
+        self.store.write_traceback(trial.trial_id, error)
+        self.store.set_trial_status(trial.trial_id, TrialStatus.ERROR, last_line(error))
+
+
+class GpuHoursBudget(Stopper):
+    """Stops the sweep once the trials together have spent `budget` GPU-hours.
+
+    Spend is read from SPENT_KEY, which every report carries, a failed trial's closing report
+    too (its objective values may be worst-case stand-ins such as inf, never spend).
+    """
+
+    def __init__(self, budget: float):
+        self.budget = budget
+        self.spent: dict[str, float] = {}
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        spent = result.get(SPENT_KEY)
+        if spent is not None and math.isfinite(spent):
+            self.spent[trial_id] = max(self.spent.get(trial_id, 0.0), float(spent))
+        return False
+
+    def stop_all(self) -> bool:
+        return sum(self.spent.values()) >= self.budget

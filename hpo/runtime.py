@@ -1,0 +1,154 @@
+"""The driver's process: Ray started or attached, signals turned into a graceful stop, a watchdog
+for a driver killed outright, and the versions recorded with every sweep."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from hpo.errors import SweepError
+
+ADDRESS_TIMEOUT_S = 10  # seconds a Ray head node gets to accept a connection
+
+VERSIONED_PACKAGES = ("peftsweep", "torch", "transformers", "peft", "ray", "optuna", "pydantic")
+
+
+def check_address(address: str | None) -> None:
+    """Refuse Ray Client (ray://), where Tune runs on the head node away from this driver's store,
+    and an address that does not answer (Ray itself would wait minutes for it)."""
+    if not address:
+        return
+    if address.startswith("ray://"):
+        raise SweepError(
+            f"--address {address}: Ray Client addresses are not supported (Ray Tune would run on the head node, "
+            "where this machine's results store cannot be written); run peftsweep on the head node with "
+            "--address auto, see docs/CLUSTER.md"
+        )
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # 'auto', 'local': Ray finds the cluster itself, and says so quickly when there is none
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as exc:
+        raise SweepError(
+            f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); check the head node's "
+            "address and port (ray start --head prints it) or RAY_ADDRESS"
+        ) from None
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ray says at every local start that it enabled token authentication, its default: not news to our users.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A reused worker waits this long for a stopped trial's thread to end before its next trial
+    # (Ray Tune's default, 2 s, errors that next trial when a loaded machine is slower). Workers of
+    # a local Ray inherit it; on a cluster, set it on the nodes.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+    # Tune's default result loggers (JSON, CSV, TensorBoard) duplicate the store, and tensorboardX
+    # prints "NaN or Inf found in input tensor." for a failed trial's worst values.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=True,
+        )
+    except ConnectionError as exc:
+        raise SweepError(f"Ray cluster at {address} does not answer ({exc}); check --address / RAY_ADDRESS") from None
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+
+
+def resources() -> str:
+    import ray
+
+    res = ray.cluster_resources()
+    return f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+
+
+class Signals:
+    """SIGINT and SIGTERM stop a sweep so that it can be resumed: while Ray Tune runs the trials, they
+    ask Tune for its own graceful stop (it saves the experiment state, then returns), and the sweep
+    is recorded `interrupted`; before and after, they interrupt at once. A second signal stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._tuning = False
+
+    def __enter__(self) -> "Signals":
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's would hide a Ctrl-C from us (the sweep looked completed)
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.install()
+        return self
+
+    def install(self) -> None:
+        for signum in self._previous:
+            signal.signal(signum, self._handle)
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @contextlib.contextmanager
+    def tuning(self):
+        self._tuning = True
+        try:
+            yield
+        finally:
+            self._tuning = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        # Tune stops gracefully on SIGUSR1 (its handler is installed once fit() has started).
+        if first and self._tuning and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        raise KeyboardInterrupt
+
+
+def start_reaper() -> None:
+    """A watchdog process that ends this driver's local Ray processes if the driver dies without
+    shutting Ray down (kill -9): Ray's agents otherwise outlive it for minutes (hpo/reaper.py)."""
+    subprocess.Popen(
+        [sys.executable, "-m", "hpo.reaper", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives the driver, and a Ctrl-C at the terminal
+        cwd=Path(__file__).resolve().parent.parent,  # finds hpo from any working directory
+    )
+
+
+def versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

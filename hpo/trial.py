@@ -1,0 +1,122 @@
+"""One trial on a Ray worker: the trainable that connects the worker's recipe to Ray Tune.
+
+What passes between the trial and the driver besides the metrics (trainers.vocabulary) are the
+keys below: a closing report's status, the checkpoint score, and the GPU-hours spent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hpo.errors import last_line
+from hpo.spec import SweepSpec
+from hpo.store import epoch_score
+from trainers.vocabulary import EpochMetrics, TrialResult, TrialStatus
+
+# Key of a trial's closing report (one of the failed statuses): how it ended, not a new epoch.
+STATUS_KEY = "trial_status"
+# Key of every epoch report that Ray Tune ranks checkpoints by (hpo.store.epoch_score); never stored.
+SCORE_KEY = "checkpoint_score"
+SPENT_KEY = "spent_gpu_hours"  # GPU-hours a trial has held so far, in every report (the budget's input)
+
+
+def trainable(spec: SweepSpec, baseline: list[str], trial: Any = None) -> Any:
+    """`trial` (default run_trial; a benchmark's stand-in) with the sweep's spec and the base model's
+    answers bound, and each trial's resources."""
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(trial or run_trial, spec=spec, baseline=baseline),
+        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
+    )
+
+
+def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> None:
+    """The Ray Tune trainable: a thin adapter from Tune to the worker.
+
+    Every epoch is checkpointed, so a trial whose process or node is lost restarts from its last
+    epoch (`search.max_retries`). A failure in training itself (divergence, out of memory, an
+    exception) is deterministic: it ends the trial with a closing report instead of an error, so
+    Tune does not retry it, and the searcher sees the trial's last (or worst) objective values.
+    """
+    import ray
+    from ray import tune
+
+    from trainers.worker import release_memory, train
+
+    config = spec.trial_config(params)
+    placement = {
+        "node": ray.util.get_node_ip_address(),
+        "node_id": ray.get_runtime_context().get_node_id(),  # tells nodes apart where several share one IP
+        "devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "worker_pid": os.getpid(),
+    }
+
+    objective = spec.tune_objective
+    gpus = spec.resources.gpus_per_trial
+    last: EpochMetrics = {}  # the latest epoch's report, with its costs, for a closing report
+    held_since = time.monotonic()
+
+    def report(metrics: EpochMetrics, save: Any) -> None:
+        nonlocal held_since
+        gpu_hours = (metrics["train_seconds"] + metrics["eval_seconds"]) * gpus / 3600
+        score = epoch_score(metrics.get(objective.metric), metrics["epoch"], objective.mode)
+        last.clear()
+        last.update(metrics, gpu_hours=gpu_hours, cost_usd=gpu_hours * spec.cost.usd_per_gpu_hour)
+        with tempfile.TemporaryDirectory() as folder:
+            save(Path(folder))
+            tune.report(
+                {**last, **placement, **_unjudged_objectives(spec, metrics), SPENT_KEY: gpu_hours, SCORE_KEY: score},
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
+        held_since = time.monotonic()
+
+    # The process may have run an earlier trial (resources.reuse_workers). One that ASHA stopped
+    # ended by an exception raised in tune.report, unwound only now: free what it held first.
+    release_memory()
+    checkpoint = tune.get_checkpoint()  # set when Tune restarts a lost trial, or on `peftsweep resume`
+    trace = None
+    try:
+        # as_directory reads a local checkpoint in place; a copy (from an object store) is removed
+        # once the training has read it, so no checkpoint_tmp_* folder outlives the trial.
+        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
+            result = train(config, baseline, report, Path(folder) if folder else None)
+    except Exception as exc:
+        result = TrialResult(TrialStatus.ERROR, 0, {}, last_line(f"{type(exc).__name__}: {exc}"))
+        trace = traceback.format_exc()
+    release_memory()  # an idle worker holds no memory (on a GPU, no cached blocks) between trials
+    if result.status is not TrialStatus.COMPLETED:
+        spent = last.get("gpu_hours", 0.0) + (time.monotonic() - held_since) * gpus / 3600  # the failed epoch's too
+        tune.report({**_closing_report(spec, result, last), SPENT_KEY: spent, "traceback": trace})
+
+
+def _unjudged_objectives(spec: SweepSpec, metrics: dict[str, Any]) -> dict[str, float]:
+    """NaN for each objective an epoch left unknown (win_rate when the judge was unavailable).
+
+    The rule for an epoch without verdicts: Tune must get a number (None breaks ASHA's and
+    Optuna's arithmetic; a missing key fails Tune's strict metric check), and NaN is the one
+    that ranks it nowhere: ASHA lets it pass its rung and leaves it out of the cutoffs, Tune's
+    checkpoint keeping ranks it below every score (so it is never the kept best epoch, only the
+    latest), and OptunaSearchOnce tells Optuna the trial's last judged value instead. The store
+    keeps NULL, and its best epoch is chosen among judged epochs.
+    """
+    return {o.metric: math.nan for o in spec.objectives if o.metric in metrics and metrics[o.metric] is None}
+
+
+def _closing_report(spec: SweepSpec, result: Any, last: dict[str, Any]) -> dict[str, Any]:
+    """The last report of a failed trial: its status and error, and for the searcher and scheduler
+    each objective's value at the last reported epoch (`last`, which carries the costs), or the
+    worst value if none was reported (or it was not judged)."""
+    closing = {STATUS_KEY: result.status.value, "error": result.error, "epoch": result.epochs_completed}
+    for objective in spec.objectives:
+        worst = float("inf") if objective.mode == "min" else 0.0
+        value = last.get(objective.metric, result.last.get(objective.metric))
+        closing[objective.metric] = worst if value is None or math.isnan(value) else value
+    return closing
