@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import logging
 import math
@@ -31,7 +30,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 STARTED = time.monotonic()  # at import, nearly the process start: a benchmark's "took" includes its imports
-PACKAGES = ("torch", "transformers", "peft", "ray", "optuna")
 # bitsandbytes (imported with peft, and by transformers' Trainer) says on CPU that it cannot fetch an
 # optional kernel from the hub, as trainers.methods notes; silenced before anything imports it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -72,12 +70,9 @@ def machine(check_gpu: bool = True) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    versions = {"python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
+    from hpo.runtime import versions as package_versions
+
+    versions = package_versions()  # the versions every sweep records, peftsweep's own among them
     gpu = None
     if check_gpu:
         import torch
@@ -105,7 +100,7 @@ def describe(info: dict[str, Any]) -> str:
     v = info["versions"]
     gpu = info["gpu"] or "GPU not checked"
     load = f"load average {info['load_start']:.1f} at start, {info['load_end']:.1f} at end" if info["load_end"] is not None else ""
-    packages = ", ".join(f"{name} {v[name]}" for name in ("python", *PACKAGES))
+    packages = ", ".join(f"{name} {version}" for name, version in v.items())
     return (
         f"machine: {info['cpu']}, {info['cores_usable']} of {info['cores']} cores usable, {info['ram_gib']:g} GiB RAM, {gpu}; "
         f"{load}\n         {packages}; git {(info['git_commit'] or 'unknown')[:10]}"
