@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a file: python benchmarks/overhead.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common
+from trainers.vocabulary import TrialStatus
 
 
 def sweep_file(folder: Path, source: str, trials: int, epochs: int, concurrency: int, num_prompts: int, max_new_tokens: int) -> Path:
@@ -78,7 +79,7 @@ def run_plain(sweep: Path, concurrency: int) -> dict[str, float]:
     out = json.loads(next(line for _, line in reversed(timed.lines) if line.startswith("{")))
     t0 = timed.started_at
     tasks = out["trainings"]
-    if any(t["status"] != "success" for t in tasks):
+    if any(t["status"] != TrialStatus.COMPLETED for t in tasks):
         sys.exit(f"plain_sweep: a training failed: {tasks}")
     return {
         "makespan": timed.seconds,
