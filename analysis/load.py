@@ -28,6 +28,7 @@ from trainers.vocabulary import (
     TrialStatus,
 )
 
+
 def open_sweep(name: str, runs_dir: str | Path | None = None) -> Store:
     """The store of run NAME under runs_dir (default: $PEFTSWEEP_RUNS, else ./runs), as `peftsweep report` finds it."""
     root = Path(runs_dir or os.environ.get("PEFTSWEEP_RUNS", "runs"))

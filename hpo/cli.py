@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from hpo.errors import SweepError, SweepFailed, SweepInterrupted
+from trainers.vocabulary import SweepStatus
 
 app = typer.Typer(
     help="Hyperparameter sweeps for parameter-efficient fine-tuning, on Ray Tune and Optuna.\n\n"
@@ -110,7 +111,7 @@ def _report(outcome) -> None:
         typer.echo(f"peftsweep: interrupted while writing the report; the sweep is in the store: `peftsweep report {name}` writes it", err=True)
         raise typer.Exit(130) from None
     typer.echo(f"Report: {path}", err=True)
-    if outcome.status == "failed":
+    if outcome.status == SweepStatus.FAILED:
         name = outcome.run_dir.name
         raise SweepFailed(f"sweep {name} failed: {outcome.note} (peftsweep export {name} has each trial's error; report: {path})")
 
@@ -242,7 +243,7 @@ def best(
     runs_dir: RunsDir = None,
 ) -> None:
     """The best trial: its parameters, its metrics at its best epoch, and where its adapter is."""
-    from analysis.load import cost_metric, load_results, load_trials, rank_trials, selection_objective, training_id
+    from analysis.load import cost_metric, load_epochs, load_results, load_trials, rank_trials, selection_objective, training_id
     from trainers.vocabulary import FINISHED
 
     try:
@@ -251,7 +252,7 @@ def best(
         trials = load_trials(results)
         epochs = results.epochs
         objectives = results.sweep["objectives"]
-        metric, mode = selection_objective(objectives, _frame(epochs))
+        metric, mode = selection_objective(objectives, load_epochs(results))
         ranked = rank_trials(trials, metric, mode, cost_metric(objectives, trials))  # the report's ranking
         finished = ranked[ranked["status"].isin(FINISHED) & ranked[metric].notna()]
         if finished.empty:
@@ -278,12 +279,6 @@ def best(
     else:
         lines.append("  adapter: not kept (the method trains no adapter, or its checkpoint was removed)")
     typer.echo("\n".join(lines))
-
-
-def _frame(rows: list[dict]):
-    import pandas as pd
-
-    return pd.DataFrame(rows, columns=["trial_id", "epoch", "win_rate", "eval_ppl"]) if not rows else pd.DataFrame(rows)
 
 
 @app.command()

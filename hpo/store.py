@@ -207,7 +207,8 @@ class Store:
         """Give every trial still pending or running `status` (the sweep ended around it); returns how many."""
         with _tx(self.conn):
             cursor = self.conn.execute(
-                "UPDATE trials SET status = ?, ended_at = ? WHERE status IN (?, ?)", (status, time.time(), TrialStatus.PENDING, TrialStatus.RUNNING)
+                "UPDATE trials SET status = ?, ended_at = ? WHERE status IN (?, ?)",
+                (status, time.time(), TrialStatus.PENDING, TrialStatus.RUNNING),
             )
         return cursor.rowcount
 
