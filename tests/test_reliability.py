@@ -1,7 +1,9 @@
-"""Reliability: failed trials end alone with a status, lost trial processes restart from their last
-epoch, and a killed driver's sweep resumes without running finished trials again.
+"""Reliability: failed trials end alone with a status, a worker process runs trial after trial
+(or one each, when told), a lost trial process restarts from its last epoch, a full disk stops a
+sweep that resume finishes, and a trial resumed from its checkpoint trains as if never stopped.
 
-All real: the tiny model, a local Ray runtime, the SQLite store, and real kill -9 signals.
+All real: the tiny model, a local Ray runtime, the SQLite store, real kill -9 signals, a real tmpfs.
+(A killed driver's sweep, and Ctrl-C and SIGTERM: tests/test_trust.py.)
 """
 
 from __future__ import annotations
@@ -13,17 +15,15 @@ import os
 import pickle
 import random
 import signal
-import sqlite3
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, peftsweep
+from tests.conftest import JUDGE_KEY_ENV, JudgeGate, peftsweep, query, start, sweep_file, wait_for
+from tests.test_judges import KEY, chat_server, prefers_good
 from trainers.config import ConstraintConfig, DataConfig, EvalConfig, ModelConfig, ResourceConfig, TrainConfig, TrialConfig
 from trainers.data import DataError
 from trainers.worker import (
@@ -165,178 +165,98 @@ def test_a_training_stopped_inside_its_report_leaves_no_model_behind(baseline):
     assert [name for i, name in _modules().items() if i not in before] == []
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_trials_share_worker_processes_unless_told_not_to(tmp_path, tiny_model_dir, reuse):
-    sweep = _sweep_file(
-        tmp_path,
-        f"resources: {{reuse_workers: {str(reuse).lower()}}}\n"
-        "train: {epochs: 1, lora_r: 4}\n"
-        "search: {algorithm: grid, max_concurrent_trials: 1, space: {learning_rate: {grid: [1e-3, 3e-3, 1e-2]}}}\n",
-    )
-    runs = tmp_path / "runs"
-    proc = peftsweep("run", str(sweep), "--runs-dir", str(runs))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    pids = [json.loads(m)["worker_pid"] for (m,) in _query(runs / "sweep" / "results.db", "SELECT metrics_json FROM epochs")]
-    assert len(pids) == 3
-    assert len(set(pids)) == (1 if reuse else 3)
+def _pids(db: Path) -> list[int]:
+    """The worker process of each stored epoch."""
+    return [json.loads(m)["worker_pid"] for (m,) in query(db, "SELECT metrics_json FROM epochs ORDER BY trial_id, epoch")]
 
 
-def _sweep_file(tmp_path: Path, body: str) -> Path:
-    path = tmp_path / "sweep.yaml"
-    path.write_text(
-        "data: {eval_fraction: 0.1}\n"
-        "eval: {num_prompts: 4, max_new_tokens: 8}\n"
-        "train: {lora_r: 4, learning_rate: 3e-3}\n" + body
-    )
-    return path
-
-
-def test_failed_trials_end_alone_with_their_status(tmp_path, tiny_model_dir):
-    sweep = _sweep_file(
-        tmp_path,
-        "search:\n"
-        "  algorithm: grid\n"
-        "  space:\n"
-        "    lora_alpha: {grid: [8, 1e9]}\n"
-        "    target_modules: {grid: ['q_proj,v_proj', no_such_module]}\n"
-        "train: {epochs: 1, lora_r: 4, learning_rate: 3e-3}\n"
-        "model: {dtype: float16}\n",  # float16 overflows at alpha 1e9: that trial diverges
-    )
-    runs = tmp_path / "runs"
-    proc = peftsweep("run", str(sweep), "--runs-dir", str(runs))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "NaN or Inf" not in proc.stderr
-    assert "restarting" not in proc.stderr  # deterministic failures are not retried
-    conn = sqlite3.connect(runs / "sweep" / "results.db")
-    rows = conn.execute("SELECT params_json, status, error FROM trials").fetchall()
-    by_config = {(json.loads(p)["lora_alpha"], ",".join(json.loads(p)["target_modules"])): (s, e) for p, s, e in rows}
-    assert by_config[(8, "q_proj,v_proj")] == ("completed", None)
-    status, error = by_config[(1e9, "q_proj,v_proj")]
+def test_failed_trials_end_alone_with_their_status_and_one_worker_runs_trial_after_trial(variants_run):
+    """The variants sweep of tests/conftest.py, one trial at a time: LoRA at alpha 8 completes, at
+    alpha 1e9 it diverges (float16), on a module the model lacks it cannot start; no training at all
+    completes. Each failure ends its trial alone, with its status and a one-line error; the one worker
+    process (resources.reuse_workers, the default) runs every trial, before and after the failed ones."""
+    stderr = variants_run.proc.stderr
+    assert "Traceback" not in stderr and "NaN or Inf" not in stderr
+    assert "restarting" not in stderr  # deterministic failures are not retried
+    rows = query(variants_run.db, "SELECT trial_id, params_json, status, error FROM trials")
+    by_config = {
+        (json.loads(p)["method"], json.loads(p).get("lora_alpha"), json.loads(p).get("target_modules")): (t, s, e)
+        for t, p, s, e in rows
+    }
+    assert by_config[("lora", 8, "q_proj,v_proj")][1:] == ("completed", None)
+    _, status, error = by_config[("lora", 1e9, "q_proj,v_proj")]
     assert status == "diverged" and "training loss is" in error
     for alpha in (8, 1e9):
-        status, error = by_config[(alpha, "no_such_module")]
+        _, status, error = by_config[("lora", alpha, "no_such_module")]
         assert status == "error" and "no_such_module" in error and "\n" not in error
-    assert conn.execute("SELECT count(*) FROM epochs").fetchone()[0] == 1  # failed trials add no epochs
-    sweep_status, note = conn.execute("SELECT status, note FROM sweep").fetchone()
-    assert sweep_status == "completed"
-    assert note == "3 of 4 trials failed (1 diverged, 2 error)"
-    assert "diverged" in (runs / "sweep" / "report.html").read_text()
+    [none] = [v for k, v in by_config.items() if k[0] == "none"]
+    assert none[1:] == ("completed", None)
+    assert query(variants_run.db, "SELECT count(*) FROM epochs")[0][0] == 2  # failed trials add no epochs
+    assert query(variants_run.db, "SELECT status, note FROM sweep") == [("completed", "3 of 5 trials failed (2 error, 1 diverged)")]
+    report = (variants_run.run_dir / "report.html").read_text()
+    assert "diverged" in report and 'href="errors/' in report  # each error trial's traceback, a link away
+    for key in (("lora", 8, "no_such_module"), ("lora", 1e9, "no_such_module")):
+        trial_id, _, error = by_config[key]
+        text = (variants_run.run_dir / "errors" / f"{trial_id}.txt").read_text()
+        assert text.startswith("Traceback (most recent call last)") and error in text
+    pids = _pids(variants_run.db)
+    assert len(pids) == 2 and len(set(pids)) == 1  # trial after trial in one process
 
 
-def _wait_for(condition, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the sweep ended early: {proc.stderr.read()[-3000:]}")
-        try:
-            if condition():
-                return
-        except sqlite3.OperationalError:
-            pass  # the store is not created yet
-        time.sleep(0.5)
-    raise AssertionError("timed out")
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 MB tmpfs, room for a store and a report (the tests run as root, as CI does)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "hpo.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def _query(db: Path, sql: str) -> list[tuple]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def test_a_killed_trial_process_restarts_from_its_last_epoch(tmp_path, tiny_model_dir):
-    sweep = _sweep_file(tmp_path, "train: {epochs: 3, lora_r: 4, learning_rate: 3e-3}\nsearch: {max_retries: 1}\n")
-    runs = tmp_path / "runs"
+def test_a_lost_trial_process_restarts_from_its_last_epoch_and_a_full_disk_stops_the_sweep_until_resumed(
+    tmp_path, small_disk, small_task, tiny_model_dir
+):
+    """One trial of 3 epochs; its store on a 16 MB disk, its checkpoints on another (`storage`).
+    After epoch 1 its worker process is killed, as on a preempted node: Ray Tune restarts the trial
+    from that epoch's checkpoint, in a new process. After epoch 2 the store's disk fills up: the
+    driver stops with one line, and once space is freed `resume` finishes the sweep.
+    Both come while the trial is held inside its next epoch's judging (JudgeGate), so it cannot end first."""
+    gate = JudgeGate(prefers_good)
+    runs, filler = small_disk / "runs", small_disk / "filler"
     db = runs / "sweep" / "results.db"
+    stored = lambda: [e for (e,) in query(db, "SELECT epoch FROM epochs ORDER BY epoch")]  # noqa: E731
     copies = lambda: set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))  # noqa: E731
     copies_before = copies()
-    proc = _start("run", str(sweep), "--runs-dir", str(runs))
-    _wait_for(lambda: _query(db, "SELECT metrics_json FROM epochs WHERE epoch = 1"), 300, proc)
-    pid = json.loads(_query(db, "SELECT metrics_json FROM epochs WHERE epoch = 1")[0][0])["worker_pid"]
-    os.kill(pid, signal.SIGKILL)  # the trial's worker process is lost, as on a preempted node
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    assert "lost its process; restarting from epoch" in err
-    [(status,)] = _query(db, "SELECT status FROM trials")
-    assert status == "completed"
-    epochs = _query(db, "SELECT epoch, metrics_json FROM epochs ORDER BY epoch")
-    assert [e for e, _ in epochs] == [1, 2, 3]
-    last = json.loads(epochs[-1][1])
-    assert last["resumed_from_epoch"] >= 1 and last["worker_pid"] != pid  # a new process, from a checkpoint
-    assert copies() == copies_before  # the checkpoint was read in place, not copied and left in /tmp
+    with chat_server(reply=gate) as server:
+        sweep = sweep_file(tmp_path, small_task, "train: {epochs: 3, lora_r: 4}\nsearch: {max_retries: 1}\n", judge_url=server.base_url)
+        proc = start("run", str(sweep), "--runs-dir", str(runs), "--set", f"storage={tmp_path / 'shared'}", env={JUDGE_KEY_ENV: KEY})
+        wait_for(lambda: stored() == [1], proc)
+        gate.close()
+        gate.wait_until_held(proc)
+        pid = _pids(db)[0]
+        os.kill(pid, signal.SIGKILL)  # the trial's worker process is lost
+        gate.open()
+        wait_for(lambda: stored() == [1, 2], proc)
+        gate.close()
+        gate.wait_until_held(proc)
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)  # until the disk is full
+        gate.open()
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert "lost its process; restarting from epoch 1" in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("peftsweep: failed: cannot write") and ("full" in line or "No space left" in line), line
+    assert "`peftsweep resume sweep` continues" in line and "Traceback" not in err
+    second = json.loads(query(db, "SELECT metrics_json FROM epochs WHERE epoch = 2")[0][0])
+    assert second["resumed_from_epoch"] == 1 and second["worker_pid"] != pid  # a new process, from a checkpoint
 
-
-def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path, tiny_model_dir):
-    sweep = _sweep_file(
-        tmp_path,
-        "train: {epochs: 6, lora_r: 4}\n"
-        "search:\n"
-        "  algorithm: grid\n"
-        "  max_concurrent_trials: 1\n"
-        "  space: {learning_rate: {grid: [1e-3, 3e-3, 1e-2]}}\n",
-    )
-    runs = tmp_path / "runs"
-    db = runs / "sweep" / "results.db"
-    proc = _start("run", str(sweep), "--runs-dir", str(runs))
-
-    def one_done_and_one_midway() -> bool:
-        done = _query(db, "SELECT max(ended_at) FROM trials WHERE status = 'completed'")[0][0]
-        # Ray Tune saves its experiment state at most every 10 s: let it record the finished trial.
-        return done is not None and time.time() - done > 12 and bool(
-            _query(db, "SELECT 1 FROM epochs JOIN trials USING (trial_id) WHERE status = 'running'")
-        )
-
-    _wait_for(one_done_and_one_midway, 400, proc)
-    reading = peftsweep("export", "sweep", "--runs-dir", str(runs))  # readers work while the sweep writes
-    assert reading.returncode == 0 and "completed" in reading.stdout and "running" in reading.stdout
-    from hpo.reaper import _stat, descendants
-
-    ray_processes = {p: t for p, t in descendants({proc.pid}).items() if b"hpo.reaper" not in _cmdline(p)}
-    assert any(b"ray::" in _cmdline(p) for p in ray_processes)  # Ray's agents and workers, among others
-    proc.send_signal(signal.SIGKILL)  # the driver dies without a word
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 20  # the reaper ends what the driver left (SIGTERM, SIGKILL after 5 s)
-    while (left := [p for p, t in ray_processes.items() if (_stat(p) or (0, None))[1] == t]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert left == [], [_cmdline(p) for p in left]
-    before = {t: (started, status, n) for t, started, status, n in _query(
-        db, "SELECT trial_id, started_at, status, (SELECT count(*) FROM epochs e WHERE e.trial_id = t.trial_id) FROM trials t"
-    )}  # fmt: skip
-    finished = [t for t, (_, status, _) in before.items() if status == "completed"]
-    interrupted = [t for t, (_, status, n) in before.items() if status == "running" and 1 <= n < 6]
-    assert finished and interrupted, before
-    assert _query(db, "SELECT status FROM sweep") == [("running",)]
-
+    filler.unlink()
     resumed = peftsweep("resume", "sweep", "--runs-dir", str(runs))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.strip() == str(runs / "sweep" / "report.html")
-    trials = _query(db, "SELECT trial_id, status, started_at FROM trials")
-    assert len(trials) == 3 and {s for _, s, _ in trials} == {"completed"}
-    for trial_id in finished:  # not run again
-        assert dict((t, s) for t, _, s in trials)[trial_id] == before[trial_id][0]
-    epochs = _query(db, "SELECT trial_id, epoch, metrics_json FROM epochs ORDER BY trial_id, epoch")
-    assert [(t, e) for t, e, _ in epochs] == [(t, e) for t, _, _ in sorted(trials) for e in range(1, 7)]  # each once
-    for trial_id in interrupted:  # restarted from its last checkpoint, not from scratch
-        last = [json.loads(m) for t, e, m in epochs if t == trial_id][-1]
-        assert last["resumed_from_epoch"] >= 1
-    assert _query(db, "SELECT status FROM sweep") == [("completed",)]
-
-    again = peftsweep("resume", "sweep", "--runs-dir", str(runs))
-    assert again.returncode == 2 and "has completed; nothing to resume" in again.stderr
+    assert query(db, "SELECT status FROM sweep") == [("completed",)]
+    assert query(db, "SELECT status FROM trials") == [("completed",)]
+    assert stored() == [1, 2, 3]
+    assert copies() == copies_before  # checkpoints were read in place, not copied and left in /tmp
 
 
 def test_a_configuration_over_the_memory_constraints_is_skipped_as_infeasible(baseline):
