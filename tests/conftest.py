@@ -67,7 +67,8 @@ def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
 
 
 def query(db: Path, sql: str, *params: object) -> list[tuple]:
-    conn = sqlite3.connect(db)
+    """Read the store; read-only, so that a look before the driver has made it never makes an empty one."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         return conn.execute(sql, params).fetchall()
     finally:

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from tests.conftest import JudgeGate, peftsweep, start, wait_for
+from tests.conftest import JudgeGate, peftsweep, query, start, wait_for
 from tests.test_judges import KEY, KEY_ENV, answer_a_of, chat_server
 
 PROMPTS = 8  # sweeps/smoke.yaml: eval.num_prompts
@@ -52,9 +52,10 @@ def test_an_unreachable_judge_fails_the_sweep_before_training(tmp_path, tiny_mod
 def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_verdicts_and_the_key_stays_secret(
     tmp_path, small_task, tiny_model_dir
 ):
-    """smoke on the small task, one trial at a time. After the first trial's first epoch is judged and
-    stored, the server goes away while that trial's second epoch is being judged (JudgeGate.drop: the
-    requests lose their connection, then nothing answers): every epoch is kept, without verdicts.
+    """smoke on the small task, one trial at a time, each in a fresh worker process
+    (resources.reuse_workers: false). After the first trial's first epoch is judged and stored, the
+    server goes away while that trial's second epoch is being judged (JudgeGate.drop: the requests
+    lose their connection, then nothing answers): every epoch is kept, without verdicts.
     `rejudge --missing`, with the server back on another port, fills them."""
     from trainers.config import EvalConfig
     from trainers.evaluate import win_rate
@@ -63,8 +64,11 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_ve
     runs = tmp_path / "runs"
     db = runs / "smoke" / "results.db"
     gate = JudgeGate(longer_is_better)
-    args = ["run", "smoke", "--runs-dir", str(runs), "--set", "search.max_concurrent_trials=1", "--set", f"data.source={small_task}"]
-    judged = lambda: sqlite3.connect(db).execute("SELECT count(*) FROM epochs WHERE win_rate IS NOT NULL").fetchone()[0]  # noqa: E731
+    args = [
+        "run", "smoke", "--runs-dir", str(runs), "--set", "search.max_concurrent_trials=1", "--set", "resources.reuse_workers=false",
+        "--set", f"data.source={small_task}",
+    ]  # fmt: skip
+    judged = lambda: query(db, "SELECT count(*) FROM epochs WHERE win_rate IS NOT NULL")[0][0]  # noqa: E731
     with chat_server(reply=gate) as server:
         proc = start(*args, *_judge_args(server.base_url), env={KEY_ENV: KEY})
         wait_for(lambda: judged() == 1, proc)
@@ -91,6 +95,8 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_ve
         assert all(epoch[c] is None for c in ("wins", "losses", "ties", "win_rate_low", "win_rate_high"))
         assert extra["order_agreement"] is None
     assert stored == 4 * PROMPTS and missing == 3 * PROMPTS
+    pids = {(e["trial_id"], json.loads(e["metrics_json"])["worker_pid"]) for e in epochs}
+    assert len(pids) == 2 and len({pid for _, pid in pids}) == 2  # a process of its own for each trial, both its epochs
     last = {e["trial_id"]: e for e in epochs}  # each trial's latest epoch: its checkpoint, to resume from
     assert all(Path(e["checkpoint"], "state.pt").is_file() for e in last.values())
     assert "not judged" in stderr

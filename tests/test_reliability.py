@@ -38,20 +38,26 @@ from trainers.worker import (
 )
 
 
-def _config(**train: object) -> TrialConfig:
+@pytest.fixture(scope="module")
+def data(small_task) -> DataConfig:
+    """The small task (tests/conftest.py): what these tests check does not depend on the size of an epoch."""
+    return DataConfig(source=str(small_task), eval_fraction=0.1)
+
+
+def _config(data: DataConfig, **train: object) -> TrialConfig:
     return TrialConfig(
-        data=DataConfig(eval_fraction=0.1),
+        data=data,
         train=TrainConfig(**{"epochs": 2, "learning_rate": 3e-3, "lora_r": 4, **train}),
         eval=EvalConfig(num_prompts=4, max_new_tokens=8),
     )
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_model_dir) -> list[str]:
-    return baseline_answers(_config()).answers
+def baseline(data, tiny_model_dir) -> list[str]:
+    return baseline_answers(_config(data)).answers
 
 
-def test_a_resumed_training_matches_an_uninterrupted_one(baseline, tmp_path):
+def test_a_resumed_training_matches_an_uninterrupted_one(data, baseline, tmp_path):
     """The checkpoint the worker saves after an epoch is enough to continue exactly where it stopped."""
     straight = []
 
@@ -59,9 +65,9 @@ def test_a_resumed_training_matches_an_uninterrupted_one(baseline, tmp_path):
         straight.append(metrics)
         save(tmp_path / f"epoch-{metrics['epoch']}")  # as the Tune adapter does, during the report call
 
-    assert train(_config(), baseline, keep).status is TrainStatus.SUCCESS
+    assert train(_config(data), baseline, keep).status is TrainStatus.SUCCESS
     resumed = []
-    result = train(_config(), baseline, lambda m, save: resumed.append(m), resume_from=tmp_path / "epoch-1")
+    result = train(_config(data), baseline, lambda m, save: resumed.append(m), resume_from=tmp_path / "epoch-1")
     assert result.status is TrainStatus.SUCCESS
     assert [m["epoch"] for m in resumed] == [2]
     again, first = resumed[0], straight[1]
@@ -84,13 +90,13 @@ class _Planted:
         return (Path.touch, (self.marker,))
 
 
-def test_a_planted_checkpoint_state_cannot_run_code(baseline, tmp_path):
+def test_a_planted_checkpoint_state_cannot_run_code(data, baseline, tmp_path):
     """Resume state is loaded with weights_only=True: a state.pt that would run code on unpickling is refused."""
     marker = tmp_path / "code-ran"
     (tmp_path / "epoch-1").mkdir()
     torch.save({"epoch": 1, "payload": _Planted(marker)}, tmp_path / "epoch-1" / STATE_FILE)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        train(_config(), baseline, lambda m, s: None, resume_from=tmp_path / "epoch-1")
+        train(_config(data), baseline, lambda m, s: None, resume_from=tmp_path / "epoch-1")
     assert not marker.exists()
 
 
@@ -115,19 +121,19 @@ def test_the_cuda_random_state_is_saved_and_restored(monkeypatch, tmp_path):
     assert len(restored) == 1
 
 
-def test_a_nan_loss_ends_the_trial_as_diverged(baseline):
+def test_a_nan_loss_ends_the_trial_as_diverged(data, baseline):
     # float16 with alpha/r = 2.5e8: the first step moves LoRA's B off zero, the next forward pass
     # overflows float16 (the classic fp16 divergence) and the loss is NaN.
-    fp16 = _config(lora_alpha=1e9).model_copy(update={"model": ModelConfig(dtype="float16")})
+    fp16 = _config(data, lora_alpha=1e9).model_copy(update={"model": ModelConfig(dtype="float16")})
     result = train(fp16, baseline, lambda m, s: None)
     assert result.status is TrainStatus.DIVERGED
     assert result.epochs_completed == 0
     assert "training loss is" in result.error and "at epoch 1" in result.error
 
 
-def test_a_trial_over_its_memory_cap_ends_as_oom(baseline):
+def test_a_trial_over_its_memory_cap_ends_as_oom(data, baseline):
     """On CPU the cap is checked against peak resident memory; on a GPU torch raises CUDA OOM itself."""
-    capped = _config().model_copy(update={"resources": ResourceConfig(max_memory_gb=0.01)})
+    capped = _config(data).model_copy(update={"resources": ResourceConfig(max_memory_gb=0.01)})
     result = train(capped, baseline, lambda m, s: None)
     assert result.status is TrainStatus.OOM
     assert "out of memory at epoch 1" in result.error
@@ -142,16 +148,16 @@ def _modules() -> dict[int, str]:
     return {id(o): type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.Module)}
 
 
-def test_a_finished_training_leaves_no_model_behind(baseline, tmp_path):
+def test_a_finished_training_leaves_no_model_behind(data, baseline, tmp_path):
     """A worker process runs the sweep's next trial (resources.reuse_workers): nothing of this one may stay."""
     before = _modules()
-    result = train(_config(epochs=1), baseline, lambda m, save: save(tmp_path / f"epoch{m['epoch']}"))
+    result = train(_config(data, epochs=1), baseline, lambda m, save: save(tmp_path / f"epoch{m['epoch']}"))
     assert result.status is TrainStatus.SUCCESS
     release_memory()
     assert [name for i, name in _modules().items() if i not in before] == []
 
 
-def test_a_training_stopped_inside_its_report_leaves_no_model_behind(baseline):
+def test_a_training_stopped_inside_its_report_leaves_no_model_behind(data, baseline):
     """ASHA stops a trial of a reused worker by raising SystemExit in tune.report, in its thread:
     once that exception is dropped, nothing of the training may stay for the next trial."""
 
@@ -160,7 +166,7 @@ def test_a_training_stopped_inside_its_report_leaves_no_model_behind(baseline):
 
     before = _modules()
     with pytest.raises(SystemExit):
-        train(_config(epochs=2), baseline, stopped)
+        train(_config(data, epochs=2), baseline, stopped)
     release_memory()  # as the next trial's run_trial does first
     assert [name for i, name in _modules().items() if i not in before] == []
 
@@ -243,10 +249,10 @@ def test_a_lost_trial_process_restarts_from_its_last_epoch_and_a_full_disk_stops
         gate.open()
         _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-3000:]
-    assert "lost its process; restarting from epoch 1" in err
+    assert "lost its process; restarting from epoch 1" in err  # (after Ray's own log of the lost actor, with its traceback)
     line = err.strip().splitlines()[-1]
     assert line.startswith("peftsweep: failed: cannot write") and ("full" in line or "No space left" in line), line
-    assert "`peftsweep resume sweep` continues" in line and "Traceback" not in err
+    assert "`peftsweep resume sweep` continues" in line and "Traceback" not in err.split("restarting from epoch 1")[1]
     second = json.loads(query(db, "SELECT metrics_json FROM epochs WHERE epoch = 2")[0][0])
     assert second["resumed_from_epoch"] == 1 and second["worker_pid"] != pid  # a new process, from a checkpoint
 
@@ -259,30 +265,30 @@ def test_a_lost_trial_process_restarts_from_its_last_epoch_and_a_full_disk_stops
     assert copies() == copies_before  # checkpoints were read in place, not copied and left in /tmp
 
 
-def test_a_configuration_over_the_memory_constraints_is_skipped_as_infeasible(baseline):
+def test_a_configuration_over_the_memory_constraints_is_skipped_as_infeasible(data, baseline):
     from trainers.config import ConstraintConfig
 
-    tight = _config().model_copy(update={"constraints": ConstraintConfig(train_memory_gb=0.001)})
+    tight = _config(data).model_copy(update={"constraints": ConstraintConfig(train_memory_gb=0.001)})
     reported = []
     result = train(tight, baseline, lambda m, save: reported.append(m))
     assert result.status is TrainStatus.INFEASIBLE and result.epochs_completed == 0 and not reported  # never trained
     assert result.error.startswith("estimated training memory ") and "> constraints.train_memory_gb 0.001" in result.error
-    serving = _config().model_copy(update={"constraints": ConstraintConfig(inference_memory_gb=0.001)})
+    serving = _config(data).model_copy(update={"constraints": ConstraintConfig(inference_memory_gb=0.001)})
     result = train(serving, baseline, lambda m, save: None)
     assert result.status is TrainStatus.INFEASIBLE and "inference memory" in result.error
 
 
-def test_examples_whose_response_is_cut_off_are_skipped_not_a_divergence(baseline, tmp_path):
+def test_examples_whose_response_is_cut_off_are_skipped_not_a_divergence(data, baseline, tmp_path):
     """With response-only loss, an example whose prompt fills data.max_length has no label token; a batch of
     only such examples has a loss of 0/0 = NaN, which is no divergence. They are skipped, and counted."""
     long_prompt = "Tell me about the forest. " * 20  # about 185 tokens: over 64
     records = [{"instruction": long_prompt if i % 2 else f"Question {i}?", "output": f"Answer {i}."} for i in range(16)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    training = tmp_path / "train.jsonl"
+    training.write_text("".join(json.dumps(r) + "\n" for r in records))
     held_out = tmp_path / "eval.jsonl"
     held_out.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n" for i in range(4)))
-    config = _config(batch_size=1, epochs=1).model_copy(
-        update={"data": DataConfig(source=str(data), eval_source=str(held_out), max_length=64)}
+    config = _config(data, batch_size=1, epochs=1).model_copy(
+        update={"data": DataConfig(source=str(training), eval_source=str(held_out), max_length=64)}
     )
     reported = []
     result = train(config, baseline, lambda m, s: reported.append(m))
@@ -291,12 +297,12 @@ def test_examples_whose_response_is_cut_off_are_skipped_not_a_divergence(baselin
     assert math.isfinite(reported[0]["train_loss"])
 
 
-def test_no_training_example_with_a_response_token_is_one_clear_error(baseline, tmp_path):
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": "Tell me about the forest. " * 20, "output": "x"}) + "\n" for _ in range(4)))
+def test_no_training_example_with_a_response_token_is_one_clear_error(data, baseline, tmp_path):
+    training = tmp_path / "train.jsonl"
+    training.write_text("".join(json.dumps({"instruction": "Tell me about the forest. " * 20, "output": "x"}) + "\n" for _ in range(4)))
     held_out = tmp_path / "eval.jsonl"
     held_out.write_text(json.dumps({"instruction": "Question?", "output": "Answer."}) + "\n")
-    config = _config(epochs=1).model_copy(update={"data": DataConfig(source=str(data), eval_source=str(held_out), max_length=32)})
+    config = _config(data, epochs=1).model_copy(update={"data": DataConfig(source=str(training), eval_source=str(held_out), max_length=32)})
     with pytest.raises(DataError, match=r"data.max_length 32: no training example has a response token that fits"):
         train(config, baseline, lambda m, s: None)
 
@@ -306,7 +312,7 @@ def _resident_gb(field: str) -> float:
     return int(line.split()[1]) / 1024**2
 
 
-def test_a_failed_peak_reset_is_said_and_no_earlier_peak_fails_the_trial(baseline, monkeypatch):
+def test_a_failed_peak_reset_is_said_and_no_earlier_peak_fails_the_trial(data, baseline, monkeypatch):
     """As in a reused worker: this process held 0.6 GB more before the trial than the trial needs. When the
     peak cannot be reset (fault injected: writing /proc/self/clear_refs raises, as where it is not allowed),
     that earlier peak must not end the trial as oom or infeasible, and the metrics say the peak's scope."""
@@ -322,7 +328,7 @@ def test_a_failed_peak_reset_is_said_and_no_earlier_peak_fails_the_trial(baselin
         return write_text(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", refused)
-    capped = _config(epochs=1).model_copy(
+    capped = _config(data, epochs=1).model_copy(
         update={
             "resources": ResourceConfig(max_memory_gb=headroom),
             "constraints": ConstraintConfig(train_memory_gb=headroom, inference_memory_gb=headroom),
