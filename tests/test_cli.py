@@ -1,12 +1,34 @@
-"""The command line: help, validate, ls, and bad input answered with one line and exit code 2."""
+"""The command line: help, validate, ls, and bad input answered with one line and exit code 2.
+
+In-process (typer's CliRunner on the real `hpo.cli.app`, as tests/test_bad_input.py): bad input is
+answered before anything starts, so a process of its own would only add start-up time. That the
+installed command itself runs: test_the_command_runs_as_a_process, and every sweep of the suite.
+"""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
+from typer.testing import CliRunner
 
-from tests.conftest import peftsweep
+from hpo.cli import app
+from tests.conftest import REPO
+
+
+def peftsweep(*args: str, **kwargs) -> SimpleNamespace:
+    """`peftsweep ARGS`, in this process: its exit code and its two outputs."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+
+
+def test_the_command_runs_as_a_process():
+    proc = subprocess.run([sys.executable, "-m", "hpo.cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Hyperparameter sweeps" in proc.stdout
 
 
 def test_help_lists_the_commands():
@@ -43,7 +65,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_sweep_file_fails_before_ray_with_one_line(tmp_path, case):
+def test_bad_sweep_file_fails_before_ray_with_one_line(tmp_path, case, tiny_model_dir):
+    import ray
+
     text, expected = BAD[case]
     (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output"\n')
     (tmp_path / "empty.jsonl").write_text("\n")
@@ -55,7 +79,7 @@ def test_bad_sweep_file_fails_before_ray_with_one_line(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("peftsweep: error: ") and expected in lines[-1]
     assert "Traceback" not in proc.stderr
-    assert "Ray" not in proc.stderr  # nothing started
+    assert not ray.is_initialized()  # nothing started
     assert not runs.exists()  # nothing written
 
 
@@ -97,7 +121,7 @@ def test_a_ray_address_that_does_not_answer(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     runs = tmp_path / "runs"
-    proc = peftsweep("run", "smoke", "--address", f"127.0.0.1:{port}", "--runs-dir", str(runs), timeout=120)
+    proc = peftsweep("run", "smoke", "--address", f"127.0.0.1:{port}", "--runs-dir", str(runs))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"peftsweep: error: --address 127.0.0.1:{port}: no Ray cluster answers there")
     assert "Traceback" not in proc.stderr and not runs.exists()
