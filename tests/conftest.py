@@ -391,7 +391,15 @@ _needed = pytest.StashKey[set]()
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected
 def pytest_collection_modifyitems(config, items):
+    """Notes the jobs the selected tests read, and runs the tests that read one last (in the order the
+    jobs start), so that the others run while the jobs do."""
+    order = {name: rank for rank, name in enumerate(JOBS, start=1)}
+
+    def waits_for(item) -> int:
+        return min((order[name] for name in getattr(item, "fixturenames", ()) if name in order), default=0)
+
     config.stash[_needed] = {name for item in items for name in getattr(item, "fixturenames", ()) if name in JOBS}
+    items.sort(key=waits_for)  # stable: file order within each group
 
 
 @pytest.fixture(scope="session", autouse=True)

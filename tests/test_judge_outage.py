@@ -51,14 +51,22 @@ def test_the_judge_waits_judge_wait_s_for_its_endpoint_to_come_back(monkeypatch)
             time.sleep(10)
 
     threading.Thread(target=start_later, daemon=True).start()
-    started = time.monotonic()
     assert judge.judge([QUESTION], ["good answer"], ["bad answer"], [""]) == [Verdict(WIN, True)]
-    assert came_back.is_set() and time.monotonic() - started >= 1.0  # it did wait for the server
+    assert came_back.is_set()  # it did wait: the server it got its answer from started a second later
+
     quick = OpenAIJudge(f"http://127.0.0.1:{_free_port()}/v1", "m", max_retries=0, backoff_s=0.05, wait_s=0.3)
-    started = time.monotonic()
-    with pytest.raises(JudgeUnavailable):
-        quick.check()
-    assert time.monotonic() - started < 5  # and gives up once judge_wait_s has passed
+    outcome: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            quick.check()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    checker = threading.Thread(target=check, daemon=True)
+    checker.start()
+    checker.join(timeout=120)  # a liveness bound, not a speed: a judge that never gives up would still be retrying
+    assert not checker.is_alive() and len(outcome) == 1 and isinstance(outcome[0], JudgeUnavailable)  # it gave up
 
 
 class _Recorder(ThreadingHTTPServer):

@@ -7,8 +7,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import socket
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,8 +71,9 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_ve
         "--set", f"data.source={small_task}",
     ]  # fmt: skip
     judged = lambda: query(db, "SELECT count(*) FROM epochs WHERE win_rate IS NOT NULL")[0][0]  # noqa: E731
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's logs of this sweep alone (short: socket paths)
     with chat_server(reply=gate) as server:
-        proc = start(*args, *_judge_args(server.base_url), env={KEY_ENV: KEY})
+        proc = start(*args, *_judge_args(server.base_url), env={KEY_ENV: KEY, "RAY_TMPDIR": str(ray_tmp)})
         wait_for(lambda: judged() == 1, proc)
         gate.close()
         gate.wait_until_held(proc)  # the first trial's second epoch, being judged
@@ -143,9 +146,9 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_ve
         assert float(row["retention_ppl"]) > 1 and float(row["judge_seconds"]) > 0
 
     # The key was used, and written nowhere: store, Tune's experiment state, checkpoints, report, logs, output.
-    leaks = [str(p) for p in runs.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
-    ray_logs = Path("/tmp/ray/session_latest/logs")
-    if ray_logs.is_dir():  # Ray's own logs of this machine's latest session
-        leaks += [str(p) for p in ray_logs.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+    ray_logs = list(ray_tmp.glob("ray/session_2*/logs"))
+    assert len(ray_logs) == 1 and any(ray_logs[0].iterdir())  # Ray's own logs of the sweep
+    leaks = [str(p) for folder in (runs, ray_tmp) for p in folder.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not leaks
     assert KEY not in stdout + stderr + rejudged.stdout + rejudged.stderr + export.stdout
