@@ -23,8 +23,8 @@ def check_tables(run) -> tuple[dict, str]:
     for package in ("torch", "ray"):
         assert f"{package} {result['machine']['versions'][package]}" in stdout
     for ratio in result["ratios"]:
-        [row] = [line for line in stdout.splitlines() if line.startswith(f"| {ratio['name']} |")]
-        assert ratio["target_text"] in row and f"{ratio['value']:.3f}" in row
+        [row] = [cells for cells in _rows(stdout) if cells[0] == ratio["name"]]
+        assert row[1:3] == [f"{ratio['value']:.3f}", ratio["target_text"]]
         value, target = ratio["value"], ratio["target"]
         assert value > 0
         if ratio["op"] == "within":
@@ -32,8 +32,13 @@ def check_tables(run) -> tuple[dict, str]:
             met = abs(value / target - 1) <= tolerance
         else:
             met = value <= target if ratio["op"] == "<=" else value >= target
-        assert ratio["met"] is met and ("**met**" if met else "**missed**") in row
+        assert ratio["met"] is met and row[3] == ("**met**" if met else "**missed**")
     return result, stdout
+
+
+def _rows(stdout: str) -> list[list[str]]:
+    """The cells of every row of the printed Markdown tables."""
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in stdout.splitlines() if line.startswith("| ")]
 
 
 def test_overhead(benchmark_overhead):
