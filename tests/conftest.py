@@ -37,9 +37,12 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(model_cache: Path) -> Path:
+def tiny_model_dir(model_cache: Path, background) -> Path:
+    """The built-in tiny model, built in this session's cache (in the background: see `background`)."""
     from trainers.tiny_model import ensure_tiny_model
 
+    if "tiny_model" in background:
+        background["tiny_model"].result()
     return ensure_tiny_model(model_cache)
 
 
@@ -56,6 +59,18 @@ def peftsweep(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, t
         text=True,
         timeout=timeout,
     )
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real `peftsweep` command line in this process (typer's CliRunner on `hpo.cli.app`), for
+    commands that start no sweep: reading a store, or refusing bad input. Exit code and both outputs."""
+    from typer.testing import CliRunner
+
+    from hpo.cli import app
+
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return subprocess.CompletedProcess(["peftsweep", *args], result.exit_code, result.stdout, result.stderr)
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -301,7 +316,7 @@ print(json.dumps({{"address": cluster.address, "gpu_nodes": [node.node_id for no
 sys.stdin.read()
 cluster.shutdown()
 """
-CLUSTER_LEARNING_RATES = [1e-3, 2e-3, 3e-3, 1e-2]  # 4 trials for 4 GPUs: all run at once
+CLUSTER_LEARNING_RATES = [5e-3, 1e-2, 2e-2, 3e-2]  # 4 trials for 4 GPUs: all run at once; each changes some answer
 
 
 @dataclass(frozen=True)
@@ -329,6 +344,7 @@ def _cluster_run(work: Path, small_task: Path) -> ClusterRun:
         with chat_server(reply=gate) as server:
             sweep.write_text(
                 f"description: {len(CLUSTER_LEARNING_RATES)} one-epoch trials, one GPU each, on a {CLUSTER_NODES}-node cluster\n"
+                f"data: {{source: '{small_task}', eval_fraction: 0.1}}\n"
                 "train: {epochs: 1, lora_r: 4, lora_alpha: 8}\n"
                 f"search: {{algorithm: grid, space: {{learning_rate: {{grid: {CLUSTER_LEARNING_RATES}}}}}}}\n"
                 f"eval: {{num_prompts: 4, max_new_tokens: 8, judge: openai, base_url: '{server.base_url}', api_model: m}}\n"
@@ -387,32 +403,55 @@ JOBS: dict[str, Callable[[Path, Path], Any]] = {
 }
 BACKGROUND_WORKERS = 2
 _needed = pytest.StashKey[set]()
+_needs_model = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected
 def pytest_collection_modifyitems(config, items):
-    """Notes the jobs the selected tests read, and runs the tests that read one last (in the order the
-    jobs start), so that the others run while the jobs do."""
-    order = {name: rank for rank, name in enumerate(JOBS, start=1)}
+    """Notes what the selected tests need, and orders them so that they wait least: first the tests
+    that need no model (they run while it is built), then those that do, then the readers of the
+    background jobs, in the order the jobs start (they run while the jobs do)."""
+    order = {name: rank for rank, name in enumerate(JOBS, start=2)}
 
     def waits_for(item) -> int:
-        return min((order[name] for name in getattr(item, "fixturenames", ()) if name in order), default=0)
+        names = getattr(item, "fixturenames", ())
+        return min((order[name] for name in names if name in order), default=1 if "tiny_model_dir" in names else 0)
 
     config.stash[_needed] = {name for item in items for name in getattr(item, "fixturenames", ()) if name in JOBS}
+    config.stash[_needs_model] = any("tiny_model_dir" in getattr(item, "fixturenames", ()) for item in items)
     items.sort(key=waits_for)  # stable: file order within each group
 
 
+def _build_tiny_model() -> None:
+    """The tiny model's first build, in a process of its own: a build is seeded, and this process's
+    tests use torch's global random state meanwhile. ($PEFTSWEEP_CACHE: this session's cache.)"""
+    build = "from trainers.tiny_model import ensure_tiny_model; ensure_tiny_model()"
+    proc = subprocess.run([sys.executable, "-c", build], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="session", autouse=True)
-def background(request, tmp_path_factory) -> dict[str, Future]:
-    """Starts every job a selected test reads, once the tiny model is built (each sweep would build it)."""
+def background(request, model_cache, tmp_path_factory) -> dict[str, Future]:
+    """Starts the tiny model's build if a selected test needs it, and every job a selected test reads,
+    each once the model is built (a sweep would build it itself)."""
     needed = [name for name in JOBS if name in request.config.stash.get(_needed, set())]
-    if not needed:
+    if not needed and not request.config.stash.get(_needs_model, False):
         yield {}
         return
-    request.getfixturevalue("tiny_model_dir")
     small = request.getfixturevalue("small_task")
-    with ThreadPoolExecutor(max_workers=BACKGROUND_WORKERS, thread_name_prefix="background") as pool:
-        yield {name: pool.submit(JOBS[name], tmp_path_factory.mktemp(name), small) for name in needed}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model") as builder, ThreadPoolExecutor(
+        max_workers=BACKGROUND_WORKERS, thread_name_prefix="background"
+    ) as pool:
+        model = builder.submit(_build_tiny_model)
+
+        def after_the_model(job: Callable[[Path, Path], Any], work: Path) -> Any:
+            model.result()
+            return job(work, small)
+
+        futures = {name: pool.submit(after_the_model, JOBS[name], tmp_path_factory.mktemp(name)) for name in needed}
+        yield {"tiny_model": model, **futures}
+
+
 
 
 def _reader(name: str):

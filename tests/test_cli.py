@@ -10,20 +10,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
-from typer.testing import CliRunner
-
-from hpo.cli import app
 from tests.conftest import REPO
+from tests.conftest import invoke as peftsweep
 
-
-def peftsweep(*args: str, **kwargs) -> SimpleNamespace:
-    """`peftsweep ARGS`, in this process: its exit code and its two outputs."""
-    result = CliRunner().invoke(app, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+# `run` and `validate` check their inputs with the model's tokenizer first: a first build's lines would come before any error.
+pytestmark = pytest.mark.usefixtures("tiny_model_dir")
 
 
 def test_the_command_runs_as_a_process():
@@ -65,7 +58,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_sweep_file_fails_before_ray_with_one_line(tmp_path, case, tiny_model_dir):
+def test_bad_sweep_file_fails_before_ray_with_one_line(tmp_path, case):
     import ray
 
     text, expected = BAD[case]

@@ -14,10 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from hpo.cli import app
-from tests.conftest import JudgeGate, peftsweep, query, start, wait_for
+from tests.conftest import JudgeGate, invoke, query, start, wait_for
 from tests.test_judges import KEY, KEY_ENV, answer_a_of, chat_server
 
 PROMPTS = 8  # sweeps/smoke.yaml: eval.num_prompts
@@ -43,11 +40,11 @@ def test_an_unreachable_judge_fails_the_sweep_before_training(tmp_path, tiny_mod
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     runs = tmp_path / "runs"
-    result = CliRunner().invoke(app, ["run", "smoke", "--runs-dir", str(runs), *_judge_args(f"http://127.0.0.1:{port}/v1")], env={KEY_ENV: KEY})
-    assert result.exit_code == 2, result.output
+    result = invoke("run", "smoke", "--runs-dir", str(runs), *_judge_args(f"http://127.0.0.1:{port}/v1"), env={KEY_ENV: KEY})
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("peftsweep: error: eval.base_url: ")  # checked before the sweep starts
-    assert f"127.0.0.1:{port}" in lines[-1] and KEY not in result.output
+    assert f"127.0.0.1:{port}" in lines[-1] and KEY not in result.stdout + result.stderr
     assert not runs.exists()  # nothing written
 
 
@@ -109,7 +106,7 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_ve
     assert {r["auth"] for r in requests} == {f"Bearer {KEY}"}
 
     with chat_server(reply=longer_is_better) as server:  # back, on another port
-        rejudged = peftsweep(
+        rejudged = invoke(
             "rejudge", "smoke", "--runs-dir", str(runs), "--missing", "--set", f"eval.base_url={server.base_url}",
             env={KEY_ENV: KEY},
         )  # fmt: skip
@@ -137,7 +134,7 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_ve
                     extra = json.loads(epoch["metrics_json"])
                     assert extra["order_agreement"] == pytest.approx(agreement_rate(verdicts)) and extra["judge_error"] is None
     assert "not judged" not in (runs / "smoke" / "report.html").read_text()
-    export = peftsweep("export", "smoke", "--runs-dir", str(runs))
+    export = invoke("export", "smoke", "--runs-dir", str(runs))
     rows = list(csv.DictReader(io.StringIO(export.stdout)))
     assert len(rows) == 2
     for row in rows:

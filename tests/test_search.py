@@ -14,7 +14,7 @@ from ray import tune
 
 from hpo.driver import SPENT_KEY, GpuHoursBudget, _search_alg, param_space
 from hpo.spec import load_sweep
-from tests.conftest import REPO, peftsweep, query
+from tests.conftest import REPO, invoke, query
 
 
 def _searcher(spec):
@@ -73,7 +73,7 @@ def test_gpu_hours_budget_stops_all_once_spent():
 
 
 def _export(runs: Path, name: str) -> list[dict]:
-    proc = peftsweep("export", name, "--runs-dir", str(runs))
+    proc = invoke("export", name, "--runs-dir", str(runs))
     assert proc.returncode == 0, proc.stderr
     return list(csv.DictReader(io.StringIO(proc.stdout)))
 
@@ -82,9 +82,6 @@ def test_a_folded_grid_exports_one_row_per_epochs_value(tmp_path):
     """One training per configuration answers every epochs value of a folded grid: `export` gives each
     (configuration, epochs) point its own row, read off the training's first `epochs` epochs, with the
     cost paid up to there. (That the sweep trains each configuration once: benchmarks.epoch_folding's test.)"""
-    from typer.testing import CliRunner
-
-    from hpo.cli import app
     from hpo.store import Store
 
     spec = load_sweep(str(REPO / "sweeps" / "smoke.yaml"), ["search.space.epochs={grid: [1, 2, 3]}"]).spec
@@ -101,8 +98,8 @@ def test_a_folded_grid_exports_one_row_per_epochs_value(tmp_path):
         store.set_trial_status(trial_id, "completed")
     store.finish("completed")
     store.close()
-    exported = CliRunner().invoke(app, ["export", "folded", "--runs-dir", str(tmp_path / "runs")])
-    assert exported.exit_code == 0, exported.output
+    exported = invoke("export", "folded", "--runs-dir", str(tmp_path / "runs"))
+    assert exported.returncode == 0, exported.stderr
     rows = list(csv.DictReader(io.StringIO(exported.stdout)))
     assert sorted(r["trial_id"] for r in rows) == ["a@1", "a@2", "a@3", "b@1", "b@2", "b@3"]
     for row in rows:
@@ -151,7 +148,7 @@ def test_local_paths_become_absolute_before_trials(tmp_path, monkeypatch):
     assert fixed.model.name == "tiny" and fixed.train == spec.train
 
 
-def test_a_decaying_schedule_trains_each_epochs_value_on_its_own(tmp_path):
+def test_a_decaying_schedule_trains_each_epochs_value_on_its_own(tmp_path, tiny_model_dir):
     """Under a linear or cosine schedule the learning rate at epoch k depends on the total epochs,
     so one long training cannot answer the shorter ones: folding is off, and the CLI says why."""
     from analysis.load import folded_epochs
@@ -163,7 +160,7 @@ def test_a_decaying_schedule_trains_each_epochs_value_on_its_own(tmp_path):
     assert folded_epochs(spec.model_dump(mode="json")) is None
     constant = load_sweep(str(path), ["train.lr_schedule=constant"]).spec
     assert constant.folded_epochs == [1, 2, 3] and folded_epochs(constant.model_dump(mode="json")) == [1, 2, 3]
-    proc = peftsweep("validate", str(path))
+    proc = invoke("validate", str(path))
     assert proc.returncode == 0 and "epochs not folded: a decaying lr_schedule depends on the total epochs" in proc.stdout
 
 

@@ -1,6 +1,7 @@
 """The walking skeleton, end to end: `peftsweep run smoke` through a real local Ray runtime, the
 real tiny model, a real SQLite store and a `storage` folder for Tune's checkpoints, then export,
-report and best from the store. The run is the session's one smoke run (tests/conftest.py)."""
+report and best from the store. The run is the session's one smoke run (tests/conftest.py); the
+commands that read it run in-process (`invoke`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from hpo.cli import app
-from tests.conftest import SMOKE_EPOCHS, SMOKE_LEARNING_RATES, peftsweep
+from tests.conftest import SMOKE_EPOCHS, SMOKE_LEARNING_RATES, invoke
 
 TRIALS = len(SMOKE_LEARNING_RATES)
 PROMPTS = 8  # sweeps/smoke.yaml: eval.num_prompts
@@ -66,7 +64,7 @@ def test_the_base_model_answers_once_per_sweep(smoke_run):
 
 
 def test_export_csv_has_one_row_per_trial(smoke_run):
-    proc = peftsweep("export", "smoke", "--format", "csv", "--runs-dir", str(smoke_run.runs))
+    proc = invoke("export", "smoke", "--format", "csv", "--runs-dir", str(smoke_run.runs))
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert len(rows) == TRIALS
@@ -79,7 +77,7 @@ def test_export_csv_has_one_row_per_trial(smoke_run):
 
 def test_export_json_to_a_file(smoke_run, tmp_path):
     out = tmp_path / "trials.json"
-    proc = peftsweep("export", "smoke", "--format", "json", "-o", str(out), "--runs-dir", str(smoke_run.runs))
+    proc = invoke("export", "smoke", "--format", "json", "-o", str(out), "--runs-dir", str(smoke_run.runs))
     assert proc.returncode == 0, proc.stderr
     trials = json.loads(out.read_text())
     assert len(trials) == TRIALS and all(t["status"] == "completed" for t in trials)
@@ -90,14 +88,14 @@ def test_report_is_written_and_rebuilt_from_the_store(smoke_run):
     html = report.read_text()
     assert "Plotly" in html and "<script src=" not in html  # plotly inlined: opens offline
     report.unlink()
-    proc = peftsweep("report", "smoke", "--runs-dir", str(smoke_run.runs))
+    proc = invoke("report", "smoke", "--runs-dir", str(smoke_run.runs))
     assert proc.returncode == 0, proc.stderr
     assert report.read_text().count("class=\"plotly-graph-div\"") >= 2
 
 
 def test_a_second_run_with_the_same_name_is_refused(smoke_run):
     before = smoke_run.db.stat().st_mtime_ns
-    proc = peftsweep("run", "smoke", "--runs-dir", str(smoke_run.runs), "--set", f"storage={smoke_run.storage}")
+    proc = invoke("run", "smoke", "--runs-dir", str(smoke_run.runs), "--set", f"storage={smoke_run.storage}")
     assert proc.returncode == 2
     # A completed run is not resumable: the advice is to replace it or keep both, never `resume`.
     assert "already exists: that sweep has completed (its report: peftsweep report smoke); --overwrite replaces it" in proc.stderr
@@ -106,7 +104,7 @@ def test_a_second_run_with_the_same_name_is_refused(smoke_run):
 
 
 def test_best_names_the_best_trial_and_its_adapter_in_the_storage(smoke_run):
-    proc = peftsweep("best", "smoke", "--runs-dir", str(smoke_run.runs))
+    proc = invoke("best", "smoke", "--runs-dir", str(smoke_run.runs))
     assert proc.returncode == 0, proc.stderr
     conn = sqlite3.connect(smoke_run.db)
     top = conn.execute("SELECT max(win_rate) FROM epochs").fetchone()[0]
@@ -127,7 +125,7 @@ def test_checkpoints_go_to_the_sweeps_storage(smoke_run):
     assert list(smoke_run.storage.glob("smoke/experiment_state-*.json"))
     # Another runs folder, the same storage: the sweep of that name there is not overwritten unasked.
     other = smoke_run.runs.parent / "other-runs"
-    again = CliRunner().invoke(app, ["run", "smoke", "--runs-dir", str(other), "--set", f"storage={smoke_run.storage}"])
-    assert again.exit_code == 2, again.output
+    again = invoke("run", "smoke", "--runs-dir", str(other), "--set", f"storage={smoke_run.storage}")
+    assert again.returncode == 2, again.stderr
     assert f"storage {smoke_run.storage / 'smoke'} already holds a sweep named smoke" in again.stderr
     assert not (other / "smoke").exists()

@@ -19,16 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 from analysis.load import best_epoch_of, load_trials
 from analysis.report_data import report_data
 from hpo.driver import SPENT_KEY, GpuHoursBudget, _closing_report
 from hpo.reaper import descendants
 from hpo.store import STATUS_KEY, epoch_score
-from hpo.cli import app
 from hpo.store import Store
-from tests.conftest import JUDGE_KEY_ENV, REPO, JudgeGate, peftsweep, query, start, sweep_file, wait_for
+from tests.conftest import JUDGE_KEY_ENV, REPO, JudgeGate, invoke, peftsweep, query, start, sweep_file, wait_for
 from tests.test_judges import KEY, chat_server, prefers_good
 from tests.test_report import make_store
 
@@ -83,7 +81,7 @@ def test_best_names_the_reports_best_trial_when_trials_tie(tmp_path):
         conn.execute("UPDATE epochs SET gpu_hours = 0.001 WHERE trial_id = 't-late'")
     data = report_data(store)
     assert data.cost == "gpu_hours" and data.best_trial == "t-late"
-    proc = peftsweep("best", "demo", "--runs-dir", str(runs))
+    proc = invoke("best", "demo", "--runs-dir", str(runs))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("best trial t-late ")
 
@@ -156,7 +154,7 @@ def test_a_sweep_in_which_every_trial_fails_exits_non_zero_and_keeps_tracebacks(
     log = failing_run.run_dir / "errors" / f"{trial_id}.txt"
     text = log.read_text()
     assert text.startswith("Traceback (most recent call last)") and "no_such_module" in text and error in text
-    exported = CliRunner().invoke(app, ["export", "sweep", "-f", "json", "--runs-dir", str(failing_run.runs)])
+    exported = invoke("export", "sweep", "-f", "json", "--runs-dir", str(failing_run.runs))
     assert json.loads(exported.stdout)[0]["error_log"] == str(log)
     assert 'href="errors/' in (failing_run.run_dir / "report.html").read_text()
 
@@ -220,11 +218,11 @@ def test_ctrl_c_kill_9_and_sigterm_stop_a_sweep_that_resume_finishes_once(tmp_pa
         # Ctrl-C.
         first = start("run", str(sweep), "--runs-dir", str(runs), env=env)
         wait_for(lambda: epochs() >= 1, first)
-        overwrite = CliRunner().invoke(app, ["run", str(sweep), "--runs-dir", str(runs), "--overwrite"], env=env)
-        assert overwrite.exit_code == 2 and "a driver is still running this sweep" in overwrite.stderr, overwrite.output
+        overwrite = invoke("run", str(sweep), "--runs-dir", str(runs), "--overwrite", env=env)
+        assert overwrite.returncode == 2 and "a driver is still running this sweep" in overwrite.stderr, overwrite.stderr
         assert db.is_file() and epochs() >= 1  # the live sweep is untouched
-        reading = CliRunner().invoke(app, ["export", "sweep", "--runs-dir", str(runs)])  # readers work while the sweep writes
-        assert reading.exit_code == 0 and "running" in reading.stdout, reading.output
+        reading = invoke("export", "sweep", "--runs-dir", str(runs))  # readers work while the sweep writes
+        assert reading.returncode == 0 and "running" in reading.stdout, reading.stderr
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=120)
         assert first.returncode == 130, err[-3000:]
@@ -284,8 +282,8 @@ def test_ctrl_c_kill_9_and_sigterm_stop_a_sweep_that_resume_finishes_once(tmp_pa
         after_kill = [json.loads(m) for t, e, m in rows if t == trial_id and e > before[trial_id][2]]
         assert after_kill[0]["resumed_from_epoch"] == before[trial_id][2]
 
-    again = CliRunner().invoke(app, ["resume", "sweep", "--runs-dir", str(runs)])
-    assert again.exit_code == 2 and "has completed; nothing to resume" in again.stderr
+    again = invoke("resume", "sweep", "--runs-dir", str(runs))
+    assert again.returncode == 2 and "has completed; nothing to resume" in again.stderr
 
 
 def _cmdline(pid: int) -> bytes:
