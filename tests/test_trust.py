@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -191,22 +192,42 @@ def tune_recorded_as_finished(tune_dir: Path) -> set[str]:
     return {trial["trial_id"] for trial in (json.loads(state) for state, _ in trial_data) if trial["status"] == "TERMINATED"}
 
 
-def test_ctrl_c_kill_9_and_sigterm_stop_a_sweep_that_resume_finishes_once(tmp_path, small_task, tiny_model_dir):
-    """SIGINT to the running driver, kill -9 to the first resumed one, SIGTERM to the second. A signal
-    records the sweep `interrupted` with exit 128 + the signal and a line on how to resume; kill -9
-    leaves it `running`, and the reaper ends the Ray processes the driver left. The last resume runs
-    every epoch once: never a finished trial again, an interrupted one from its last checkpoint.
-    While a driver runs, `run --overwrite` of the same name is refused and readers work.
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 MB tmpfs, room for a store and a report (the tests run as root, as CI does)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
-    The trials are judged by a test server (JudgeGate) that the test can hold: kill -9 comes while a
-    trial is held inside its second epoch's judging, so that trial cannot finish before the kill.
+
+def test_a_sweep_stopped_every_way_resumes_and_finishes_every_epoch_once(tmp_path, small_disk, small_task, tiny_model_dir):
+    """One sweep (3 trials of 3 epochs, one at a time; its store on a 16 MB disk, its checkpoints on
+    another, `storage`), stopped five ways and resumed each time:
+
+    1. SIGINT to the running driver: exit 130, the sweep `interrupted`, a line on how to resume.
+       Meanwhile `run --overwrite` of the same name is refused, and readers work.
+    2. kill -9 to the driver, once a trial has finished and the next is midway: the sweep stays
+       `running`, and the reaper ends the Ray processes the driver left.
+    3. kill -9 to a trial's worker process (as on a preempted node): Ray Tune restarts the trial from
+       its last checkpoint in a new process; then SIGTERM to the driver: exit 143, `interrupted`.
+    4. The store's disk fills up: exit 1, one line naming the file and saying resume continues.
+    5. Space freed, the last resume finishes: every epoch once, the trial finished before kill -9
+       never run again, the trial it interrupted continued from its checkpoint; resume again is refused.
+
+    The trials are judged by a test server the test can hold (JudgeGate): each kill and the full disk
+    come while a trial is held inside an epoch's judging, so it cannot move on first.
     TUNE_GLOBAL_CHECKPOINT_S=0: Tune saves its experiment state after every event instead of at most
-    every 10 s, so the finished trial is on disk as soon as it is finished (the test waits for that)."""
+    every 10 s; before kill -9 the test waits until that state holds the finished trial."""
     gate = JudgeGate(prefers_good)
-    runs = tmp_path / "runs"
+    runs, filler = small_disk / "runs", small_disk / "filler"
     db = runs / "sweep" / "results.db"
     env = {JUDGE_KEY_ENV: KEY, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    storage = ["--set", f"storage={tmp_path / 'shared'}"]
     epochs = lambda: query(db, "SELECT count(*) FROM epochs")[0][0]  # noqa: E731
+    copies = lambda: set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))  # noqa: E731
+    copies_before = copies()
     with chat_server(reply=gate) as server:
         sweep = sweep_file(
             tmp_path, small_task,
@@ -215,10 +236,10 @@ def test_ctrl_c_kill_9_and_sigterm_stop_a_sweep_that_resume_finishes_once(tmp_pa
             judge_url=server.base_url,
         )  # fmt: skip
 
-        # Ctrl-C.
-        first = start("run", str(sweep), "--runs-dir", str(runs), env=env)
+        # 1. Ctrl-C.
+        first = start("run", str(sweep), "--runs-dir", str(runs), *storage, env=env)
         wait_for(lambda: epochs() >= 1, first)
-        overwrite = invoke("run", str(sweep), "--runs-dir", str(runs), "--overwrite", env=env)
+        overwrite = invoke("run", str(sweep), "--runs-dir", str(runs), "--overwrite", *storage, env=env)
         assert overwrite.returncode == 2 and "a driver is still running this sweep" in overwrite.stderr, overwrite.stderr
         assert db.is_file() and epochs() >= 1  # the live sweep is untouched
         reading = invoke("export", "sweep", "--runs-dir", str(runs))  # readers work while the sweep writes
@@ -233,14 +254,14 @@ def test_ctrl_c_kill_9_and_sigterm_stop_a_sweep_that_resume_finishes_once(tmp_pa
         assert query(db, "SELECT status FROM sweep") == [("interrupted",)]
         assert "early_stopped" not in {s for (s,) in query(db, "SELECT status FROM trials")}
 
-        # kill -9, once one trial has finished and the next is midway.
+        # 2. kill -9 to the driver, once one trial has finished and the next is midway.
         second = start("resume", "sweep", "--runs-dir", str(runs), env=env)
         done = lambda: {t for (t,) in query(db, "SELECT trial_id FROM trials WHERE status = 'completed'")}  # noqa: E731
         midway = lambda: query(db, "SELECT trial_id FROM trials JOIN epochs USING (trial_id) WHERE status = 'running'")  # noqa: E731
         wait_for(lambda: done() and midway(), second)
         gate.close()
         gate.wait_until_held(second)  # the running trial is inside its next epoch's judging, held there
-        wait_for(lambda: done() <= tune_recorded_as_finished(runs / "sweep" / "tune"), second)
+        wait_for(lambda: done() <= tune_recorded_as_finished(tmp_path / "shared" / "sweep"), second)
         ray_processes = {p: t for p, t in descendants({second.pid}).items() if b"hpo.reaper" not in _cmdline(p)}
         assert any(b"ray::" in _cmdline(p) for p in ray_processes)  # Ray's agents and workers, among others
         second.send_signal(signal.SIGKILL)  # the driver dies without a word
@@ -254,20 +275,43 @@ def test_ctrl_c_kill_9_and_sigterm_stop_a_sweep_that_resume_finishes_once(tmp_pa
             db, "SELECT trial_id, started_at, status, (SELECT count(*) FROM epochs e WHERE e.trial_id = t.trial_id) FROM trials t"
         )}  # fmt: skip
         finished = [t for t, (_, status, _) in before.items() if status == "completed"]
-        interrupted = [t for t, (_, status, n) in before.items() if status == "running" and 1 <= n < 3]
-        assert finished and interrupted, before
+        [interrupted] = [t for t, (_, status, n) in before.items() if status == "running" and 1 <= n < 3]
+        assert finished, before
         assert query(db, "SELECT status FROM sweep") == [("running",)]
 
-        # SIGTERM, once the next epoch is in.
+        # 3. kill -9 to the interrupted trial's worker, held in its first judging after resume; then SIGTERM.
+        gate.close()
         third = start("resume", "sweep", "--runs-dir", str(runs), env=env)
+        gate.wait_until_held(third)
         seen = epochs()
+        [lost] = [p for p, t in descendants({third.pid}).items() if b"ray::ImplicitFunc" in _cmdline(p)]
+        os.kill(lost, signal.SIGKILL)
+        gate.open()
         wait_for(lambda: epochs() > seen, third)
         third.send_signal(signal.SIGTERM)
         _, err = third.communicate(timeout=120)
         assert third.returncode == 128 + signal.SIGTERM, err[-3000:]
+        assert f"lost its process; restarting from epoch {before[interrupted][2]}" in err
         assert "interrupted (SIGTERM)" in err.strip().splitlines()[-1]
         assert query(db, "SELECT status FROM sweep") == [("interrupted",)]
+        restarted = json.loads(query(db, "SELECT metrics_json FROM epochs WHERE trial_id = ? AND epoch = ?",
+                                     interrupted, before[interrupted][2] + 1)[0][0])  # fmt: skip
+        assert restarted["resumed_from_epoch"] == before[interrupted][2] and restarted["worker_pid"] != lost
 
+        # 4. The store's disk fills up while a trial is held in its judging; its epoch cannot be written.
+        gate.close()
+        fourth = start("resume", "sweep", "--runs-dir", str(runs), env=env)
+        gate.wait_until_held(fourth)
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)  # until the disk is full
+        gate.open()
+        _, err = fourth.communicate(timeout=300)
+        assert fourth.returncode == 1, err[-3000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("peftsweep: failed: cannot write") and ("full" in line or "No space left" in line), line
+        assert "`peftsweep resume sweep` continues" in line and "Traceback" not in err
+
+        # 5. Space again: the last resume finishes the sweep.
+        filler.unlink()
         last = peftsweep("resume", "sweep", "--runs-dir", str(runs), env=env)
     assert last.returncode == 0, last.stderr[-3000:]
     assert last.stdout.strip() == str(runs / "sweep" / "report.html")
@@ -276,11 +320,9 @@ def test_ctrl_c_kill_9_and_sigterm_stop_a_sweep_that_resume_finishes_once(tmp_pa
     assert len(trials) == 3 and {s for s, _ in trials.values()} == {"completed"}
     for trial_id in finished:  # not run again
         assert trials[trial_id][1] == before[trial_id][0]
-    rows = query(db, "SELECT trial_id, epoch, metrics_json FROM epochs ORDER BY trial_id, epoch")
-    assert [(t, e) for t, e, _ in rows] == [(t, e) for t in sorted(trials) for e in (1, 2, 3)]  # each epoch once
-    for trial_id in interrupted:  # restarted from its last checkpoint, not from scratch
-        after_kill = [json.loads(m) for t, e, m in rows if t == trial_id and e > before[trial_id][2]]
-        assert after_kill[0]["resumed_from_epoch"] == before[trial_id][2]
+    rows = query(db, "SELECT trial_id, epoch FROM epochs ORDER BY trial_id, epoch")
+    assert rows == [(t, e) for t in sorted(trials) for e in (1, 2, 3)]  # each epoch once
+    assert copies() == copies_before  # checkpoints were read in place, not copied and left in /tmp
 
     again = invoke("resume", "sweep", "--runs-dir", str(runs))
     assert again.returncode == 2 and "has completed; nothing to resume" in again.stderr
