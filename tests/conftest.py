@@ -49,12 +49,14 @@ def tiny_model_dir(model_cache: Path, background) -> Path:
 # --- the command line, and watching a sweep --------------------------------------------------------
 
 
-def peftsweep(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run the real `peftsweep` command line in a subprocess."""
+def peftsweep(
+    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, base: dict[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """Run the real `peftsweep` command line in a subprocess, in this process's environment (or `base`) plus `env`."""
     return subprocess.run(
         [sys.executable, "-m", "hpo.cli", *args],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**(os.environ if base is None else base), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -73,10 +75,10 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     return subprocess.CompletedProcess(["peftsweep", *args], result.exit_code, result.stdout, result.stderr)
 
 
-def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start the real `peftsweep` command line, to watch or signal it while it runs."""
+def start(*args: str, env: dict[str, str] | None = None, base: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start the real `peftsweep` command line, to watch or signal it while it runs (environment: as `peftsweep`)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "hpo.cli", *args], cwd=REPO, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "hpo.cli", *args], cwd=REPO, env={**(os.environ if base is None else base), **(env or {})},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -243,22 +245,22 @@ class SmokeRun(Run):
     generations: list[str]  # "base" or "trial", one per generate_answers call, in every process
 
 
-def _smoke_run(work: Path, small_task: Path) -> SmokeRun:
+def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRun:
     hook = work / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(COUNT_GENERATIONS)
     log = work / "generations.log"
-    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]), "GENERATIONS_LOG": str(log)}
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), environ.get("PYTHONPATH", "")]), "GENERATIONS_LOG": str(log)}
     runs, storage = work / "runs", work / "storage"
     proc = peftsweep(
         "run", "smoke", "--runs-dir", str(runs), "--set", f"storage={storage}", "--set", f"train.epochs={SMOKE_EPOCHS}",
-        "--set", "search.space.learning_rate.grid=[1e-9, 3e-3]", env=env,
+        "--set", "search.space.learning_rate.grid=[1e-9, 3e-3]", env=env, base=environ,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return SmokeRun(runs, runs / "smoke", proc, storage, log.read_text().split())
 
 
-def _variants_run(work: Path, small_task: Path) -> Run:
+def _variants_run(work: Path, small_task: Path, environ: dict[str, str]) -> Run:
     """A grid over methods with parameters of their own, one trial at a time: LoRA with alpha 8 or
     1e9 on q_proj,v_proj or on a module the model lacks (float16 overflows at alpha 1e9: that trial
     diverges; the others cannot build their model), and no training at all."""
@@ -275,12 +277,12 @@ def _variants_run(work: Path, small_task: Path) -> Run:
         name="variants",
     )  # fmt: skip
     runs = work / "runs"
-    proc = peftsweep("run", str(path), "--runs-dir", str(runs))
+    proc = peftsweep("run", str(path), "--runs-dir", str(runs), base=environ)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Run(runs, runs / "variants", proc)
 
 
-def _asha_run(work: Path, small_task: Path) -> Run:
+def _asha_run(work: Path, small_task: Path, environ: dict[str, str]) -> Run:
     """sweeps/tpe_asha.yaml, 6 trials of up to 3 epochs by eval perplexity, on the small task."""
     runs = work / "runs"
     proc = peftsweep(
@@ -288,17 +290,17 @@ def _asha_run(work: Path, small_task: Path) -> Run:
         "--set", "search.num_samples=6",
         "--set", "search.space.epochs={choice: [3]}",
         "--set", "objectives=[{metric: eval_ppl, mode: min}]",
-        "--set", f"data.source={small_task}", "--set", "eval.num_prompts=4", "--set", "eval.max_new_tokens=8",
+        "--set", f"data.source={small_task}", "--set", "eval.num_prompts=4", "--set", "eval.max_new_tokens=8", base=environ,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Run(runs, runs / "tpe_asha", proc)
 
 
-def _failing_run(work: Path, small_task: Path) -> Run:
+def _failing_run(work: Path, small_task: Path, environ: dict[str, str]) -> Run:
     """One trial, which fails: its target module is not in the model."""
     path = sweep_file(work, small_task, "train: {epochs: 1, lora_r: 4, target_modules: [no_such_module]}\n")
     runs = work / "runs"
-    return Run(runs, runs / "sweep", peftsweep("run", str(path), "--runs-dir", str(runs)))
+    return Run(runs, runs / "sweep", peftsweep("run", str(path), "--runs-dir", str(runs), base=environ))
 
 
 # A Ray cluster on this machine, in a process of its own (its RAY_TMPDIR too, so that no other
@@ -324,7 +326,7 @@ class ClusterRun(Run):
     gpu_nodes: list[str]  # the Ray node ids of the GPU nodes
 
 
-def _cluster_run(work: Path, small_task: Path) -> ClusterRun:
+def _cluster_run(work: Path, small_task: Path, environ: dict[str, str]) -> ClusterRun:
     """One-epoch trials, one GPU each, on the cluster, through `peftsweep run --address`. Their
     judging (a test server on 127.0.0.1) is held until every trial has started, so every trial
     started before any ended: they all ran at once."""
@@ -332,7 +334,7 @@ def _cluster_run(work: Path, small_task: Path) -> ClusterRun:
 
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     cluster = subprocess.Popen(
-        [sys.executable, "-c", CLUSTER], cwd=REPO, env={**os.environ, "RAY_TMPDIR": ray_tmp},
+        [sys.executable, "-c", CLUSTER], cwd=REPO, env={**environ, "RAY_TMPDIR": ray_tmp},
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -351,7 +353,7 @@ def _cluster_run(work: Path, small_task: Path) -> ClusterRun:
                 "resources: {gpus_per_trial: 1, cpus_per_trial: 0.5}\n"
             )
             gate.close()
-            proc = start("run", str(sweep), "--address", info["address"], "--runs-dir", str(runs))
+            proc = start("run", str(sweep), "--address", info["address"], "--runs-dir", str(runs), base=environ)
             wait_for(lambda: query(db, "SELECT count(*) FROM trials")[0][0] == len(CLUSTER_LEARNING_RATES), proc)
             gate.open()
             stdout, stderr = proc.communicate(timeout=600)
@@ -373,13 +375,13 @@ class BenchmarkRun:
     stdout: str  # its printed tables
 
 
-def _benchmark(name: str) -> Callable[[Path, Path], BenchmarkRun]:
-    def run(work: Path, small_task: Path) -> BenchmarkRun:
+def _benchmark(name: str) -> Callable[[Path, Path, dict[str, str]], BenchmarkRun]:
+    def run(work: Path, small_task: Path, environ: dict[str, str]) -> BenchmarkRun:
         """`python -m benchmarks.NAME --quick --json PATH`, as `make bench ARGS=--quick` runs it."""
         out = work / f"{name}.json"
         proc = subprocess.run(
             [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--json", str(out)],
-            cwd=REPO, capture_output=True, text=True, timeout=900,
+            cwd=REPO, env=environ, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return BenchmarkRun(json.loads(out.read_text()), proc.stdout)
@@ -388,7 +390,7 @@ def _benchmark(name: str) -> Callable[[Path, Path], BenchmarkRun]:
 
 
 # name -> the job; started in this order (the longest first), two at a time
-JOBS: dict[str, Callable[[Path, Path], Any]] = {
+JOBS: dict[str, Callable[[Path, Path, dict[str, str]], Any]] = {
     "smoke_run": _smoke_run,
     "benchmark_epoch_folding": _benchmark("epoch_folding"),
     "cluster_run": _cluster_run,
@@ -422,11 +424,11 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=waits_for)  # stable: file order within each group
 
 
-def _build_tiny_model() -> None:
+def _build_tiny_model(environ: dict[str, str]) -> None:
     """The tiny model's first build, in a process of its own: a build is seeded, and this process's
     tests use torch's global random state meanwhile. ($PEFTSWEEP_CACHE: this session's cache.)"""
     build = "from trainers.tiny_model import ensure_tiny_model; ensure_tiny_model()"
-    proc = subprocess.run([sys.executable, "-c", build], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run([sys.executable, "-c", build], cwd=REPO, env=environ, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -442,11 +444,14 @@ def background(request, model_cache, tmp_path_factory) -> dict[str, Future]:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model") as builder, ThreadPoolExecutor(
         max_workers=BACKGROUND_WORKERS, thread_name_prefix="background"
     ) as pool:
-        model = builder.submit(_build_tiny_model)
+        # The environment as the session starts: a test may change this process's (HOME, $PEFTSWEEP_CACHE)
+        # for a while, and a job's processes must not start in that.
+        environ = dict(os.environ)
+        model = builder.submit(_build_tiny_model, environ)
 
-        def after_the_model(job: Callable[[Path, Path], Any], work: Path) -> Any:
+        def after_the_model(job: Callable[[Path, Path, dict[str, str]], Any], work: Path) -> Any:
             model.result()
-            return job(work, small)
+            return job(work, small, environ)
 
         futures = {name: pool.submit(after_the_model, JOBS[name], tmp_path_factory.mktemp(name)) for name in needed}
         yield {"tiny_model": model, **futures}

@@ -23,8 +23,8 @@ def check_tables(run) -> tuple[dict, str]:
     for package in ("torch", "ray"):
         assert f"{package} {result['machine']['versions'][package]}" in stdout
     for ratio in result["ratios"]:
-        [row] = [cells for cells in _rows(stdout) if cells[0] == ratio["name"]]
-        assert row[1:3] == [f"{ratio['value']:.3f}", ratio["target_text"]]
+        [row] = [cells for cells in _rows(stdout) if cells[0] == ratio["name"] and cells[2:3] == [ratio["target_text"]]]
+        assert row[1] == f"{ratio['value']:.3f}"
         value, target = ratio["value"], ratio["target"]
         assert value > 0
         if ratio["op"] == "within":
