@@ -306,7 +306,7 @@ def test_a_writable_storage_passes_and_keeps_no_probe(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_validate_passes_a_sweep_run_would_take():
+def test_validate_passes_a_sweep_run_would_take(tiny_model_dir):
     result = CliRunner().invoke(app, ["validate", SMOKE, "--set", "data.max_length=64"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"ok {SMOKE}: 2 trials (grid)")

@@ -3,9 +3,11 @@ nodes, one GPU each, and the store says where every trial ran.
 
 `ray.cluster_utils.Cluster` starts real Ray nodes on this machine (each its own raylet, object
 store and worker processes) and the real command line attaches to the head by address, as it
-would to a cluster's head. The GPUs are the one mock: none exists here, so each node declares
-`num_gpus` it does not have. Ray still schedules trials by GPU, assigns GPU ids and sets each
-trial's CUDA_VISIBLE_DEVICES as on a GPU node; torch finds no CUDA, so the worker trains on CPU.
+would to a cluster's head (tests/conftest.py: the cluster and its run). The GPUs are the one mock:
+none exists here, so each node declares `num_gpus` it does not have. Ray still schedules trials by
+GPU, assigns GPU ids and sets each trial's CUDA_VISIBLE_DEVICES as on a GPU node; torch finds no
+CUDA, so the worker trains on CPU. The trials' judging is held until all of them have started,
+so all of them run at once: two on each node.
 """
 
 from __future__ import annotations
@@ -13,61 +15,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import shutil
 import sqlite3
-import tempfile
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import peftsweep
-
-NODES = 2
-GPUS_PER_NODE = 2
-LEARNING_RATES = [3e-4, 1e-3, 3e-3, 1e-2]  # 4 trials for 4 GPUs: all run at once
-
-SWEEP = f"""\
-description: {len(LEARNING_RATES)} one-epoch trials, one GPU each, on a {NODES}-node cluster
-train: {{epochs: 1, lora_r: 4, lora_alpha: 8}}
-search:
-  algorithm: grid
-  space:
-    learning_rate: {{grid: {LEARNING_RATES}}}
-eval: {{num_prompts: 4, max_new_tokens: 8}}
-resources: {{gpus_per_trial: 1, cpus_per_trial: 0.5}}
-"""
-
-
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
-    """A head without CPUs or GPUs (the driver only) and NODES worker nodes of 1 CPU and GPUS_PER_NODE GPUs."""
-    from ray.cluster_utils import Cluster
-
-    # The model is built before Ray starts (tiny_model_dir), so trials only load it.
-    # A private Ray temp dir holds the cluster's address file, so no `ray.init()` elsewhere on this
-    # machine attaches to this cluster; short, because Ray's socket paths must fit in 107 bytes.
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_TMPDIR", ray_tmp)
-        cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "num_gpus": 0})
-        try:
-            for _ in range(NODES):
-                cluster.add_node(num_cpus=1, num_gpus=GPUS_PER_NODE)
-            cluster.wait_for_nodes()
-            yield cluster
-        finally:
-            cluster.shutdown()
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def cluster_run(cluster, tmp_path_factory) -> tuple[Path, object]:
-    work = tmp_path_factory.mktemp("cluster")
-    sweep = work / "on_cluster.yaml"
-    sweep.write_text(SWEEP)
-    proc = peftsweep("run", str(sweep), "--address", cluster.address, "--runs-dir", str(work / "runs"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work / "runs" / "on_cluster", proc
+from tests.conftest import CLUSTER_GPUS_PER_NODE, CLUSTER_LEARNING_RATES, CLUSTER_NODES
 
 
 def _trials(run_dir: Path) -> list[dict]:
@@ -94,19 +45,17 @@ def _placed_trials(run_dir: Path) -> list[dict]:
 
 
 def test_the_cli_attaches_to_the_cluster(cluster_run):
-    run_dir, proc = cluster_run
-    assert proc.stdout.strip() == str(run_dir / "report.html")
-    assert (run_dir / "report.html").is_file()
-    assert f"{NODES * GPUS_PER_NODE} GPUs" in proc.stderr  # the cluster's resources: this machine has no GPU
+    assert cluster_run.proc.stdout.strip() == str(cluster_run.run_dir / "report.html")
+    assert (cluster_run.run_dir / "report.html").is_file()
+    assert f"{CLUSTER_NODES * CLUSTER_GPUS_PER_NODE} GPUs" in cluster_run.proc.stderr  # the cluster's: this machine has none
 
 
 def test_every_trial_completed_with_its_epoch_stored(cluster_run):
-    run_dir, _ = cluster_run
-    conn = sqlite3.connect(run_dir / "results.db")
+    conn = sqlite3.connect(cluster_run.db)
     assert conn.execute("SELECT status FROM sweep").fetchone()[0] == "completed"
     conn.close()
-    trials = _trials(run_dir)
-    assert len(trials) == len(LEARNING_RATES)
+    trials = _trials(cluster_run.run_dir)
+    assert len(trials) == len(CLUSTER_LEARNING_RATES)
     for trial in trials:
         assert trial["status"] == "completed", trial
         assert [e["epoch"] for e in trial["epochs"]] == [1]
@@ -114,25 +63,20 @@ def test_every_trial_completed_with_its_epoch_stored(cluster_run):
 
 
 def test_each_trial_held_exactly_one_gpu_that_ray_assigned(cluster_run):
-    run_dir, _ = cluster_run
-    for trial in _trials(run_dir):
-        assert trial["devices"] in {str(i) for i in range(GPUS_PER_NODE)}, trial  # CUDA_VISIBLE_DEVICES, one id
+    for trial in _trials(cluster_run.run_dir):
+        assert trial["devices"] in {str(i) for i in range(CLUSTER_GPUS_PER_NODE)}, trial  # CUDA_VISIBLE_DEVICES, one id
 
 
-def test_trials_ran_on_every_gpu_node(cluster, cluster_run):
-    run_dir, _ = cluster_run
-    trials = _placed_trials(run_dir)
-    gpu_nodes = {node.node_id for node in cluster.worker_nodes}
-    assert {t["node_id"] for t in trials} == gpu_nodes  # both GPU nodes, never the GPU-less head
+def test_trials_ran_on_every_gpu_node(cluster_run):
+    trials = _placed_trials(cluster_run.run_dir)
+    assert {t["node_id"] for t in trials} == set(cluster_run.gpu_nodes)  # both GPU nodes, never the GPU-less head
 
 
 def test_concurrent_trials_never_share_a_gpu(cluster_run):
-    run_dir, _ = cluster_run
-    trials = _placed_trials(run_dir)
-    concurrent_on_one_node = 0
-    for a, b in itertools.combinations(trials, 2):
-        overlap = a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]
-        if overlap and a["node_id"] == b["node_id"]:
-            concurrent_on_one_node += 1
-            assert set(a["devices"].split(",")).isdisjoint(b["devices"].split(",")), (a, b)
-    assert concurrent_on_one_node >= 1  # the check above ran: trials did share a node at the same time
+    trials = _placed_trials(cluster_run.run_dir)
+    for a, b in itertools.combinations(trials, 2):  # the judge held every trial until all had started
+        assert a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"], (a, b)
+    same_node = [(a, b) for a, b in itertools.combinations(trials, 2) if a["node_id"] == b["node_id"]]
+    assert len(same_node) == CLUSTER_NODES  # two trials at once on each node
+    for a, b in same_node:
+        assert set(a["devices"].split(",")).isdisjoint(b["devices"].split(",")), (a, b)

@@ -1,10 +1,11 @@
 """The cluster files in docker/: the worker image, the KubeRay manifest and the `ray up` config.
 
 Docker cannot build the image here (no network to pull the CUDA base image) and no Kubernetes or
-AWS is reachable, so these tests read the files and check what a cluster needs from them: the
-image installs peftsweep exactly as the Makefile does, the manifests ask for GPU workers running
-that image. `cluster.yaml` also goes through Ray's own config validation, the check `ray up` runs
-before it calls AWS.
+AWS is reachable. So the image's build steps that can run here do run, against this checkout: its
+`make install` line (dry run: make -n), the command that pins ray's extras, the tiny model's build
+step, and the commands it links to. The rest is checked against what it must agree with: the
+Makefile's torch pin, the installed ray, one image for head and workers. `cluster.yaml` goes
+through Ray's own config validation, the check `ray up` runs before it calls AWS.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -73,29 +78,65 @@ def test_image_pins_torch_like_the_makefile():
     assert torch_first < first_run(r"\bmake install\b")  # torch first, as the Makefile's install does
 
 
-def test_image_installs_the_project_with_the_makefiles_own_install():
+def test_the_images_make_install_line_installs_the_pinned_torch_then_the_project(tmp_path):
+    """The Dockerfile's `make install` line, run as `make -n` (print, do not run) on this Makefile in
+    an empty folder: the pin it passes reaches pip before the project's own install, into the venv
+    under WORKDIR, after the whole checkout was copied there."""
     instructions = dockerfile_instructions()
     workdir = next(a for k, a in instructions if k == "WORKDIR")
-    copy_all = instructions.index(("COPY", ". ."))  # the whole repository into WORKDIR
-    install = next(i for i, (k, a) in enumerate(instructions) if k == "RUN" and re.search(r"\bmake install\b", a))
-    assert copy_all < install
-    command = instructions[install][1]
-    assert 'TORCH="$TORCH"' in command  # the same pin reaches the Makefile's recipe
-    assert "VENV=" not in command  # the Makefile's own .venv, under WORKDIR
+    install = first_run(r"\bmake install\b")
+    assert instructions.index(("COPY", ". .")) < instructions.index(("RUN", runs()[install]))
+    pin = dict(a.split("=", 1) for k, a in instructions if k == "ARG" and "=" in a)["TORCH"]
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    argv = shlex.split(runs()[install].replace("$TORCH", pin))
+    proc = subprocess.run([*argv, "-n"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    torch = next(i for i, line in enumerate(lines) if f'pip install -q "{pin}"' in line)
+    project = next(i for i, line in enumerate(lines) if 'pip install -q -e ".[test]"' in line)
+    assert torch < project and lines[project].startswith(".venv/bin/python")  # the Makefile's own .venv, under WORKDIR
     assert f"{workdir}/.venv/bin" in env()["PATH"].split(":")  # its ray and peftsweep are what runs
 
 
-def test_image_is_a_cuda_image_with_rays_cluster_extras_at_the_installed_version():
+def test_the_images_ray_extras_are_pinned_to_the_installed_ray_as_the_manifest_says(ray_cluster):
+    """The command in the ray[default] line that picks the version, run with this venv's python: the
+    ray `make install` chose, so the line adds extras and changes no version; KubeRay's rayVersion too."""
+    import ray
+
     base = next(a for k, a in dockerfile_instructions() if k == "FROM")
-    assert base.startswith("nvidia/cuda:")
-    ray_default = runs()[first_run(r"ray\[default\]")]
-    assert "ray.__version__" in ray_default  # pinned to the ray `make install` chose: extras only
+    assert base.startswith("nvidia/cuda:")  # the NVIDIA container runtime's settings come with it
+    line = runs()[first_run(r"ray\[default\]")]
     assert first_run(r"\bmake install\b") < first_run(r"ray\[default\]")
+    picks = shlex.split(re.search(r'==\$\((.*)\)"', line).group(1))  # the command substitution in "ray[default]==$(...)"
+    assert picks[0] == ".venv/bin/python"
+    version = subprocess.run([sys.executable, *picks[1:]], capture_output=True, text=True, timeout=120).stdout.strip()
+    assert version == ray.__version__ == ray_cluster["spec"]["rayVersion"]
 
 
-def test_image_holds_the_tiny_model_in_its_cache():
+def test_the_images_model_step_runs_and_keeps_the_tiny_model_in_its_cache(tiny_model_dir, model_cache):
+    """The image's tiny-model step, run here against this session's cache: it finds the model built, and keeps it."""
     assert env().get("PEFTSWEEP_CACHE")
-    assert first_run(r"ensure_tiny_model\(\)") > first_run(r"\bmake install\b")
+    step = first_run(r"ensure_tiny_model\(\)")
+    assert step > first_run(r"\bmake install\b")
+    argv = shlex.split(runs()[step])
+    assert argv[0] == "python"  # the venv's, first on PATH
+    weights = tiny_model_dir / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert weights.stat().st_mtime_ns == built
+
+
+def test_the_images_links_name_commands_that_make_install_installs():
+    """`ray` and `peftsweep` in /usr/local/bin link to the venv's: that venv (here, this one) has them."""
+    workdir = next(a for k, a in dockerfile_instructions() if k == "WORKDIR")
+    [link] = [shlex.split(c) for c in runs() if c.startswith("ln -s ")]
+    targets = link[2:-1]
+    assert {Path(t).name for t in targets} == {"ray", "peftsweep"}
+    for target in targets:
+        assert Path(target).parent == Path(workdir) / ".venv" / "bin"
+        assert (Path(sys.executable).parent / Path(target).name).is_file()
 
 
 # --- KubeRay ----------------------------------------------------------------------------------------
@@ -115,11 +156,6 @@ def _cluster_spec(resource: dict) -> dict:
 
 def _containers(group: dict) -> list[dict]:
     return group["template"]["spec"]["containers"]
-
-
-def test_kuberay_manifest_is_a_ray_io_v1_cluster(ray_cluster):
-    assert ray_cluster["apiVersion"] == "ray.io/v1"
-    assert ray_cluster["metadata"]["name"]
 
 
 def test_kuberay_head_runs_the_image_and_keeps_the_runs_folder(ray_cluster):
@@ -169,8 +205,18 @@ def test_ray_up_config_has_a_head_and_a_gpu_worker_type(ray_up_config):
     assert all(t.get("max_workers", 0) >= 1 for t in gpu)
 
 
-def test_ray_up_config_syncs_the_checkout_and_installs_it_with_make(ray_up_config):
+def test_ray_up_config_syncs_the_checkout_and_installs_it_with_make(ray_up_config, tmp_path):
+    """Every node's setup command, in the folder the checkout is synced to, run as `make -n` on this
+    Makefile: it installs the project into the image's venv, the one on the image's PATH."""
     (remote,) = [path for path, local in ray_up_config["file_mounts"].items() if local == "."]
     setup = ray_up_config["setup_commands"]  # run on the head and on every worker
-    assert any(re.search(rf"cd {re.escape(remote)} && make (-B )?install\b", c) for c in setup), setup
+    [install] = [c for c in setup if c.startswith(f"cd {remote} && make ")]
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    argv = shlex.split(install.split("&&", 1)[1])
+    proc = subprocess.run([*argv, "-n"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    venv = next(a.split("=", 1)[1] for a in argv if a.startswith("VENV="))
+    assert f'{venv}/bin/python -m pip install -q -e ".[test]"' in proc.stdout
+    assert f"{venv}/bin" in env()["PATH"].split(":")  # the Dockerfile's venv
     assert ray_up_config["docker"]["image"]  # the image from docker/Dockerfile holds torch and the venv

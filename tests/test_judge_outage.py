@@ -52,14 +52,22 @@ def test_the_judge_waits_judge_wait_s_for_its_endpoint_to_come_back(monkeypatch)
             time.sleep(10)
 
     threading.Thread(target=start_later, daemon=True).start()
-    started = time.monotonic()
     assert judge.judge([QUESTION], ["good answer"], ["bad answer"], [""]) == [Verdict(WIN, True)]
-    assert came_back.is_set() and time.monotonic() - started >= 1.0  # it did wait for the server
+    assert came_back.is_set()  # it did wait: the server it got its answer from started a second later
+
     quick = OpenAIJudge(f"http://127.0.0.1:{_free_port()}/v1", "m", max_retries=0, backoff_s=0.05, wait_s=0.3)
-    started = time.monotonic()
-    with pytest.raises(JudgeUnavailable):
-        quick.check()
-    assert time.monotonic() - started < 5  # and gives up once judge_wait_s has passed
+    outcome: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            quick.check()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    checker = threading.Thread(target=check, daemon=True)
+    checker.start()
+    checker.join(timeout=120)  # a liveness bound, not a speed: a judge that never gives up would still be retrying
+    assert not checker.is_alive() and len(outcome) == 1 and isinstance(outcome[0], JudgeUnavailable)  # it gave up
 
 
 class _Recorder(ThreadingHTTPServer):
@@ -136,9 +144,15 @@ def test_the_openai_judge_never_sends_its_key_to_a_redirect_target(monkeypatch, 
 # --- the worker: an outage mid-trial keeps the epoch ----------------------------------------------
 
 
-def _config(base_url: str, **evaluation) -> TrialConfig:
+@pytest.fixture(scope="module")
+def data(small_task) -> DataConfig:
+    """The small task (tests/conftest.py): what these tests check does not depend on the size of an epoch."""
+    return DataConfig(source=str(small_task), eval_fraction=0.1)
+
+
+def _config(data: DataConfig, base_url: str, **evaluation) -> TrialConfig:
     return TrialConfig(
-        data=DataConfig(eval_fraction=0.1),
+        data=data,
         train=TrainConfig(epochs=2, learning_rate=3e-3, lora_r=4),
         eval=EvalConfig(
             num_prompts=4, max_new_tokens=6, judge="openai", base_url=base_url, api_model="m", api_key_env=KEY_ENV,
@@ -147,10 +161,10 @@ def _config(base_url: str, **evaluation) -> TrialConfig:
     )  # fmt: skip
 
 
-def test_a_judge_outage_after_the_first_epoch_keeps_every_epoch_without_verdicts(tiny_model_dir, monkeypatch):
+def test_a_judge_outage_after_the_first_epoch_keeps_every_epoch_without_verdicts(data, tiny_model_dir, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
     with chat_server(reply=lambda text: "A" if "[Answer A]" not in text else "B") as server:
-        config = _config(server.base_url)
+        config = _config(data, server.base_url)
         baseline = [a + " x" for a in baseline_answers(config).answers]  # differs from every trial answer: all are asked
         reported = []
 
@@ -172,11 +186,11 @@ def test_a_judge_outage_after_the_first_epoch_keeps_every_epoch_without_verdicts
     assert server.base_url in second["judge_error"] and KEY not in second["judge_error"]
 
 
-def test_a_wrong_judge_setting_still_fails_the_trial(tiny_model_dir, monkeypatch):
+def test_a_wrong_judge_setting_still_fails_the_trial(data, tiny_model_dir, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
     with chat_server() as server:
         server.script = ["404"] * 100
-        config = _config(server.base_url)
+        config = _config(data, server.base_url)
         with pytest.raises(JudgeError, match="HTTP 404"):
             train(config, [a + " x" for a in baseline_answers(config).answers], lambda m, save: None)
 
@@ -195,10 +209,10 @@ class _BigJudge:
         return [Verdict(WIN, True) for _ in answers]
 
 
-def test_inference_memory_leaves_out_the_judges_weights(tiny_model_dir, monkeypatch):
+def test_inference_memory_leaves_out_the_judges_weights(data, tiny_model_dir, monkeypatch):
     monkeypatch.setattr("trainers.worker.make_judge", lambda config, device=None: _BigJudge())
     config = TrialConfig(
-        data=DataConfig(eval_fraction=0.1),
+        data=data,
         train=TrainConfig(epochs=1, learning_rate=3e-3, lora_r=4),
         eval=EvalConfig(num_prompts=2, max_new_tokens=4),
     )

@@ -1,24 +1,23 @@
 """A whole sweep judged by an OpenAI-compatible endpoint: real HTTP on 127.0.0.1 from the Ray trial
-workers, the judge's numbers in the export, and the API key nowhere on disk or in the output."""
+workers, an outage mid-sweep that costs no training, `rejudge` filling the missing verdicts, the
+judge's numbers in the store and the export, and the API key nowhere on disk or in the output."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import shutil
 import socket
+import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
+from tests.conftest import JudgeGate, invoke, query, start, wait_for
+from tests.test_judges import KEY, KEY_ENV, answer_a_of, chat_server
 
-from tests.conftest import peftsweep
-from tests.test_judges import KEY, KEY_ENV, chat_server
-
-
-@pytest.fixture
-def judge_server():
-    with chat_server() as server:
-        yield server
+PROMPTS = 8  # sweeps/smoke.yaml: eval.num_prompts
 
 
 def _judge_args(base_url: str) -> list[str]:
@@ -28,80 +27,56 @@ def _judge_args(base_url: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_an_openai_judged_sweep_keeps_its_key_secret(tmp_path, tiny_model_dir, judge_server):
-    runs = tmp_path / "runs"
-    proc = peftsweep(
-        "run", "smoke", "--runs-dir", str(runs), "--set", "train.epochs=1", *_judge_args(judge_server.base_url),
-        env={KEY_ENV: KEY},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trial_requests = [r for r in judge_server.requests if r["body"].get("max_tokens") != 1]
-    assert trial_requests, "the trials asked the judge"
-    assert {r["auth"] for r in judge_server.requests} == {f"Bearer {KEY}"}  # the key was used...
-
-    leaks = [str(p) for p in (runs / "smoke").rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
-    ray_logs = Path("/tmp/ray/session_latest/logs")
-    if ray_logs.is_dir():  # Ray's own logs of this machine's latest session
-        leaks += [str(p) for p in ray_logs.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
-    assert not leaks  # ...and written nowhere: store, Tune's experiment state, checkpoints, report, logs
-    assert KEY not in proc.stdout + proc.stderr
-
-    export = peftsweep("export", "smoke", "--runs-dir", str(runs))
-    rows = list(csv.DictReader(io.StringIO(export.stdout)))
-    assert len(rows) == 2
-    for row in rows:
-        low, rate, high = float(row["win_rate_low"]), float(row["win_rate"]), float(row["win_rate_high"])
-        assert 0 <= low <= rate <= high <= 1
-        assert float(row["wins"]) + float(row["losses"]) + float(row["ties"]) == 8
-        assert 0 <= float(row["order_agreement"]) <= 1  # a pairwise judge: both orders were asked
-        assert float(row["retention_ppl"]) > 1
-        assert float(row["judge_seconds"]) > 0
+def longer_is_better(text: str) -> str:
+    """A judge with a known taste: the longer answer wins, in either order (equal lengths: B both times, a tie)."""
+    if "[Answer A]" not in text:
+        return "A"  # the check's one-token request
+    answer_b = text.split("[Answer B]\n")[1].rsplit("\n\nReply with one letter", 1)[0]
+    return "A" if len(answer_a_of(text)) > len(answer_b.strip()) else "B"
 
 
-def test_an_unreachable_judge_fails_the_sweep_before_training(tmp_path):
+def test_an_unreachable_judge_fails_the_sweep_before_training(tmp_path, tiny_model_dir):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     runs = tmp_path / "runs"
-    proc = peftsweep("run", "smoke", "--runs-dir", str(runs), *_judge_args(f"http://127.0.0.1:{port}/v1"), env={KEY_ENV: KEY})
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    result = invoke("run", "smoke", "--runs-dir", str(runs), *_judge_args(f"http://127.0.0.1:{port}/v1"), env={KEY_ENV: KEY})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("peftsweep: error: eval.base_url: ")  # checked before the sweep starts
-    assert f"127.0.0.1:{port}" in lines[-1] and KEY not in proc.stderr
+    assert f"127.0.0.1:{port}" in lines[-1] and KEY not in result.stdout + result.stderr
     assert not runs.exists()  # nothing written
 
 
-def test_a_judge_that_goes_away_mid_sweep_costs_no_training_and_rejudge_fills_the_verdicts(tmp_path, tiny_model_dir):
-    import sqlite3
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import REPO
+def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_verdicts_and_the_key_stays_secret(
+    tmp_path, small_task, tiny_model_dir
+):
+    """smoke on the small task, one trial at a time, each in a fresh worker process
+    (resources.reuse_workers: false). After the first trial's first epoch is judged and stored, the
+    server goes away while that trial's second epoch is being judged (JudgeGate.drop: the requests
+    lose their connection, then nothing answers): every epoch is kept, without verdicts.
+    `rejudge --missing`, with the server back on another port, fills them."""
     from trainers.config import EvalConfig
     from trainers.evaluate import win_rate
     from trainers.judges import agreement_rate, make_judge
 
     runs = tmp_path / "runs"
     db = runs / "smoke" / "results.db"
-    args = ["run", "smoke", "--runs-dir", str(runs), "--set", "search.max_concurrent_trials=1"]
-    with chat_server() as server:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hpo.cli", *args, *_judge_args(server.base_url)], cwd=REPO,
-            env={**__import__("os").environ, KEY_ENV: KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:  # until the first epoch is judged and stored
-            try:
-                with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-                    if conn.execute("SELECT count(*) FROM epochs WHERE win_rate IS NOT NULL").fetchone()[0]:
-                        break
-            except sqlite3.Error:
-                pass
-            time.sleep(0.05)
-        first_url = server.base_url
-    # the judge is gone from here on
-    stdout, stderr = proc.communicate(timeout=900)
+    gate = JudgeGate(longer_is_better)
+    args = [
+        "run", "smoke", "--runs-dir", str(runs), "--set", "search.max_concurrent_trials=1", "--set", "resources.reuse_workers=false",
+        "--set", f"data.source={small_task}",
+    ]  # fmt: skip
+    judged = lambda: query(db, "SELECT count(*) FROM epochs WHERE win_rate IS NOT NULL")[0][0]  # noqa: E731
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's logs of this sweep alone (short: socket paths)
+    with chat_server(reply=gate) as server:
+        proc = start(*args, *_judge_args(server.base_url), env={KEY_ENV: KEY, "RAY_TMPDIR": str(ray_tmp)})
+        wait_for(lambda: judged() == 1, proc)
+        gate.close()
+        gate.wait_until_held(proc)  # the first trial's second epoch, being judged
+        first_url, requests = server.base_url, server.requests
+    gate.drop()  # the server is gone: its held requests lose their connection, new ones are refused
+    stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
 
     with sqlite3.connect(db) as conn:
@@ -119,14 +94,19 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_and_rejudge_fills_th
         assert first_url in extra["judge_error"] and epoch["eval_ppl"] > 1 and epoch["train_loss"] is not None
         assert all(epoch[c] is None for c in ("wins", "losses", "ties", "win_rate_low", "win_rate_high"))
         assert extra["order_agreement"] is None
-    assert stored == 4 * 8 and missing == 3 * 8
+    assert stored == 4 * PROMPTS and missing == 3 * PROMPTS
+    pids = {(e["trial_id"], json.loads(e["metrics_json"])["worker_pid"]) for e in epochs}
+    assert len(pids) == 2 and len({pid for _, pid in pids}) == 2  # a process of its own for each trial, both its epochs
     last = {e["trial_id"]: e for e in epochs}  # each trial's latest epoch: its checkpoint, to resume from
     assert all(Path(e["checkpoint"], "state.pt").is_file() for e in last.values())
-    assert "not judged" in stderr and KEY not in stdout + stderr
+    assert "not judged" in stderr
     assert "not judged" in (runs / "smoke" / "report.html").read_text()
+    # The trials' workers asked the judge, with the key; the check's one-token request came first, from the driver.
+    assert requests[0]["body"]["max_tokens"] == 1 and any(r["body"]["max_tokens"] != 1 for r in requests)
+    assert {r["auth"] for r in requests} == {f"Bearer {KEY}"}
 
-    with chat_server() as server:  # back, on another port
-        rejudged = peftsweep(
+    with chat_server(reply=longer_is_better) as server:  # back, on another port
+        rejudged = invoke(
             "rejudge", "smoke", "--runs-dir", str(runs), "--missing", "--set", f"eval.base_url={server.base_url}",
             env={KEY_ENV: KEY},
         )  # fmt: skip
@@ -135,14 +115,13 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_and_rejudge_fills_th
         report = runs / "smoke" / "report.html"
         assert rejudged.stdout.strip() == str(report) and "not judged" not in report.read_text()  # rebuilt with the verdicts
         settings = EvalConfig(judge="openai", base_url=server.base_url, api_model="judge-model", api_key_env=KEY_ENV)
-        import os
-
-        os.environ[KEY_ENV] = KEY
-        try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(KEY_ENV, KEY)
             judge = make_judge(settings)
             with sqlite3.connect(db) as conn:
                 conn.row_factory = sqlite3.Row
                 base = conn.execute("SELECT * FROM baseline ORDER BY prompt_id").fetchall()
+                # Every epoch, the one a trial worker judged and the three rejudge did, against a direct judging.
                 for epoch in conn.execute("SELECT * FROM epochs").fetchall():
                     rows = conn.execute(
                         "SELECT answer, verdict FROM answers WHERE trial_id = ? AND epoch = ? ORDER BY prompt_id",
@@ -150,14 +129,25 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_and_rejudge_fills_th
                     ).fetchall()
                     verdicts = judge.judge([b["prompt"] for b in base], [r["answer"] for r in rows], [b["answer"] for b in base],
                                            [b["reference"] for b in base])  # fmt: skip
-                    assert [r["verdict"] for r in rows] == [v.score for v in verdicts]  # a direct judging of the stored answers
+                    assert [r["verdict"] for r in rows] == [v.score for v in verdicts]
                     expected = win_rate([v.score for v in verdicts])
                     for key, value in expected.items():
                         assert epoch[key] == pytest.approx(value), key
                     extra = json.loads(epoch["metrics_json"])
                     assert extra["order_agreement"] == pytest.approx(agreement_rate(verdicts)) and extra["judge_error"] is None
-        finally:
-            del os.environ[KEY_ENV]
     assert "not judged" not in (runs / "smoke" / "report.html").read_text()
-    export = peftsweep("export", "smoke", "--runs-dir", str(runs))
-    assert all(row["judge"] for row in csv.DictReader(io.StringIO(export.stdout)))
+    export = invoke("export", "smoke", "--runs-dir", str(runs))
+    rows = list(csv.DictReader(io.StringIO(export.stdout)))
+    assert len(rows) == 2
+    for row in rows:
+        assert row["judge"] == f"openai (judge-model at {server.base_url})"
+        assert float(row["wins"]) + float(row["losses"]) + float(row["ties"]) == PROMPTS
+        assert float(row["retention_ppl"]) > 1 and float(row["judge_seconds"]) > 0
+
+    # The key was used, and written nowhere: store, Tune's experiment state, checkpoints, report, logs, output.
+    ray_logs = list(ray_tmp.glob("ray/session_2*/logs"))
+    assert len(ray_logs) == 1 and any(ray_logs[0].iterdir())  # Ray's own logs of the sweep
+    leaks = [str(p) for folder in (runs, ray_tmp) for p in folder.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not leaks
+    assert KEY not in stdout + stderr + rejudged.stdout + rejudged.stderr + export.stdout

@@ -16,7 +16,7 @@ from hpo.callbacks import GpuHoursBudget
 from hpo.space import param_space, search_alg
 from hpo.trial import SPENT_KEY
 from hpo.spec import load_sweep
-from tests.conftest import REPO, peftsweep
+from tests.conftest import REPO, invoke, query
 
 
 def _searcher(spec):
@@ -75,45 +75,44 @@ def test_gpu_hours_budget_stops_all_once_spent():
 
 
 def _export(runs: Path, name: str) -> list[dict]:
-    proc = peftsweep("export", name, "--runs-dir", str(runs))
+    proc = invoke("export", name, "--runs-dir", str(runs))
     assert proc.returncode == 0, proc.stderr
     return list(csv.DictReader(io.StringIO(proc.stdout)))
 
 
-def test_epoch_folding_trains_each_configuration_once(tmp_path, tiny_model_dir):
-    runs = tmp_path / "runs"
-    proc = peftsweep(
-        "run", "smoke", "--name", "folded", "--runs-dir", str(runs),
-        "--set", "search.space.epochs={grid: [1, 2, 3]}",
+def test_a_folded_grid_exports_one_row_per_epochs_value(tmp_path):
+    """One training per configuration answers every epochs value of a folded grid: `export` gives each
+    (configuration, epochs) point its own row, read off the training's first `epochs` epochs, with the
+    cost paid up to there. (That the sweep trains each configuration once: benchmarks.epoch_folding's test.)"""
+    from hpo.store import Store
+
+    spec = load_sweep(str(REPO / "sweeps" / "smoke.yaml"), ["search.space.epochs={grid: [1, 2, 3]}"]).spec
+    assert spec.folded_epochs == [1, 2, 3] and spec.num_trainings == 2
+    (tmp_path / "runs" / "folded").mkdir(parents=True)
+    store = Store.create(
+        tmp_path / "runs" / "folded" / "results.db", name="folded", sweep_file="smoke.yaml", spec=spec.model_dump(mode="json"),
+        searched=spec.searched, objectives=[o.model_dump() for o in spec.objectives], versions={}, git_commit=None,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    conn = sqlite3.connect(runs / "folded" / "results.db")
-    assert conn.execute("SELECT count(*) FROM trials").fetchone()[0] == 2  # trainings: one per learning rate
-    assert conn.execute("SELECT count(DISTINCT trial_id || epoch) FROM epochs").fetchone()[0] == 6
-    rows = _export(runs, "folded")
-    assert len(rows) == 6  # results: one per (learning rate, epochs)
-    by_config: dict[str, list[dict]] = {}
+    for trial_id, learning_rate in (("a", 3e-4), ("b", 3e-3)):
+        store.add_trial(trial_id, {"learning_rate": learning_rate, "epochs": 3})
+        for epoch in (1, 2, 3):
+            store.add_epoch(trial_id, epoch, {"eval_ppl": 5.0 - epoch, "win_rate": 0.5 + 0.1 * epoch, "train_seconds": 10.0 * epoch})
+        store.set_trial_status(trial_id, "completed")
+    store.finish("completed")
+    store.close()
+    exported = invoke("export", "folded", "--runs-dir", str(tmp_path / "runs"))
+    assert exported.returncode == 0, exported.stderr
+    rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert sorted(r["trial_id"] for r in rows) == ["a@1", "a@2", "a@3", "b@1", "b@2", "b@3"]
     for row in rows:
-        by_config.setdefault(row["learning_rate"], []).append(row)
-    for points in by_config.values():
-        points.sort(key=lambda r: int(r["epochs"]))
-        assert [int(r["epochs"]) for r in points] == [1, 2, 3]
-        assert [int(r["epochs_completed"]) for r in points] == [1, 2, 3]
-        seconds = [float(r["train_seconds"]) for r in points]
-        assert seconds[0] < seconds[1] < seconds[2]  # each point carries its own cumulative cost
-        assert len({r["trial_id"].split("@")[0] for r in points}) == 1  # all read off one training
+        epochs = int(row["epochs"])
+        assert row["trial_id"].endswith(f"@{epochs}") and row["status"] == "completed"
+        assert int(row["epochs_completed"]) == epochs and float(row["train_seconds"]) == 10.0 * epochs
+        assert float(row["eval_ppl"]) == 5.0 - epochs and float(row["best_epoch"]) == epochs  # its own best: its last epoch
 
 
-def test_tpe_with_asha_stops_weak_trials_early(tmp_path, tiny_model_dir):
-    runs = tmp_path / "runs"
-    proc = peftsweep(
-        "run", "tpe_asha", "--runs-dir", str(runs),
-        "--set", "search.num_samples=6",
-        "--set", "search.space.epochs={choice: [3]}",
-        "--set", "objectives=[{metric: eval_ppl, mode: min}]",
-        "--set", "eval.num_prompts=8", "--set", "eval.max_new_tokens=12",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_tpe_with_asha_stops_weak_trials_early(asha_run):
+    runs = asha_run.runs
     rows = _export(runs, "tpe_asha")
     assert len(rows) == 6
     stopped = [r for r in rows if r["status"] == "early_stopped"]
@@ -124,7 +123,7 @@ def test_tpe_with_asha_stops_weak_trials_early(tmp_path, tiny_model_dir):
     assert any(r["status"] == "completed" and r["epochs_completed"] == "3" for r in rows)
     assert {r["status"] for r in rows} == {"completed", "early_stopped"}  # no trial errored in a reused worker
     # A stopped trial's worker process ran a later trial: its thread, stopped inside tune.report, ended in time.
-    conn = sqlite3.connect(runs / "tpe_asha" / "results.db")
+    conn = sqlite3.connect(asha_run.db)
     pids = {}
     for trial_id, status, started, metrics in conn.execute(
         "SELECT trial_id, status, started_at, metrics_json FROM trials JOIN epochs USING (trial_id) WHERE epoch = 1"
@@ -135,7 +134,7 @@ def test_tpe_with_asha_stops_weak_trials_early(tmp_path, tiny_model_dir):
         for pid, status, started in pids.values() if status == "early_stopped"
         for later_pid, _, later_started in pids.values()
     ), pids
-    html = (runs / "tpe_asha" / "report.html").read_text()
+    html = (asha_run.run_dir / "report.html").read_text()
     assert "early stopped" in html
 
 
@@ -151,7 +150,7 @@ def test_local_paths_become_absolute_before_trials(tmp_path, monkeypatch):
     assert fixed.model.name == "tiny" and fixed.train == spec.train
 
 
-def test_a_decaying_schedule_trains_each_epochs_value_on_its_own(tmp_path):
+def test_a_decaying_schedule_trains_each_epochs_value_on_its_own(tmp_path, tiny_model_dir):
     """Under a linear or cosine schedule the learning rate at epoch k depends on the total epochs,
     so one long training cannot answer the shorter ones: folding is off, and the CLI says why."""
     from hpo.spec import SweepSpec
@@ -169,7 +168,7 @@ def test_a_decaying_schedule_trains_each_epochs_value_on_its_own(tmp_path):
     # A searched schedule overrides train.lr_schedule: a grid of [constant] folds, whatever train says.
     searched = load_sweep(str(path), ["search.space.lr_schedule.grid=[constant]"]).spec
     assert searched.folded_epochs == [1, 2, 3] and stored(searched).folded_epochs == [1, 2, 3]
-    proc = peftsweep("validate", str(path))
+    proc = invoke("validate", str(path))
     assert proc.returncode == 0 and "epochs not folded: a decaying lr_schedule depends on the total epochs" in proc.stdout
 
 
@@ -209,28 +208,19 @@ def test_conditional_parameters_exist_only_for_their_method(tmp_path):
     assert seen == {"lora", "prefix", "none"}
 
 
-def test_a_grid_with_conditional_parameters_runs_each_method_with_its_own_values(tmp_path, tiny_model_dir):
-    path = tmp_path / "variants.yaml"
-    path.write_text(
-        "train: {epochs: 1}\n"
-        "data: {eval_fraction: 0.1}\n"
-        "eval: {num_prompts: 4, max_new_tokens: 8}\n"
-        "search:\n"
-        "  space:\n"
-        "    method: {grid: [lora, none]}\n"
-        "  conditional:\n"
-        "    lora: {lora_r: {grid: [2, 4]}}\n"
-    )
-    spec = load_sweep(str(path), []).spec
-    assert spec.num_trainings == 3
-    runs = tmp_path / "runs"
-    proc = peftsweep("run", str(path), "--runs-dir", str(runs))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 trials (grid)" in proc.stderr
-    rows = _export(runs, "variants")
-    configs = sorted((r["method"], r["lora_r"]) for r in rows)
-    assert configs == [("lora", "2"), ("lora", "4"), ("none", "")]  # the store holds plain fields, no variant dicts
-    assert all(r["status"] == "completed" for r in rows)
+def test_a_grid_with_conditional_parameters_runs_each_method_with_its_own_values(variants_run):
+    """The variants sweep of tests/conftest.py: method {lora, none}; lora alone with lora_alpha and target_modules."""
+    assert "5 trials (grid)" in variants_run.proc.stderr
+    rows = _export(variants_run.runs, "variants")
+    configs = sorted((r["method"], r["lora_alpha"], r["target_modules"]) for r in rows)
+    assert configs == [  # the store holds plain fields, no variant dicts
+        ("lora", "1000000000.0", "no_such_module"), ("lora", "1000000000.0", "q_proj,v_proj"),
+        ("lora", "8.0", "no_such_module"), ("lora", "8.0", "q_proj,v_proj"), ("none", "", ""),
+    ]  # fmt: skip
+    # Without a `storage`, Tune keeps each trial's checkpoints in the run folder: runs/<name>/tune/<trial_id>.
+    kept = query(variants_run.db, "SELECT trial_id, checkpoint, params_json FROM epochs JOIN trials USING (trial_id)")
+    [(trial_id, checkpoint)] = [(t, Path(c)) for t, c, p in kept if json.loads(p)["method"] == "lora"]  # the one that trained
+    assert checkpoint.parent == variants_run.run_dir / "tune" / trial_id and (checkpoint / "adapter" / "adapter_config.json").is_file()
 
 
 @pytest.mark.parametrize(

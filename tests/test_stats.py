@@ -7,7 +7,7 @@ import math
 import pytest
 
 from trainers.evaluate import win_rate
-from trainers.stats import bootstrap_interval, wilson_interval
+from trainers.stats import wilson_interval
 
 
 def test_wilson_31_wins_of_50():
@@ -53,29 +53,3 @@ def test_win_rate_carries_its_interval():
     assert (result["wins"], result["losses"], result["ties"]) == (31, 19, 0)
     assert result["win_rate"] == pytest.approx(0.62)
     assert (round(result["win_rate_low"], 3), round(result["win_rate_high"], 3)) == (0.482, 0.741)
-
-
-def test_bootstrap_is_deterministic_for_a_seed():
-    scores = [0.1, 0.9, 0.4, 0.7, 0.3, 1.0, 0.0, 0.55]
-    assert bootstrap_interval(scores, seed=3) == bootstrap_interval(scores, seed=3)
-    assert bootstrap_interval(scores, seed=3) != bootstrap_interval(scores, seed=4)
-
-
-def test_bootstrap_of_a_constant_sample_is_that_constant():
-    assert bootstrap_interval([0.75] * 20, seed=0) == pytest.approx((0.75, 0.75))
-
-
-def test_bootstrap_brackets_the_mean_and_narrows_with_more_prompts():
-    few = [0.0, 1.0] * 10
-    many = [0.0, 1.0] * 500
-    low, high = bootstrap_interval(few, seed=0)
-    assert low < 0.5 < high
-    # standard error of a mean of 0/1 with p = 1/2 is 0.5 / sqrt(n): about +-0.22 at n = 20
-    assert high - low == pytest.approx(2 * 1.96 * 0.5 / math.sqrt(20), rel=0.2)
-    many_low, many_high = bootstrap_interval(many, seed=0)
-    assert many_high - many_low < (high - low) / 5
-
-
-def test_bootstrap_needs_scores():
-    with pytest.raises(ValueError):
-        bootstrap_interval([], seed=0)

@@ -1,18 +1,20 @@
 """Nothing a sweep hands over is lost or mislabelled: the best epoch's adapter survives ties, one
-ranking names the best trial, a live sweep cannot be overwritten, Ctrl-C and SIGTERM leave a sweep
-that resumes, a failed sweep says so, a full disk is named, and a killed driver leaves no process.
+ranking names the best trial, a live sweep cannot be overwritten, Ctrl-C, SIGTERM and kill -9 leave
+a sweep that resumes, a failed sweep says so, and a killed driver leaves no process.
 
-All real: a local Ray runtime, the tiny model, SQLite, real signals, a real tmpfs for the full disk.
+All real: a local Ray runtime, the tiny model, SQLite, real signals. (A full disk: tests/test_reliability.py.)
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,10 +26,10 @@ from analysis.report_data import report_data
 from hpo.callbacks import GpuHoursBudget
 from hpo.trial import SPENT_KEY, STATUS_KEY, _closing_report
 from hpo.reaper import descendants
-from hpo.store import epoch_score
-from tests.conftest import REPO, peftsweep
+from hpo.store import Store, epoch_score
+from tests.conftest import JUDGE_KEY_ENV, REPO, JudgeGate, invoke, peftsweep, query, start, sweep_file, wait_for
+from tests.test_judges import KEY, chat_server, prefers_good
 from tests.test_report import make_store
-from tests.test_reliability import _query, _start, _sweep_file, _wait_for
 
 
 def test_equal_values_rank_the_earliest_epoch_first_and_distinct_values_by_value():
@@ -80,7 +82,7 @@ def test_best_names_the_reports_best_trial_when_trials_tie(tmp_path):
         conn.execute("UPDATE epochs SET gpu_hours = 0.001 WHERE trial_id = 't-late'")
     data = report_data(store)
     assert data.cost == "gpu_hours" and data.best_trial == "t-late"
-    proc = peftsweep("best", "demo", "--runs-dir", str(runs))
+    proc = invoke("best", "demo", "--runs-dir", str(runs))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("best trial t-late ")
 
@@ -142,96 +144,52 @@ def test_the_reaper_ends_a_killed_drivers_processes(tmp_path):
     assert _alive(workers) == []
 
 
-def test_a_sweep_in_which_every_trial_fails_exits_non_zero_and_keeps_tracebacks(tmp_path, tiny_model_dir):
-    sweep = _sweep_file(tmp_path, "train: {epochs: 1, lora_r: 4, target_modules: [no_such_module]}\n")
-    runs = tmp_path / "runs"
-    proc = peftsweep("run", str(sweep), "--runs-dir", str(runs))
+def test_a_sweep_in_which_every_trial_fails_exits_non_zero_and_keeps_tracebacks(failing_run):
+    proc = failing_run.proc
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("peftsweep: failed: sweep sweep failed: 1 of 1 trials failed (1 error)"), last
     assert "Traceback" not in proc.stderr and "NaN or Inf" not in proc.stderr
-    db = runs / "sweep" / "results.db"
-    assert _query(db, "SELECT status FROM sweep") == [("failed",)]
-    [(trial_id, error)] = _query(db, "SELECT trial_id, error FROM trials")
-    log = runs / "sweep" / "errors" / f"{trial_id}.txt"
+    assert query(failing_run.db, "SELECT status FROM sweep") == [("failed",)]
+    [(trial_id, error)] = query(failing_run.db, "SELECT trial_id, error FROM trials")
+    log = failing_run.run_dir / "errors" / f"{trial_id}.txt"
     text = log.read_text()
     assert text.startswith("Traceback (most recent call last)") and "no_such_module" in text and error in text
-    exported = json.loads(peftsweep("export", "sweep", "-f", "json", "--runs-dir", str(runs)).stdout)
-    assert exported[0]["error_log"] == str(log)
-    assert 'href="errors/' in (runs / "sweep" / "report.html").read_text()
+    exported = invoke("export", "sweep", "-f", "json", "--runs-dir", str(failing_run.runs))
+    assert json.loads(exported.stdout)[0]["error_log"] == str(log)
+    assert 'href="errors/' in (failing_run.run_dir / "report.html").read_text()
 
 
-def test_tied_epochs_keep_the_best_epochs_adapter(tmp_path, tiny_model_dir):
-    """At learning rate 1e-9 every verdict is a tie, so every epoch's win rate is 0.5: the best epoch
-    is the first, and its adapter must be the one kept (with the latest, to resume from)."""
-    runs = tmp_path / "runs"
-    proc = peftsweep(
-        "run", "smoke", "--runs-dir", str(runs), "--set", "search.space.learning_rate.grid=[1e-9]", "--set", "train.epochs=3"
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    db = runs / "smoke" / "results.db"
-    rows = _query(db, "SELECT epoch, win_rate, checkpoint FROM epochs ORDER BY epoch")
-    assert [w for _, w, _ in rows] == [0.5, 0.5, 0.5]
-    kept = {e: c for e, _, c in rows}
+def test_tied_epochs_keep_the_best_epochs_adapter(smoke_run):
+    """At learning rate 1e-9 no answer changes, so every verdict is a tie and every epoch's win rate
+    is 0.5: the best epoch is the first, and its adapter must be the one kept (with the latest, to
+    resume from). Ray Tune removes the others, and the store forgets them."""
+    rows = [
+        (t, e, w, c)
+        for t, e, w, c, params in query(
+            smoke_run.db, "SELECT trial_id, epoch, win_rate, checkpoint, params_json FROM epochs JOIN trials USING (trial_id) ORDER BY epoch"
+        )
+        if json.loads(params)["learning_rate"] == 1e-9
+    ]
+    assert [(e, w) for _, e, w, _ in rows] == [(1, 0.5), (2, 0.5), (3, 0.5)]
+    kept = {e: c for _, e, _, c in rows}
     assert kept[2] is None  # removed by Ray Tune, and cleared in the store
     assert Path(kept[1]).is_dir() and Path(kept[3]).is_dir()
-    best = peftsweep("best", "smoke", "--runs-dir", str(runs))
-    assert "at epoch 1 of 3" in best.stdout
-    adapter = Path(best.stdout.split("adapter: ")[1].split()[0])
-    assert (adapter / "adapter_config.json").is_file() and adapter.parent == Path(kept[1])
-    assert load_trials_best_epoch(db) == 1
+    assert sorted(Path(kept[1]).parent.glob("checkpoint_*")) == [Path(kept[1]), Path(kept[3])]  # epoch 2's is gone
+    assert (Path(kept[1]) / "adapter" / "adapter_config.json").is_file()
+    with Store.open(smoke_run.db) as store:
+        trials = load_trials(store).set_index("trial_id")
+    assert trials.loc[rows[0][0], "best_epoch"] == 1  # what `best` and the report name, and whose checkpoint they read
 
 
-def load_trials_best_epoch(db: Path) -> int:
-    from hpo.store import Store
-
-    with Store.open(db) as store:
-        return int(load_trials(store)["best_epoch"].iloc[0])
-
-
-def test_ctrl_c_and_sigterm_interrupt_a_sweep_that_resume_continues(tmp_path, tiny_model_dir):
-    """SIGINT to a running driver, then SIGTERM to the resumed one: each time the sweep is recorded
-    `interrupted` with exit 128 + the signal, a line says how to resume, and the last resume finishes
-    every epoch once. While the first driver runs, `run --overwrite` of the same name is refused."""
-    sweep = _sweep_file(
-        tmp_path,
-        "train: {epochs: 3, lora_r: 4}\n"
-        "search: {algorithm: grid, max_concurrent_trials: 1, space: {learning_rate: {grid: [1e-3, 3e-3]}}}\n",
-    )
-    runs = tmp_path / "runs"
-    db = runs / "sweep" / "results.db"
-    first = _start("run", str(sweep), "--runs-dir", str(runs))
-    _wait_for(lambda: _query(db, "SELECT count(*) FROM epochs")[0][0] >= 1, 300, first)
-
-    overwrite = peftsweep("run", str(sweep), "--runs-dir", str(runs), "--overwrite")
-    assert overwrite.returncode == 2 and "a driver is still running this sweep" in overwrite.stderr
-    assert db.is_file() and _query(db, "SELECT count(*) FROM epochs")[0][0] >= 1  # the live sweep is untouched
-
-    first.send_signal(signal.SIGINT)
-    _, err = first.communicate(timeout=120)
-    assert first.returncode == 130, err[-3000:]
-    assert err.strip().splitlines()[-1] == (
-        "peftsweep: interrupted (SIGINT); finished epochs are in the store, and `peftsweep resume sweep` continues the sweep"
-    )
-    assert "Traceback" not in err
-    assert _query(db, "SELECT status FROM sweep") == [("interrupted",)]
-    assert "early_stopped" not in {s for (s,) in _query(db, "SELECT status FROM trials")}
-
-    second = _start("resume", "sweep", "--runs-dir", str(runs))
-    seen = _query(db, "SELECT count(*) FROM epochs")[0][0]
-    _wait_for(lambda: _query(db, "SELECT count(*) FROM epochs")[0][0] > seen, 300, second)
-    second.send_signal(signal.SIGTERM)
-    _, err = second.communicate(timeout=120)
-    assert second.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "interrupted (SIGTERM)" in err.strip().splitlines()[-1]
-    assert _query(db, "SELECT status FROM sweep") == [("interrupted",)]
-
-    last = peftsweep("resume", "sweep", "--runs-dir", str(runs))
-    assert last.returncode == 0, last.stderr[-3000:]
-    assert _query(db, "SELECT status FROM sweep") == [("completed",)]
-    epochs = _query(db, "SELECT trial_id, epoch FROM epochs ORDER BY trial_id, epoch")
-    trials = sorted({t for t, _ in epochs})
-    assert len(trials) == 2 and epochs == [(t, e) for t in trials for e in (1, 2, 3)]
+def tune_recorded_as_finished(tune_dir: Path) -> set[str]:
+    """The trials that Ray Tune's saved experiment state, what `resume` restores, holds as finished."""
+    states = sorted(tune_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    try:
+        trial_data = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except json.JSONDecodeError:
+        return set()  # being written
+    return {trial["trial_id"] for trial in (json.loads(state) for state, _ in trial_data) if trial["status"] == "TERMINATED"}
 
 
 @pytest.fixture
@@ -244,22 +202,134 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_stops_the_sweep_with_one_line_and_resume_continues(tmp_path, small_disk, tiny_model_dir):
-    """The store's disk fills up after the first epoch: the driver says so in one line, and once
-    space is freed `resume` finishes the sweep (checkpoints go to `storage` on another disk)."""
-    sweep = _sweep_file(tmp_path, "train: {epochs: 3, lora_r: 4}\n")
+def test_a_sweep_stopped_every_way_resumes_and_finishes_every_epoch_once(tmp_path, small_disk, small_task, tiny_model_dir):
+    """One sweep (3 trials of 3 epochs, one at a time; its store on a 16 MB disk, its checkpoints on
+    another, `storage`), stopped five ways and resumed each time:
+
+    1. SIGINT to the running driver: exit 130, the sweep `interrupted`, a line on how to resume.
+       Meanwhile `run --overwrite` of the same name is refused, and readers work.
+    2. kill -9 to the driver, once a trial has finished and the next is midway: the sweep stays
+       `running`, and the reaper ends the Ray processes the driver left.
+    3. kill -9 to a trial's worker process (as on a preempted node): Ray Tune restarts the trial from
+       its last checkpoint in a new process; then SIGTERM to the driver: exit 143, `interrupted`.
+    4. The store's disk fills up: exit 1, one line naming the file and saying resume continues.
+    5. Space freed, the last resume finishes: every epoch once, the trial finished before kill -9
+       never run again, the trial it interrupted continued from its checkpoint; resume again is refused.
+
+    The trials are judged by a test server the test can hold (JudgeGate): each kill and the full disk
+    come while a trial is held inside an epoch's judging, so it cannot move on first.
+    TUNE_GLOBAL_CHECKPOINT_S=0: Tune saves its experiment state after every event instead of at most
+    every 10 s; before kill -9 the test waits until that state holds the finished trial."""
+    gate = JudgeGate(prefers_good)
     runs, filler = small_disk / "runs", small_disk / "filler"
     db = runs / "sweep" / "results.db"
-    proc = _start("run", str(sweep), "--runs-dir", str(runs), "--set", f"storage={tmp_path / 'shared'}")
-    _wait_for(lambda: _query(db, "SELECT count(*) FROM epochs")[0][0] >= 1, 300, proc)
-    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)  # until the disk is full
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 1, err[-3000:]
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("peftsweep: failed: cannot write") and ("full" in line or "No space left" in line), line
-    assert "`peftsweep resume sweep` continues" in line and "Traceback" not in err
-    filler.unlink()
-    resumed = peftsweep("resume", "sweep", "--runs-dir", str(runs))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _query(db, "SELECT status FROM sweep") == [("completed",)]
-    assert [e for (e,) in _query(db, "SELECT epoch FROM epochs ORDER BY epoch")] == [1, 2, 3]
+    env = {JUDGE_KEY_ENV: KEY, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    storage = ["--set", f"storage={tmp_path / 'shared'}"]
+    epochs = lambda: query(db, "SELECT count(*) FROM epochs")[0][0]  # noqa: E731
+    copies = lambda: set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))  # noqa: E731
+    copies_before = copies()
+    with chat_server(reply=gate) as server:
+        sweep = sweep_file(
+            tmp_path, small_task,
+            "train: {epochs: 3, lora_r: 4}\n"
+            "search: {algorithm: grid, max_concurrent_trials: 1, space: {learning_rate: {grid: [1e-3, 3e-3, 1e-2]}}}\n",
+            judge_url=server.base_url,
+        )  # fmt: skip
+
+        # 1. Ctrl-C.
+        first = start("run", str(sweep), "--runs-dir", str(runs), *storage, env=env)
+        wait_for(lambda: epochs() >= 1, first)
+        overwrite = invoke("run", str(sweep), "--runs-dir", str(runs), "--overwrite", *storage, env=env)
+        assert overwrite.returncode == 2 and "a driver is still running this sweep" in overwrite.stderr, overwrite.stderr
+        assert db.is_file() and epochs() >= 1  # the live sweep is untouched
+        reading = invoke("export", "sweep", "--runs-dir", str(runs))  # readers work while the sweep writes
+        assert reading.returncode == 0 and "running" in reading.stdout, reading.stderr
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 130, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            "peftsweep: interrupted (SIGINT); finished epochs are in the store, and `peftsweep resume sweep` continues the sweep"
+        )
+        assert "Traceback" not in err
+        assert query(db, "SELECT status FROM sweep") == [("interrupted",)]
+        assert "early_stopped" not in {s for (s,) in query(db, "SELECT status FROM trials")}
+
+        # 2. kill -9 to the driver, once one trial has finished and the next is midway.
+        second = start("resume", "sweep", "--runs-dir", str(runs), env=env)
+        done = lambda: {t for (t,) in query(db, "SELECT trial_id FROM trials WHERE status = 'completed'")}  # noqa: E731
+        midway = lambda: query(db, "SELECT trial_id FROM trials JOIN epochs USING (trial_id) WHERE status = 'running'")  # noqa: E731
+        wait_for(lambda: done() and midway(), second)
+        gate.close()
+        gate.wait_until_held(second)  # the running trial is inside its next epoch's judging, held there
+        wait_for(lambda: done() <= tune_recorded_as_finished(tmp_path / "shared" / "sweep"), second)
+        ray_processes = {p: t for p, t in descendants({second.pid}).items() if b"hpo.reaper" not in _cmdline(p)}
+        assert any(b"ray::" in _cmdline(p) for p in ray_processes)  # Ray's agents and workers, among others
+        second.send_signal(signal.SIGKILL)  # the driver dies without a word
+        second.wait(timeout=30)
+        gate.open()
+        deadline = time.monotonic() + 30  # the reaper ends what the driver left (SIGTERM, SIGKILL after 5 s)
+        while (left := _alive(ray_processes)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert left == [], [_cmdline(p) for p in left]
+        before = {t: (started, status, n) for t, started, status, n in query(
+            db, "SELECT trial_id, started_at, status, (SELECT count(*) FROM epochs e WHERE e.trial_id = t.trial_id) FROM trials t"
+        )}  # fmt: skip
+        finished = [t for t, (_, status, _) in before.items() if status == "completed"]
+        [interrupted] = [t for t, (_, status, n) in before.items() if status == "running" and 1 <= n < 3]
+        assert finished, before
+        assert query(db, "SELECT status FROM sweep") == [("running",)]
+
+        # 3. kill -9 to the interrupted trial's worker, held in its first judging after resume; then SIGTERM.
+        gate.close()
+        third = start("resume", "sweep", "--runs-dir", str(runs), env=env)
+        gate.wait_until_held(third)
+        seen = epochs()
+        [lost] = [p for p, t in descendants({third.pid}).items() if b"ray::ImplicitFunc" in _cmdline(p)]
+        os.kill(lost, signal.SIGKILL)
+        gate.open()
+        wait_for(lambda: epochs() > seen, third)
+        third.send_signal(signal.SIGTERM)
+        _, err = third.communicate(timeout=120)
+        assert third.returncode == 128 + signal.SIGTERM, err[-3000:]
+        assert f"lost its process; restarting from epoch {before[interrupted][2]}" in err
+        assert "interrupted (SIGTERM)" in err.strip().splitlines()[-1]
+        assert query(db, "SELECT status FROM sweep") == [("interrupted",)]
+        restarted = json.loads(query(db, "SELECT metrics_json FROM epochs WHERE trial_id = ? AND epoch = ?",
+                                     interrupted, before[interrupted][2] + 1)[0][0])  # fmt: skip
+        assert restarted["resumed_from_epoch"] == before[interrupted][2] and restarted["worker_pid"] != lost
+
+        # 4. The store's disk fills up while a trial is held in its judging; its epoch cannot be written.
+        gate.close()
+        fourth = start("resume", "sweep", "--runs-dir", str(runs), env=env)
+        gate.wait_until_held(fourth)
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)  # until the disk is full
+        gate.open()
+        _, err = fourth.communicate(timeout=300)
+        assert fourth.returncode == 1, err[-3000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("peftsweep: failed: cannot write") and ("full" in line or "No space left" in line), line
+        assert "`peftsweep resume sweep` continues" in line and "Traceback" not in err
+
+        # 5. Space again: the last resume finishes the sweep.
+        filler.unlink()
+        last = peftsweep("resume", "sweep", "--runs-dir", str(runs), env=env)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert last.stdout.strip() == str(runs / "sweep" / "report.html")
+    assert query(db, "SELECT status FROM sweep") == [("completed",)]
+    trials = {t: (status, started) for t, status, started in query(db, "SELECT trial_id, status, started_at FROM trials")}
+    assert len(trials) == 3 and {s for s, _ in trials.values()} == {"completed"}
+    for trial_id in finished:  # not run again
+        assert trials[trial_id][1] == before[trial_id][0]
+    rows = query(db, "SELECT trial_id, epoch FROM epochs ORDER BY trial_id, epoch")
+    assert rows == [(t, e) for t in sorted(trials) for e in (1, 2, 3)]  # each epoch once
+    assert copies() == copies_before  # checkpoints were read in place, not copied and left in /tmp
+
+    again = invoke("resume", "sweep", "--runs-dir", str(runs))
+    assert again.returncode == 2 and "has completed; nothing to resume" in again.stderr
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

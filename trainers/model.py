@@ -156,10 +156,11 @@ def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key
     except ImportError:
         pass  # older transformers always de-quantize
     try:
-        with _tensor_progress(gguf_path.name, log):
+        with _tensor_progress(gguf_path.name, log), no_progress_bars():  # our lines, not transformers' bars
             model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **options)
         log(f"converting {gguf_path.name}: reading its tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        with no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{key}: cannot read {gguf_path}: {(str(exc).strip() or type(exc).__name__).splitlines()[0]}") from None
     quantizer = getattr(model, "hf_quantizer", None)

@@ -1,11 +1,8 @@
-"""Interval statistics for win rates: Wilson for win/loss/tie counts, a bootstrap for per-prompt soft scores."""
+"""The interval of a win rate: Wilson for win/loss/tie counts. (Tests between trials: analysis/stats.py.)"""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
-import numpy as np
 
 
 def wilson_interval(wins: int, losses: int, ties: int, z: float = 1.96) -> tuple[float, float]:
@@ -25,18 +22,3 @@ def wilson_interval(wins: int, losses: int, ties: int, z: float = 1.96) -> tuple
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return max(0.0, center - half), min(1.0, center + half)
 
-
-def bootstrap_interval(
-    scores: Sequence[float], *, seed: int, n_resamples: int = 2000, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-prompt scores, resampling prompts with replacement."""
-    values = np.asarray(scores, dtype=float)
-    if values.size == 0:
-        raise ValueError("bootstrap_interval needs at least one score")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be between 0 and 1 (got {level})")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
