@@ -18,15 +18,17 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trainers import tinyworld
 from trainers.progress import Progress, duration, no_progress_bars
+
+if TYPE_CHECKING:  # transformers' model classes load only for a build: finding the built model stays quick
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # Bump whenever anything below (or in tinyworld) that changes the saved files changes.
 TINY_MODEL_VERSION = "8"
@@ -88,6 +90,8 @@ def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
 
 def _build(folder: Path, log: Callable[[str], None]) -> None:
     """Build tokenizer and pre-trained model from the seed-0 world and save both into `folder`."""
+    from transformers import LlamaForCausalLM
+
     started = time.monotonic()
     log(f"building the built-in tiny model v{TINY_MODEL_VERSION} (once; later runs reuse it from {folder.parent})")
     documents = tinyworld.pretraining_corpus(SEED)
@@ -125,6 +129,8 @@ def _instruction_texts() -> list[str]:
 
 def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with one special token that is bos, eos and pad."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -145,6 +151,8 @@ def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 
 def _model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     end_of_text = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     return LlamaConfig(
         vocab_size=len(tokenizer),
