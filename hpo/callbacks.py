@@ -1,15 +1,16 @@
-"""What the driver hooks into Ray Tune: the callback that records every trial in the store, and the GPU-hours budget."""
+"""What the driver hooks into Ray Tune: the callback that records every trial in the store, the one
+that records the base model's answers once they come, and the GPU-hours budget."""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback, Stopper
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from hpo.errors import last_line
+from hpo.errors import SweepError, last_line
 from hpo.spec import SweepSpec, flatten_params
 from hpo.store import Store
 from hpo.trial import SCORE_KEY, SPENT_KEY, STATUS_KEY
@@ -88,6 +89,47 @@ class StoreCallback(Callback):
         error = str(trial.get_error() or "unknown error")  # a lost process: Ray's full traceback
         self.store.write_traceback(trial.trial_id, error)
         self.store.set_trial_status(trial.trial_id, TrialStatus.ERROR, last_line(error))
+
+
+class BaselineCallback(Callback):
+    """Records the base model's answers (a Ray task started with the first trials) through `record`
+    as soon as they come, and before any epoch is stored, since judging an epoch needs them.
+
+    If the task failed, the sweep stops: SweepError, raised out of Tuner.fit (the trials waiting
+    for the answers fail with it).
+    """
+
+    def __init__(self, task: Any, record: Callable[[Any], None]):
+        self.task, self.record = task, record
+
+    def __getstate__(self) -> dict[str, Any]:
+        # In Tune's experiment state: a resumed sweep reads the answers from the store.
+        return {"task": None, "record": None}
+
+    def on_step_begin(self, iteration, trials, **info):
+        import ray
+
+        if self.task is not None and ray.wait([self.task], timeout=0)[0]:
+            self.wait()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.wait()  # an epoch was judged: the answers are there
+
+    def on_experiment_end(self, trials, **info):
+        self.wait()  # every trial failed before its first judging, or the sweep was interrupted
+
+    def wait(self) -> None:
+        import ray
+
+        if self.task is None:
+            return
+        task, self.task = self.task, None
+        try:
+            base = ray.get(task)
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise SweepError(f"the base model could not answer the judged prompts: {last_line(str(cause))}") from None
+        self.record(base)
 
 
 class GpuHoursBudget(Stopper):

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpo.callbacks import GpuHoursBudget, StoreCallback
+from hpo.callbacks import BaselineCallback, GpuHoursBudget, StoreCallback
 from hpo.checks import check_inputs
 from hpo.errors import SweepError, SweepFailed, SweepInterrupted, last_line
 from hpo.progress import ProgressCallback
 from hpo.rundir import DriverLock, clear_run_dir, experiment_name, experiment_path, make_run_dir, prepare_storage, runs_root
-from hpo.runtime import Signals, check_address, git_commit, init_ray, resources, start_reaper, versions
+from hpo.runtime import Signals, check_address, git_commit, init_ray, resources, start_reaper, stop_ray_later, versions
 from hpo.space import param_space, scheduler, search_alg
 from hpo.spec import Sweep, SweepSpec
 from hpo.store import Store
-from hpo.trial import SCORE_KEY, trainable
+from hpo.trial import SCORE_KEY, PendingBaseline, base_model_answers, trainable
 from trainers.vocabulary import FINISHED, SweepStatus, TrialStatus
 
 
@@ -82,8 +82,10 @@ def run_sweep(
         progress = ProgressCallback(spec, name)
 
         def tuner() -> Any:
-            baseline = _answer_as_base_model(spec, store, progress)
-            return make_tuner(spec, baseline, run_dir, [StoreCallback(store, spec), progress])
+            # The base model answers while the first trials start; they wait for its answers at their first judging.
+            task = _start_baseline(spec, progress)
+            recorder = BaselineCallback(task, lambda base: _record_baseline(store, progress, base))
+            return make_tuner(spec, PendingBaseline(task), run_dir, [recorder, StoreCallback(store, spec), progress])
 
         return _drive(tuner, store, spec, progress, run_dir, address)
 
@@ -172,14 +174,15 @@ def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCal
         reason = f"cannot write {fault.filename or store.path}: {fault.strerror}" if isinstance(fault, OSError) else (
             f"cannot write the results store {store.path}: {fault}" if fault is not None else None
         )
-        _finish_quietly(store, SweepStatus.FAILED, reason or last_line(f"{type(exc).__name__}: {exc}"))
+        said = str(exc) if isinstance(exc, SweepError) else last_line(f"{type(exc).__name__}: {exc}")
+        _finish_quietly(store, SweepStatus.FAILED, reason or said)
         if reason:
             raise SweepFailed(f"{reason}; free space or fix the folder's permissions, then `peftsweep resume {run_dir.name}` continues") from None
         raise
     finally:
         store.close()
         if ray.is_initialized() and not address:
-            ray.shutdown()
+            stop_ray_later()  # while the CLI writes the report
     return outcome
 
 
@@ -195,21 +198,38 @@ def _record_end(store: Store, spec: SweepSpec, run_dir: Path, seconds: float) ->
     return SweepOutcome(run_dir, status, note)
 
 
-def _answer_as_base_model(spec: SweepSpec, store: Store, progress: ProgressCallback) -> list[str]:
-    """The untouched base model answers the judged prompts once per sweep, on a worker; its answers and perplexities go to the store."""
+def _start_baseline(spec: SweepSpec, progress: ProgressCallback) -> Any:
+    """The untouched base model answers the judged prompts once per sweep: a Ray task (the driver
+    never loads a model); its ObjectRef.
+
+    On GPUs it holds a trial's GPUs. On CPUs it holds no CPU slot, so that every first trial starts
+    beside it (their worker processes start, load the model and train their first epoch while it
+    answers): the CPUs are briefly shared by one process more than there are slots, instead of a
+    slot waiting for it.
+    """
+    import ray
+
     # the tiny model was built before Ray started (hpo.checks.check_inputs), with its own progress lines
     progress.say(f"Answering {spec.eval.num_prompts} judged prompts with the untouched base model ({spec.model.name}) ...")
-    base = _baseline(spec)
+    task = ray.remote(base_model_answers).options(
+        num_cpus=spec.resources.cpus_per_trial if spec.resources.gpus_per_trial else 0,
+        num_gpus=spec.resources.gpus_per_trial,
+        max_retries=0,
+    )
+    return task.remote(spec.trial_config({}))
+
+
+def _record_baseline(store: Store, progress: ProgressCallback, base: Any) -> None:
+    """The base model's answers and perplexities, into the store (hpo.callbacks.BaselineCallback, once they come)."""
     store.set_baseline(
         zip(range(len(base.prompts)), base.prompts, base.references, base.answers),
         {"eval_ppl": base.eval_ppl, "retention_ppl": base.retention_ppl},
     )
     retention = f", retention_ppl {base.retention_ppl:.3f}" if base.retention_ppl else ""
     progress.say(f"Base model: eval_ppl {base.eval_ppl:.3f}{retention}")
-    return base.answers
 
 
-def make_tuner(spec: SweepSpec, baseline: list[str], run_dir: Path, callbacks: list[Any], trial: Any = None) -> Any:
+def make_tuner(spec: SweepSpec, baseline: list[str] | PendingBaseline, run_dir: Path, callbacks: list[Any], trial: Any = None) -> Any:
     """Ray Tune's Tuner for the sweep: its space, searcher, scheduler, budgets, retries and checkpoint keeping.
 
     `trial` replaces hpo.trial.run_trial (the benchmarks' stand-ins that report without training).
@@ -291,22 +311,6 @@ def _absolute_paths(spec: SweepSpec) -> SweepSpec:
     if storage and "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     return spec.model_copy(update={"data": data, "model": model, "eval": evaluation, "storage": storage})
-
-
-def _baseline(spec: SweepSpec) -> Any:
-    """The base model's answers, generated once per sweep on a worker (the driver never loads a model)."""
-    import ray
-
-    from trainers.worker import baseline_answers
-
-    task = ray.remote(baseline_answers).options(
-        num_cpus=spec.resources.cpus_per_trial, num_gpus=spec.resources.gpus_per_trial, max_retries=0
-    )
-    try:
-        return ray.get(task.remote(spec.trial_config({})))
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if exc.cause is not None else exc
-        raise SweepError(f"the base model could not answer the judged prompts: {last_line(str(cause))}") from None
 
 
 def _budget_note(spec: SweepSpec, store: Store, seconds: float) -> str | None:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,30 @@ def check_address(address: str | None) -> None:
         ) from None
 
 
+_stopping: list[threading.Thread] = []  # local Ray runtimes shutting down (stop_ray_later)
+
+
+def stop_ray_later() -> None:
+    """Shut the local Ray runtime down in a thread of its own (a second or two of stopping processes),
+    so that the caller goes on meanwhile: the CLI writes the report. The process waits for it before it
+    exits (a non-daemon thread), and so does the next init_ray."""
+    import ray
+
+    thread = threading.Thread(target=ray.shutdown, name="peftsweep-ray-shutdown")
+    thread.start()
+    _stopping.append(thread)
+
+
+def ray_stopped() -> None:
+    """Wait until every stop_ray_later has finished."""
+    while _stopping:
+        _stopping.pop().join()
+
+
 def init_ray(address: str | None) -> None:
     import ray
+
+    ray_stopped()  # a previous sweep's runtime, in this process, is gone first
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray says at every local start that it enabled token authentication, its default: not news to our users.

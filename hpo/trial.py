@@ -12,13 +12,17 @@ import os
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpo.errors import last_line
 from hpo.spec import SweepSpec
 from hpo.store import epoch_score
 from trainers.vocabulary import EpochMetrics, TrialResult, TrialStatus
+
+if TYPE_CHECKING:
+    from trainers.worker import BaseAnswers
 
 # Key of a trial's closing report (one of the failed statuses): how it ended, not a new epoch.
 STATUS_KEY = "trial_status"
@@ -27,7 +31,24 @@ SCORE_KEY = "checkpoint_score"
 SPENT_KEY = "spent_gpu_hours"  # GPU-hours a trial has held so far, in every report (the budget's input)
 
 
-def trainable(spec: SweepSpec, baseline: list[str], trial: Any = None) -> Any:
+@dataclass(frozen=True)
+class PendingBaseline:
+    """The Ray task computing the base model's answers, while the sweep's first trials start.
+
+    Wrapped, because tune.with_parameters would wait for a bare ObjectRef before the trial starts.
+    """
+
+    task: Any  # ray.ObjectRef of trainers.worker.baseline_answers
+
+
+def base_model_answers(config: Any) -> Any:
+    """trainers.worker.baseline_answers, as a Ray task: the driver does not import the worker (torch, peft) itself."""
+    from trainers.worker import baseline_answers
+
+    return baseline_answers(config)
+
+
+def trainable(spec: SweepSpec, baseline: list[str] | PendingBaseline, trial: Any = None) -> Any:
     """`trial` (default run_trial; a benchmark's stand-in) with the sweep's spec and the base model's
     answers bound, and each trial's resources."""
     from ray import tune
@@ -38,7 +59,7 @@ def trainable(spec: SweepSpec, baseline: list[str], trial: Any = None) -> Any:
     )
 
 
-def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> None:
+def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str] | PendingBaseline) -> None:
     """The Ray Tune trainable: a thin adapter from Tune to the worker.
 
     Every epoch is checkpointed, so a trial whose process or node is lost restarts from its last
@@ -87,7 +108,7 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
         # as_directory reads a local checkpoint in place; a copy (from an object store) is removed
         # once the training has read it, so no checkpoint_tmp_* folder outlives the trial.
         with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
-            result = train(config, baseline, report, Path(folder) if folder else None)
+            result = train(config, _answers(baseline), report, Path(folder) if folder else None)
     except Exception as exc:
         result = TrialResult(TrialStatus.ERROR, 0, {}, last_line(f"{type(exc).__name__}: {exc}"))
         trace = traceback.format_exc()
@@ -95,6 +116,16 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str]) -> N
     if result.status is not TrialStatus.COMPLETED:
         spent = last.get("gpu_hours", 0.0) + (time.monotonic() - held_since) * gpus / 3600  # the failed epoch's too
         tune.report({**_closing_report(spec, result, last), SPENT_KEY: spent, "traceback": trace})
+
+
+def _answers(baseline: list[str] | PendingBaseline) -> BaseAnswers:
+    """The base model's answers, or while they are still being computed a function that the worker
+    calls at its first judging, which waits for them."""
+    import ray
+
+    if isinstance(baseline, PendingBaseline):
+        return lambda: ray.get(baseline.task).answers
+    return baseline
 
 
 def _unjudged_objectives(spec: SweepSpec, metrics: dict[str, Any]) -> dict[str, float]:

@@ -285,3 +285,17 @@ def test_a_failed_peak_reset_is_said_and_no_earlier_peak_fails_the_trial(data, b
     assert train(capped, baseline, lambda m, s: reported.append(m)).status is TrialStatus.COMPLETED
     assert reported[0]["peak_memory_scope"] == "epoch" and "memory_checks_skipped" not in reported[0]
     assert reported[0]["peak_memory_gb"] < headroom
+
+
+
+def test_a_base_model_that_cannot_answer_stops_the_sweep_with_one_line(base_failing_run):
+    """The base model answers in a Ray task while the first trials start (hpo.driver). When it
+    cannot (tests/conftest.py: damaged weights), the sweep ends with one line naming the failure,
+    exit 2, and the store says failed, not running."""
+    proc = base_failing_run.proc
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("peftsweep: error: the base model could not answer the judged prompts: "), line
+    assert "Traceback" not in proc.stderr
+    [(status, note)] = query(base_failing_run.db, "SELECT status, note FROM sweep")
+    assert status == "failed" and note.startswith("the base model could not answer the judged prompts: "), note

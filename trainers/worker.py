@@ -34,6 +34,9 @@ from trainers.model import load_base_model, pick_device
 from trainers.vocabulary import VERDICT_METRICS, EpochMetrics, TrialResult, TrialStatus
 
 Report = Callable[[EpochMetrics, Callable[[Path], None]], None]
+# The base model's answers to the judged prompts, or a function that waits for them (hpo.trial: a
+# sweep's first trials start while the base model still answers).
+BaseAnswers = list[str] | Callable[[], list[str]]
 STATE_FILE = "state.pt"  # in a checkpoint folder: what training resumes from
 ADAPTER_DIR = "adapter"  # in a checkpoint folder: the adapter, for peft.PeftModel.from_pretrained
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,13 +109,13 @@ def _retention_ppl(model: Any, retention_set: list | None, config: TrialConfig, 
     return perplexity(model, batches(retention_set, config.eval.batch_size, pad_id), device)
 
 
-def train(config: TrialConfig, baseline: list[str], report: Report, resume_from: Path | None = None) -> TrialResult:
+def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_from: Path | None = None) -> TrialResult:
     """Fine-tune one adapter and report metrics and a checkpoint after every epoch.
 
     `report(metrics, save)` gets each epoch's metrics and `save(folder)`, which writes the epoch's
     checkpoint there: the adapter (loadable with `peft.PeftModel.from_pretrained`) and the state to
     resume from (trainable weights, optimizer, schedule, data order). `resume_from` such a folder
-    continues after its epoch.
+    continues after its epoch. `baseline` is waited for at the first judging, if it is a function.
     """
     device = setup(config)
     method = get_method(config.train.method)
@@ -221,6 +224,8 @@ def train(config: TrialConfig, baseline: list[str], report: Report, resume_from:
             model.eval()
             epoch_peak = reset_peak_memory(device) and epoch_peak
             lifetime_peak = lifetime_peak or not epoch_peak
+            if callable(baseline):  # waited for before the clock starts: no epoch's cost
+                baseline = baseline()
             start = time.perf_counter()
             eval_ppl = perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), device)
             retention_ppl = _retention_ppl(model, retention_set, config, tokenizer.pad_token_id, device)
