@@ -49,6 +49,10 @@ def test_overhead(benchmark_overhead):
     assert 0 < phases["startup"]["peftsweep"] < phases["to_first_training"]["peftsweep"] < sweep
     assert phases["trainings"]["peftsweep"] < sweep and phases["trainings"]["plain"] < phases["makespan"]["plain"]
     assert result["ratios"][0]["value"] == pytest.approx(sweep / phases["makespan"]["plain"])
+    [a], [b] = result["runs"]["peftsweep"], result["runs"]["plain"]
+    per_trial = (a["held_beyond_training"] - b["held_beyond_training"]) * 2 / 2  # 2 trials, 2 at a time
+    assert result["ratios"][1]["name"] == "fixed cost per sweep, seconds"
+    assert result["ratios"][1]["value"] == pytest.approx(a["makespan"] - b["makespan"] - per_trial)
     assert "| makespan, launch to exit" in stdout
 
 
