@@ -303,21 +303,6 @@ def _failing_run(work: Path, small_task: Path, environ: dict[str, str]) -> Run:
     return Run(runs, runs / "sweep", peftsweep("run", str(path), "--runs-dir", str(runs), base=environ))
 
 
-def _base_failing_run(work: Path, small_task: Path, environ: dict[str, str]) -> Run:
-    """One trial on a copy of the tiny model whose weights are damaged (its tokenizer, which the checks
-    before the sweep read, is not): the base model cannot answer, in its Ray task beside the trial."""
-    import shutil
-
-    from trainers.tiny_model import TINY_MODEL_VERSION
-
-    damaged = work / "damaged-model"
-    shutil.copytree(Path(environ["PEFTSWEEP_CACHE"]) / f"tiny-{TINY_MODEL_VERSION}", damaged)
-    (damaged / "model.safetensors").write_bytes(b"not a safetensors file")
-    path = sweep_file(work, small_task, f"model: {{name: '{damaged}'}}\ntrain: {{epochs: 1, lora_r: 4}}\n")
-    runs = work / "runs"
-    return Run(runs, runs / "sweep", peftsweep("run", str(path), "--runs-dir", str(runs), base=environ))
-
-
 # A Ray cluster on this machine, in a process of its own (its RAY_TMPDIR too, so that no other
 # `ray.init()` on this machine finds and joins it): a head without CPUs or GPUs (the driver only)
 # and NODES worker nodes of 1 CPU and GPUS_PER_NODE GPUs. It prints its address and its nodes' ids,
@@ -414,7 +399,6 @@ JOBS: dict[str, Callable[[Path, Path, dict[str, str]], Any]] = {
     "variants_run": _variants_run,
     "benchmark_overhead": _benchmark("overhead"),
     "failing_run": _failing_run,
-    "base_failing_run": _base_failing_run,
     "benchmark_throughput": _benchmark("throughput"),
     "benchmark_cluster_sim": _benchmark("cluster_sim"),
     "benchmark_gpu_throughput": _benchmark("gpu_throughput"),

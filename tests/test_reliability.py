@@ -13,12 +13,14 @@ import json
 import math
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import query
+from tests.conftest import REPO, query
 from trainers.config import ConstraintConfig, DataConfig, EvalConfig, ModelConfig, ResourceConfig, TrainConfig, TrialConfig
 from trainers.data import DataError
 from trainers.vocabulary import TrialStatus
@@ -288,14 +290,40 @@ def test_a_failed_peak_reset_is_said_and_no_earlier_peak_fails_the_trial(data, b
 
 
 
-def test_a_base_model_that_cannot_answer_stops_the_sweep_with_one_line(base_failing_run):
-    """The base model answers in a Ray task while the first trials start (hpo.driver). When it
-    cannot (tests/conftest.py: damaged weights), the sweep ends with one line naming the failure,
-    exit 2, and the store says failed, not running."""
-    proc = base_failing_run.proc
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("peftsweep: error: the base model could not answer the judged prompts: "), line
-    assert "Traceback" not in proc.stderr
-    [(status, note)] = query(base_failing_run.db, "SELECT status, note FROM sweep")
-    assert status == "failed" and note.startswith("the base model could not answer the judged prompts: "), note
+
+# A local Ray (1 CPU) in a process of its own; the base model's task fails, then one answers.
+BASELINE_TASKS = """
+import ray
+from hpo.callbacks import BaselineCallback
+from hpo.errors import SweepError
+
+def fails():
+    raise OSError("model.safetensors: not a safetensors file")
+
+def answers():
+    return "the answers"
+
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+try:
+    BaselineCallback(ray.remote(fails).options(max_retries=0).remote(), print).wait()
+except SweepError as exc:
+    print(exc)
+recorded = []
+callback = BaselineCallback(ray.remote(answers).remote(), recorded.append)
+callback.on_trial_result(0, [], None, {})  # an epoch came: the answers are recorded first, once
+callback.on_experiment_end([])
+print(recorded)
+ray.shutdown()
+"""
+
+
+def test_the_base_models_answers_are_recorded_once_and_its_failure_is_one_line():
+    """hpo.callbacks.BaselineCallback: the base model answers in a Ray task beside the first trials
+    (hpo.driver); its answers are recorded before the first epoch, once, and a task that failed
+    becomes the sweep's one-line SweepError (the CLI prints it and exits 2)."""
+    proc = subprocess.run([sys.executable, "-c", BASELINE_TASKS], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        "the base model could not answer the judged prompts: model.safetensors: not a safetensors file",
+        "['the answers']",
+    ]
