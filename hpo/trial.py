@@ -22,7 +22,8 @@ from hpo.store import epoch_score
 from trainers.vocabulary import EpochMetrics, TrialResult, TrialStatus
 
 if TYPE_CHECKING:
-    from trainers.worker import BaseAnswers
+    from trainers.config import TrialConfig
+    from trainers.worker import BaseAnswers, Baseline
 
 # Key of a trial's closing report (one of the failed statuses): how it ended, not a new epoch.
 STATUS_KEY = "trial_status"
@@ -38,10 +39,10 @@ class PendingBaseline:
     Wrapped, because tune.with_parameters would wait for a bare ObjectRef before the trial starts.
     """
 
-    task: Any  # ray.ObjectRef of trainers.worker.baseline_answers
+    task: Any  # ray.ObjectRef of base_model_answers (a trainers.worker.Baseline)
 
 
-def base_model_answers(config: Any) -> Any:
+def base_model_answers(config: TrialConfig) -> Baseline:
     """trainers.worker.baseline_answers, as a Ray task: the driver does not import the worker (torch, peft) itself."""
     from trainers.worker import baseline_answers
 

@@ -123,6 +123,15 @@ def small_task(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def data(small_task):
+    """The small task as the data section of a trial's config, for tests that call the worker directly:
+    what they check does not depend on the size of an epoch."""
+    from trainers.config import DataConfig
+
+    return DataConfig(source=str(small_task), eval_fraction=0.1)
+
+
 def sweep_file(folder: Path, data: Path, body: str = "", *, judge_url: str | None = None, name: str = "sweep") -> Path:
     """A sweep file on the small task: LoRA rank 4 at learning rate 3e-3, 4 judged prompts of 8
     tokens (a section in `body` replaces these); judged by an OpenAI-compatible test server at

@@ -144,12 +144,6 @@ def test_the_openai_judge_never_sends_its_key_to_a_redirect_target(monkeypatch, 
 # --- the worker: an outage mid-trial keeps the epoch ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data(small_task) -> DataConfig:
-    """The small task (tests/conftest.py): what these tests check does not depend on the size of an epoch."""
-    return DataConfig(source=str(small_task), eval_fraction=0.1)
-
-
 def _config(data: DataConfig, base_url: str, **evaluation) -> TrialConfig:
     return TrialConfig(
         data=data,

@@ -17,12 +17,6 @@ from trainers.vocabulary import EpochMetrics, TrialStatus
 from trainers.worker import baseline_answers, lr_lambda, train
 
 
-@pytest.fixture(scope="module")
-def data(small_task) -> DataConfig:
-    """The small task (tests/conftest.py): what these tests check does not depend on the size of an epoch."""
-    return DataConfig(source=str(small_task), eval_fraction=0.1)
-
-
 def _config(data: DataConfig, **train: object) -> TrialConfig:
     return TrialConfig(
         data=data,

@@ -35,12 +35,6 @@ from trainers.worker import (
 )
 
 
-@pytest.fixture(scope="module")
-def data(small_task) -> DataConfig:
-    """The small task (tests/conftest.py): what these tests check does not depend on the size of an epoch."""
-    return DataConfig(source=str(small_task), eval_fraction=0.1)
-
-
 def _config(data: DataConfig, **train: object) -> TrialConfig:
     return TrialConfig(
         data=data,
