@@ -57,11 +57,19 @@ def _say(line: str) -> None:
 
 
 def _tokenizer(location: str, model: ModelConfig):
-    from transformers import AutoTokenizer
-
+    """The tokenizer that measures prompts: read from the folder's tokenizer.json without transformers
+    (no torch: validate stays quick) where transformers would load that file as it is, else AutoTokenizer."""
+    from trainers.light_tokenizer import LightTokenizer, UnsupportedTokenizer
     from trainers.model import ModelError
 
     try:
+        if (Path(location) / "tokenizer.json").is_file():
+            try:
+                return LightTokenizer.from_folder(location)
+            except UnsupportedTokenizer:
+                pass  # a tokenizer class of the model's own: transformers builds it
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(location, revision=model.revision)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
