@@ -43,7 +43,8 @@ def check_inputs(spec: SweepSpec) -> None:
         # the terminal, which a Ray worker's output does not; the trials then load it from the cache.
         location = prepare_model(spec.model, log=_say)
         check_lengths(spec.data, _tokenizer(location, spec.model))  # also the chat template
-        load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
+        if spec.eval.retention_data is not None:  # without a file, the tiny model's held-out text is generated: nothing to check
+            load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
         if spec.eval.judge == "hf":
             prepare_model(ModelConfig(name=spec.eval.judge_model), log=_say)
         if spec.eval.judge in ("reference", "openai"):  # an unreachable endpoint fails here, before any training
