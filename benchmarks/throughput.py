@@ -75,7 +75,7 @@ def hf_trainer_run(config: Any) -> dict[str, Any]:
 
     from trainers.data import batches, load_splits, tokenize
     from trainers.evaluate import perplexity
-    from trainers.model import DTYPES, pick_device, resolve_model
+    from trainers.model import pick_device, resolve_model, torch_dtype
 
     device = pick_device()
     torch.set_num_threads(int(config.resources.cpus_per_trial))
@@ -84,7 +84,7 @@ def hf_trainer_run(config: Any) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(location)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[config.model.dtype])
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(config.model.dtype))
     train = config.train
     model = get_peft_model(model, LoraConfig(
         r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,

@@ -43,7 +43,8 @@ def check_inputs(spec: SweepSpec) -> None:
         # the terminal, which a Ray worker's output does not; the trials then load it from the cache.
         location = prepare_model(spec.model, log=_say)
         check_lengths(spec.data, _tokenizer(location, spec.model))  # also the chat template
-        load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
+        if spec.eval.retention_data is not None:  # without a file, the tiny model's held-out text is generated: nothing to check
+            load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
         if spec.eval.judge == "hf":
             prepare_model(ModelConfig(name=spec.eval.judge_model), log=_say)
         if spec.eval.judge in ("reference", "openai"):  # an unreachable endpoint fails here, before any training
@@ -57,11 +58,19 @@ def _say(line: str) -> None:
 
 
 def _tokenizer(location: str, model: ModelConfig):
-    from transformers import AutoTokenizer
-
+    """The tokenizer that measures prompts: read from the folder's tokenizer.json without transformers
+    (no torch: validate stays quick) where transformers would load that file as it is, else AutoTokenizer."""
+    from trainers.light_tokenizer import LightTokenizer, UnsupportedTokenizer
     from trainers.model import ModelError
 
     try:
+        if (Path(location) / "tokenizer.json").is_file():
+            try:
+                return LightTokenizer.from_folder(location)
+            except UnsupportedTokenizer:
+                pass  # a tokenizer class of the model's own: transformers builds it
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(location, revision=model.revision)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]

@@ -80,6 +80,10 @@ def _data(tmp: Path) -> None:
     (tmp / "two.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
     (tmp / "a_folder.jsonl").mkdir()
     (tmp / "file").write_text("not a folder")
+    (tmp / "model").mkdir()  # a model folder whose tokenizer.json is damaged
+    (tmp / "model" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp / "model" / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend"}')
+    (tmp / "model" / "tokenizer.json").write_text('{"model": ')
 
 
 def sweep_file(tmp: Path, name: str, text: str) -> str:
@@ -177,6 +181,10 @@ CASES = {  # id: (argv for a tmp folder, what the one line must contain; TMP sta
     ),
     "validate_prompt_too_long": (lambda tmp: ["validate", SMOKE, "--set", "data.max_length=16"], "no response token fits"),
     "validate_storage": (lambda tmp: ["validate", SMOKE, "--set", "storage=/proc/nope"], "storage /proc/nope"),
+    "validate_damaged_tokenizer": (
+        lambda tmp: ["validate", sweep_file(tmp, "s", "model: {name: TMP/model}\n")],
+        "model.name: cannot load the tokenizer of 'TMP/model': TMP/model/tokenizer.json: ",
+    ),
     # stores: damaged, a folder, not SQLite, unknown
     **{
         f"{command}_{kind}": (store_command(command, kind), ("TMP/runs/done/results.db: damaged results store: ", DAMAGES[kind][1]))

@@ -15,11 +15,12 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
 
 from trainers.config import DataConfig
+
+if TYPE_CHECKING:  # torch loads where batches are made: the checks before a sweep never need it
+    import torch
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -440,6 +441,8 @@ def batches(
     data: list[Tokenized], batch_size: int, pad_id: int, rng: random.Random | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Right-padded batches; shuffled when `rng` is given."""
+    import torch
+
     order = list(range(len(data)))
     if rng is not None:
         rng.shuffle(order)
@@ -463,6 +466,8 @@ def packed_batches(data: list[Tokenized], batch_size: int, rng: random.Random | 
     transformers builds a block-diagonal causal mask from them, so no example attends to another
     and no compute is spent on padding. Each example's first token carries no loss, as unpacked
     (there it has nothing before it to be predicted from)."""
+    import torch
+
     order = list(range(len(data)))
     if rng is not None:
         rng.shuffle(order)

@@ -5,20 +5,35 @@ The judges that compare a trial's answers with the base model's are in `trainers
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
-from typing import Any, Iterable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from trainers.data import IGNORE_INDEX
 from trainers.stats import wilson_interval
 
+if TYPE_CHECKING:  # torch loads with the model: the reference judge's scoring below needs none
+    import torch
+
 WIN, TIE, LOSS = 1.0, 0.5, 0.0
 
 
-@torch.no_grad()
+def no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.no_grad()` as a decorator that imports torch when `fn` runs, not when its module loads."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@no_grad
 def perplexity(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> float:
     """exp(total NLL / total predicted tokens): token-weighted, over labelled tokens only.
 
@@ -26,6 +41,8 @@ def perplexity(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: t
     tokens carry IGNORE_INDEX. Examples longer than the max length were truncated from the right
     by `trainers.data.tokenize`, so only the response tokens that fit are scored.
     """
+    import torch
+
     total_nll, total_tokens = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -42,7 +59,7 @@ def perplexity(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: t
     return math.exp(total_nll / total_tokens)
 
 
-@torch.no_grad()
+@no_grad
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -58,6 +75,8 @@ def generate_answers(
     Greedy by default; `sampling` ({"temperature", "top_p", "seed"}) samples instead, seeded per
     call, so the base model and every trial answer under the same settings and the same seed.
     """
+    import torch
+
     answers: list[str] = []
     tokenizer.padding_side = "left"
     stop_ids, end_of_turn = _stop_tokens(tokenizer)
@@ -127,6 +146,8 @@ def greedy_without_cache(
     these methods); each token costs a pass over the sequence: fine for short answers. It stops and
     cuts where `generate_answers` does: `stops` is `_stop_tokens(tokenizer)`, computed when not given.
     """
+    import torch
+
     stop_ids, end_of_turn = stops if stops is not None else _stop_tokens(tokenizer)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     start = ids.size(1)

@@ -19,12 +19,13 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from trainers.config import EvalConfig
-from trainers.evaluate import LOSS, SIMILARITY, TIE, WIN, judge_against_reference
+from trainers.evaluate import LOSS, SIMILARITY, TIE, WIN, judge_against_reference, no_grad
+
+if TYPE_CHECKING:  # torch loads with the hf judge's model: checking the other judges needs none
+    import torch
 
 JUDGE_PROMPT = """Two assistants answered the same question. Which answer is better: correct, helpful and to the point?
 
@@ -203,7 +204,7 @@ class HFJudge:
             return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text + "\nBetter answer:\n"
 
-    @torch.no_grad()
+    @no_grad
     def margins(self, texts: list[str]) -> list[float]:
         """Per judge prompt: log P(A) - log P(B) of the next token."""
         if self._model is None:

@@ -106,14 +106,14 @@ def attach_dora(model: Any, train: TrainConfig) -> Any:
 def _four_bit(train: TrainConfig) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
-    from trainers.model import DTYPES
+    from trainers.model import torch_dtype
 
     return {
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=DTYPES[train.qlora_compute_dtype],
+            bnb_4bit_compute_dtype=torch_dtype(train.qlora_compute_dtype),
         )
     }
 

@@ -15,14 +15,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from trainers.config import ModelConfig
 from trainers.progress import Progress, duration, no_progress_bars
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # torch loads with a model: finding or converting one (the checks before a sweep) never needs it
+    import torch
+
 # Bump whenever what `_convert_gguf` writes changes: converted folders are named by it.
 GGUF_CONVERSION_VERSION = "1"
 
@@ -43,6 +43,13 @@ PACKAGED_MODELS = {
 
 class ModelError(ValueError):
     """A model that cannot be loaded; the message says what to fix."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a config names: float32, bfloat16 or float16."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def resolve_model(config: ModelConfig, log: Callable[[str], None] = print) -> str:
@@ -77,6 +84,8 @@ def resolve_model(config: ModelConfig, log: Callable[[str], None] = print) -> st
 
 def pick_device() -> torch.device:
     """The trial's device: Ray pins a GPU trial via CUDA_VISIBLE_DEVICES, so cuda:0 is its own GPU."""
+    import torch
+
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
@@ -95,7 +104,7 @@ def load_base_model(config: ModelConfig, device: torch.device, options: dict[str
         options["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}  # quantized weights cannot be moved
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=config.revision)
-        model = AutoModelForCausalLM.from_pretrained(location, revision=config.revision, dtype=DTYPES[config.dtype], **options)
+        model = AutoModelForCausalLM.from_pretrained(location, revision=config.revision, dtype=torch_dtype(config.dtype), **options)
     except OSError as exc:
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
         raise ModelError(f"model.name: cannot load '{config.name}'{hint}: {str(exc).splitlines()[0]}") from None
@@ -141,6 +150,7 @@ def ensure_converted_gguf(
 
 def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key: str) -> None:
     """De-quantize the GGUF's weights to float32 and save them, its tokenizer and chat template into `folder`."""
+    import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
-from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from trainers import tinyworld
 from trainers.progress import Progress, duration, no_progress_bars
 
-if TYPE_CHECKING:  # transformers' model classes load only for a build: finding the built model stays quick
+if TYPE_CHECKING:  # torch and transformers' model classes load only for a build: finding the built model stays quick
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # Bump whenever anything below (or in tinyworld) that changes the saved files changes.
@@ -72,6 +71,8 @@ def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
     """
     if folder.is_dir():
         return folder
+    from filelock import FileLock  # only a build needs it
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder.parent / f"{folder.name}.lock")):
         if folder.is_dir():  # another process built it while we waited
@@ -90,6 +91,7 @@ def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
 
 def _build(folder: Path, log: Callable[[str], None]) -> None:
     """Build tokenizer and pre-trained model from the seed-0 world and save both into `folder`."""
+    import torch
     from transformers import LlamaForCausalLM
 
     started = time.monotonic()
@@ -174,6 +176,8 @@ def _model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
 
 def _pack(tokenizer: PreTrainedTokenizerFast, documents: list[str]) -> torch.Tensor:
     """All documents, each followed by end-of-text, cut into rows of BLOCK_SIZE tokens."""
+    import torch
+
     ids: list[int] = []
     for document_ids in tokenizer(documents)["input_ids"]:
         ids += document_ids + [tokenizer.eos_token_id]
@@ -183,6 +187,8 @@ def _pack(tokenizer: PreTrainedTokenizerFast, documents: list[str]) -> torch.Ten
 
 def _pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, log: Callable[[str], None]) -> float:
     """Plain causal-LM training with AdamW (warmup, constant, then linear decay); returns the last loss."""
+    import torch
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LEARNING_RATE, weight_decay=0.1, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate_factor)
     order = torch.Generator().manual_seed(SEED)
@@ -206,6 +212,8 @@ def _pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, log: Callable[[str]
 
 def _batches(blocks: torch.Tensor, order: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless batches of rows, reshuffled every pass over the data."""
+    import torch
+
     while True:
         permutation = torch.randperm(len(blocks), generator=order)
         for start in range(0, len(permutation) - BATCH_SIZE + 1, BATCH_SIZE):
