@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -88,6 +90,7 @@ def run(
         typer.echo(f"Sweep {loaded.path}: {_grid_size(loaded.spec)}, scheduler {loaded.spec.scheduler.name}", err=True)
         from hpo.driver import run_sweep
 
+        _import_meanwhile("analysis.report")
         outcome = run_sweep(
             loaded, name=run_name, runs_dir=runs_dir, overwrite=overwrite, address=address, overrides=set_, checked=True
         )
@@ -100,6 +103,20 @@ def run(
         typer.echo("peftsweep: interrupted before the sweep started; nothing was run", err=True)
         raise typer.Exit(130)
     typer.echo(str(outcome.run_dir / "report.html"))
+
+
+def _import_meanwhile(module: str) -> None:
+    """Import `module` in a thread of its own: the report's modules (plotly) load while the sweep's
+    driver waits for Ray to start, instead of after the last trial. An import that fails here fails
+    again, with its one line, where the module is used."""
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:
+            pass
+
+    threading.Thread(target=load, name=f"peftsweep-import-{module}", daemon=True).start()
 
 
 def _report(outcome) -> None:
@@ -147,6 +164,7 @@ def resume(
         _open_store(name, runs_dir).close()  # a clear error for an unknown run
         from hpo.driver import resume_sweep
 
+        _import_meanwhile("analysis.report")
         outcome = resume_sweep(name, runs_dir=runs_dir, address=address)
         _report(outcome)
     except SweepError as exc:

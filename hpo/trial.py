@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 from hpo.errors import last_line
 from hpo.spec import SweepSpec
 from hpo.store import epoch_score
-from trainers.vocabulary import EpochMetrics, TrialResult, TrialStatus
+from trainers.vocabulary import Baseline, EpochMetrics, TrialResult, TrialStatus
 
 if TYPE_CHECKING:
     from trainers.config import TrialConfig
-    from trainers.worker import BaseAnswers, Baseline
+    from trainers.worker import BaseAnswers
 
 # Key of a trial's closing report (one of the failed statuses): how it ended, not a new epoch.
 STATUS_KEY = "trial_status"
@@ -39,7 +39,7 @@ class PendingBaseline:
     Wrapped, because tune.with_parameters would wait for a bare ObjectRef before the trial starts.
     """
 
-    task: Any  # ray.ObjectRef of base_model_answers (a trainers.worker.Baseline)
+    task: Any  # ray.ObjectRef of base_model_answers (a trainers.vocabulary.Baseline)
 
 
 def base_model_answers(config: TrialConfig) -> Baseline:

@@ -208,7 +208,8 @@ class Run:
 
 
 # Counts, in every process of the sweep (Ray workers included: each runs `sitecustomize` at start),
-# the calls of trainers.evaluate.generate_answers, one line per call: whether the model had an adapter.
+# the calls of trainers.evaluate.generate_answers, one line per call: whether the model had an adapter;
+# and writes which of torch, transformers and peft the driver (`python -m hpo.cli`) had imported at its exit.
 COUNT_GENERATIONS = '''
 import importlib.abc
 import importlib.machinery
@@ -239,6 +240,18 @@ class _CountGenerations(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _CountGenerations())
+
+
+def _driver_imports():
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) == "hpo.cli":  # the driver, not a Ray worker
+        with open(os.environ["DRIVER_IMPORTS_LOG"], "w") as log:
+            log.write(" ".join(m for m in ("torch", "transformers", "peft") if m in sys.modules))
+
+
+import atexit
+
+atexit.register(_driver_imports)
 '''
 
 # The shipped smoke sweep, on the small task, 3 epochs: learning rate 3e-3 learns; 1e-9 changes no
@@ -252,21 +265,25 @@ SMOKE_LEARNING_RATES = (1e-9, 3e-3)
 class SmokeRun(Run):
     storage: Path  # storage=: Tune's checkpoints and experiment state, in storage/smoke
     generations: list[str]  # "base" or "trial", one per generate_answers call, in every process
+    driver_imports: list[str]  # which of torch, transformers and peft the driver process imported
 
 
 def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRun:
     hook = work / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(COUNT_GENERATIONS)
-    log = work / "generations.log"
-    env = {"PYTHONPATH": os.pathsep.join([str(hook), environ.get("PYTHONPATH", "")]), "GENERATIONS_LOG": str(log)}
+    log, imports = work / "generations.log", work / "driver_imports.log"
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(hook), environ.get("PYTHONPATH", "")]),
+        "GENERATIONS_LOG": str(log), "DRIVER_IMPORTS_LOG": str(imports),
+    }  # fmt: skip
     runs, storage = work / "runs", work / "storage"
     proc = peftsweep(
         "run", "smoke", "--runs-dir", str(runs), "--set", f"storage={storage}", "--set", f"train.epochs={SMOKE_EPOCHS}",
         "--set", "search.space.learning_rate.grid=[1e-9, 3e-3]", "--set", f"data.source={small_task}", env=env, base=environ,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return SmokeRun(runs, runs / "smoke", proc, storage, log.read_text().split())
+    return SmokeRun(runs, runs / "smoke", proc, storage, log.read_text().split(), imports.read_text().split())
 
 
 def _variants_run(work: Path, small_task: Path, environ: dict[str, str]) -> Run:

@@ -63,6 +63,13 @@ def test_the_base_model_answers_once_per_sweep(smoke_run):
     assert smoke_run.generations.count("trial") == TRIALS * SMOKE_EPOCHS  # each trial after each epoch (8 prompts: one batch)
 
 
+def test_the_driver_never_imports_torch(smoke_run):
+    """The driver only schedules: the trials and the base model's task import torch, transformers and
+    peft in Ray's workers. (Each costs the driver seconds to import and again at exit.)"""
+    assert smoke_run.driver_imports == []
+    assert smoke_run.generations  # the hook ran: the same sitecustomize wrote both logs
+
+
 def test_export_csv_has_one_row_per_trial(smoke_run):
     proc = invoke("export", "smoke", "--format", "csv", "--runs-dir", str(smoke_run.runs))
     assert proc.returncode == 0, proc.stderr

@@ -148,3 +148,15 @@ class TrialResult:
     epochs_completed: int
     last: EpochMetrics = field(default_factory=dict)  # the last epoch reported (empty: none)
     error: str | None = None  # a failed training's reason, in one line
+
+
+@dataclass
+class Baseline:
+    """The untouched base model on the judged prompts and the eval sets, measured once per sweep (a
+    Ray task's result: defined here, so that the driver reads it without importing the worker, torch)."""
+
+    prompts: list[str]
+    references: list[str]
+    answers: list[str]
+    eval_ppl: float
+    retention_ppl: float | None

@@ -10,7 +10,6 @@ import math
 import random
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +30,7 @@ from trainers.evaluate import generate_answers, perplexity, win_rate
 from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge
 from trainers.methods import attach_adapter, get_method
 from trainers.model import load_base_model, pick_device
-from trainers.vocabulary import VERDICT_METRICS, EpochMetrics, TrialResult, TrialStatus
+from trainers.vocabulary import VERDICT_METRICS, Baseline, EpochMetrics, TrialResult, TrialStatus
 
 Report = Callable[[EpochMetrics, Callable[[Path], None]], None]
 # The base model's answers to the judged prompts, or a function that waits for them (hpo.trial: a
@@ -64,17 +63,6 @@ def setup(config: TrialConfig) -> torch.device:
             total_gb = torch.cuda.get_device_properties(device).total_memory / 1024**3
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total_gb), device)
     return device
-
-
-@dataclass
-class Baseline:
-    """The untouched base model on the judged prompts and the eval sets, measured once per sweep."""
-
-    prompts: list[str]
-    references: list[str]
-    answers: list[str]
-    eval_ppl: float
-    retention_ppl: float | None
 
 
 def baseline_answers(config: TrialConfig) -> Baseline:
