@@ -95,6 +95,11 @@ def test_cluster_sim(benchmark_cluster_sim):
     result, stdout = check_tables(benchmark_cluster_sim)
     assert result["trials_completed"] == 8 and result["trials_stored"] == 8
     assert 0 < result["ratios"][0]["value"] <= 1.0 + 1e-6
+    assert result["ratios"][0]["value"] == pytest.approx(result["busy_slot_seconds"] / result["slot_seconds"])
+    # every idle slot-second is accounted for, in one of the named parts (each a printed row)
+    assert result["busy_slot_seconds"] + sum(result["idle_slot_seconds"].values()) == pytest.approx(result["slot_seconds"], rel=0.01)
+    assert all(seconds >= 0 for seconds in result["idle_slot_seconds"].values()) and "| idle before each worker's first trial" in stdout
+    assert 0 < result["machine_cpu_busy"] <= 1
     assert result["driver_peak_rss_mib"] >= result["driver_rss_before_fit_mib"] > 0
 
 

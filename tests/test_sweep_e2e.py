@@ -122,6 +122,21 @@ def test_best_names_the_best_trial_and_its_adapter_in_the_storage(smoke_run):
     assert (adapter / "adapter_config.json").is_file() and adapter.is_relative_to(smoke_run.storage / "smoke" / best_id)
 
 
+def test_tunes_experiment_state_leaves_the_answers_to_the_store(smoke_run):
+    """Ray Tune keeps a copy of every trial's last report and of the reports kept with its
+    checkpoints, and writes them into its experiment state after every checkpoint; the judged
+    answers are in the store alone (with them, the state grew by about 60 KB a trial)."""
+    from ray import tune
+
+    grid = tune.ResultGrid(tune.ExperimentAnalysis(str(smoke_run.storage / "smoke")))
+    assert len(grid) == TRIALS
+    for result in grid:
+        kept = [metrics for _, metrics in result.best_checkpoints]
+        assert result.metrics["epoch"] == SMOKE_EPOCHS and kept  # the reports are there, with their metrics
+        for report in (result.metrics, *kept):
+            assert "eval_ppl" in report and "answers" not in report and "verdicts" not in report
+
+
 def test_checkpoints_go_to_the_sweeps_storage(smoke_run):
     """`storage` (a path every node sees, or an object-store URI) holds Tune's checkpoints and
     experiment state; the store and the report stay with the driver."""
