@@ -26,7 +26,8 @@ def check_tables(run) -> tuple[dict, str]:
         [row] = [cells for cells in _rows(stdout) if cells[0] == ratio["name"] and cells[2:3] == [ratio["target_text"]]]
         assert row[1] == f"{ratio['value']:.3f}"
         value, target = ratio["value"], ratio["target"]
-        assert value > 0
+        # a ratio is positive; a difference in seconds (overhead's fixed cost) can fall below 0 in a loaded quick run
+        assert math.isfinite(value) and (value > 0 or ratio["name"].endswith(", seconds")), ratio
         if ratio["op"] == "within":
             tolerance = float(re.match(r"within ([\d.]+) %", ratio["target_text"]).group(1)) / 100
             met = abs(value / target - 1) <= tolerance
