@@ -60,6 +60,7 @@ def _say(line: str) -> None:
 def _tokenizer(location: str, model: ModelConfig):
     """The tokenizer that measures prompts: read from the folder's tokenizer.json without transformers
     (no torch: validate stays quick) where transformers would load that file as it is, else AutoTokenizer."""
+    from trainers.data import first_line
     from trainers.light_tokenizer import LightTokenizer, UnsupportedTokenizer
     from trainers.model import ModelError
 
@@ -73,8 +74,7 @@ def _tokenizer(location: str, model: ModelConfig):
 
         tokenizer = AutoTokenizer.from_pretrained(location, revision=model.revision)
     except (OSError, ValueError) as exc:
-        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise ModelError(f"model.name: cannot load the tokenizer of '{model.name}': {first}") from None
+        raise ModelError(f"model.name: cannot load the tokenizer of '{model.name}': {first_line(exc)}") from None
     tokenizer.model_max_length = 2**62  # measuring a long prompt is the point: no warning that it is long
     return tokenizer
 

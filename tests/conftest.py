@@ -211,6 +211,7 @@ class Run:
 # the calls of trainers.evaluate.generate_answers, one line per call: whether the model had an adapter;
 # and writes which of torch, transformers and peft the driver (`python -m hpo.cli`) had imported at its exit.
 COUNT_GENERATIONS = '''
+import atexit
 import importlib.abc
 import importlib.machinery
 import os
@@ -248,8 +249,6 @@ def _driver_imports():
         with open(os.environ["DRIVER_IMPORTS_LOG"], "w") as log:
             log.write(" ".join(m for m in ("torch", "transformers", "peft") if m in sys.modules))
 
-
-import atexit
 
 atexit.register(_driver_imports)
 '''

@@ -165,7 +165,7 @@ def _read_table(path: Path, kind: str, fmt: str) -> Iterator[tuple[str, Any]]:
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
     except (ValueError, OSError) as exc:  # pandas' ParserError and pyarrow's ArrowInvalid are ValueErrors
-        raise DataError(f"{path}: not a readable {'CSV' if kind == 'csv' else 'Parquet'} file: {_first_line(exc)}") from None
+        raise DataError(f"{path}: not a readable {'CSV' if kind == 'csv' else 'Parquet'} file: {first_line(exc)}") from None
     _check_columns(str(path), list(frame.columns), fmt)
     for i, record in enumerate(frame.to_dict("records"), 1):
         yield f"{path}: row {i}", record
@@ -181,7 +181,7 @@ def _read_hub(source: str, split: str, fmt: str, key: str) -> Iterator[tuple[str
     try:
         dataset = datasets.load_dataset(source, split=split)
     except Exception as exc:  # hub, network and split errors alike: one line, with the cause
-        raise DataError(f"{key}: cannot load Hugging Face dataset {source} (split {split}): {_first_line(exc)}") from None
+        raise DataError(f"{key}: cannot load Hugging Face dataset {source} (split {split}): {first_line(exc)}") from None
     name = f"{source} [{split}]"
     _check_columns(name, list(dataset.column_names), fmt)
     for i, record in enumerate(dataset, 1):
@@ -270,7 +270,8 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
     return messages[: last + 1]
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (its type's name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -292,7 +293,7 @@ class ChatTemplate:
         try:
             full = tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": _PROBE}], tokenize=False)
         except Exception as exc:  # a Jinja error in the model's template
-            raise DataError(f"data.chat_template: the tokenizer's chat template fails: {_first_line(exc)}; set it to false") from None
+            raise DataError(f"data.chat_template: the tokenizer's chat template fails: {first_line(exc)}; set it to false") from None
         _, found, after = full.partition(_PROBE)
         bos = tokenizer.bos_token or ""
         adds_bos = bool(bos) and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
@@ -302,7 +303,7 @@ class ChatTemplate:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # e.g. a template that refuses a system message
-            raise DataError(f"data.chat_template: the tokenizer's chat template fails: {_first_line(exc)}; set it to false") from None
+            raise DataError(f"data.chat_template: the tokenizer's chat template fails: {first_line(exc)}; set it to false") from None
         if self.leading_bos and text.startswith(self.leading_bos):
             text = text[len(self.leading_bos) :]  # tokenize() adds BOS; two would differ from what the model saw
         return text

@@ -24,6 +24,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
+from trainers.data import first_line
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # The tokenizer_class values for which transformers loads tokenizer.json as it is (TokenizersBackend).
 BACKEND_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
@@ -61,7 +63,7 @@ class LightTokenizer:
         try:
             backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:  # the Rust side raises plain Exceptions for a malformed file
-            raise ValueError(f"{folder / 'tokenizer.json'}: {_first_line(exc)}") from None
+            raise ValueError(f"{folder / 'tokenizer.json'}: {first_line(exc)}") from None
         backend.no_truncation()  # transformers encodes without them unless asked
         backend.no_padding()
         backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
@@ -124,15 +126,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+        raise ValueError(f"{path}: not valid JSON ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_supported(folder: Path, config: dict[str, Any]) -> None:
