@@ -46,6 +46,14 @@ def _stopped(exc: SweepInterrupted | SweepFailed, name: str) -> None:
     raise typer.Exit(1)
 
 
+def _say_packing(spec, err: bool = False) -> None:
+    from hpo.space import packing_plan
+
+    plan = packing_plan(spec)
+    if plan:
+        typer.echo(f"  {plan}", err=err)
+
+
 def _grid_size(spec) -> str:
     if spec.search.algorithm == "grid":
         trainings = spec.num_trainings
@@ -88,6 +96,7 @@ def run(
             check_run_name(run_name, from_option=False)
         check_inputs(loaded.spec)  # before the first line of output: bad input gets one line, the error
         typer.echo(f"Sweep {loaded.path}: {_grid_size(loaded.spec)}, scheduler {loaded.spec.scheduler.name}", err=True)
+        _say_packing(loaded.spec, err=True)
         from hpo.driver import run_sweep
 
         _import_meanwhile("analysis.report")
@@ -320,6 +329,7 @@ def validate(
             failed += 1
             continue
         typer.echo(f"ok {loaded.path}: {_grid_size(loaded.spec)}")
+        _say_packing(loaded.spec)
     if failed:
         raise typer.Exit(2)
 

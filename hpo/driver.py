@@ -9,6 +9,7 @@ report from the store afterwards.
 from __future__ import annotations
 
 import errno
+import gc
 import shutil
 import signal
 import time
@@ -19,6 +20,7 @@ from typing import Any
 from hpo.callbacks import BaselineCallback, GpuHoursBudget, StoreCallback
 from hpo.checks import check_inputs
 from hpo.errors import SweepError, SweepFailed, SweepInterrupted, last_line
+from hpo.packs import concurrent_trials, start_registry
 from hpo.progress import ProgressCallback
 from hpo.rundir import DriverLock, clear_run_dir, experiment_name, experiment_path, make_run_dir, prepare_storage, runs_root
 from hpo.runtime import Signals, check_address, git_commit, init_ray, resources, start_reaper, stop_ray_later, versions
@@ -143,6 +145,7 @@ def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCal
     import ray
 
     signals = Signals()
+    tuner = None
     try:
         with signals:
             init_ray(address)
@@ -182,6 +185,11 @@ def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCal
     finally:
         store.close()
         if ray.is_initialized() and not address:
+            # What holds Ray objects (the tuner's trials and callbacks, the baseline's ObjectRef) goes
+            # while Ray is up: freed later, on this thread during the shutdown, such an object's release
+            # reaches a core worker already shut down, which ends the process with exit 1.
+            tuner = None
+            gc.collect()
             stop_ray_later()  # while the CLI writes the report
     return outcome
 
@@ -234,17 +242,21 @@ def make_tuner(spec: SweepSpec, baseline: list[str] | PendingBaseline, run_dir: 
 
     `trial` replaces hpo.trial.run_trial (the benchmarks' stand-ins that report without training).
     """
+    import ray
     from ray import tune
 
     budget = spec.search.gpu_hours_budget
+    at_once = concurrent_trials(spec, ray.cluster_resources())  # with packing, K members per pack that can run
+    if spec.resources.pack > 1:
+        start_registry()  # the pack workers' owner (hpo.packs)
     return tune.Tuner(
         trainable(spec, baseline, trial),
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
-            search_alg=search_alg(spec),
+            search_alg=search_alg(spec, at_once),
             scheduler=scheduler(spec),
             num_samples=spec.search.num_samples,
-            max_concurrent_trials=spec.search.max_concurrent_trials,
+            max_concurrent_trials=at_once,
             time_budget_s=spec.search.time_budget_s,
             reuse_actors=spec.resources.reuse_workers,  # run_trial releases its memory as it ends
             trial_dirname_creator=_trial_dirname,

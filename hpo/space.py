@@ -28,8 +28,9 @@ def _define_by_run(spec: SweepSpec) -> bool:
     return bool(spec.search.conditional) and spec.search.algorithm != "grid"
 
 
-def search_alg(spec: SweepSpec) -> Any:
-    """Ray Tune's searcher for the spec: its basic generator (grid, random) or Optuna's samplers."""
+def search_alg(spec: SweepSpec, max_concurrent: int | None = None) -> Any:
+    """Ray Tune's searcher for the spec: its basic generator (grid, random) or Optuna's samplers.
+    `max_concurrent`: trials at once (default search.max_concurrent_trials; hpo.packs.concurrent_trials with packing)."""
     search = spec.search
     if search.algorithm in ("tpe", "nsga2") or _define_by_run(spec):
         import optuna
@@ -51,7 +52,7 @@ def search_alg(spec: SweepSpec) -> Any:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Tune applies TuneConfig.max_concurrent_trials only to a Searcher; this generator takes its own limit.
-    return BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent_trials or 0)
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=(max_concurrent or search.max_concurrent_trials) or 0)
 
 
 def space_size(spec: SweepSpec) -> int | None:
@@ -127,3 +128,30 @@ def max_epochs(spec: SweepSpec) -> int:
     if dim is None:
         return spec.train.epochs
     return int(max(dim.values)) if dim.kind in ("grid", "choice") else int(dim.values[1])
+
+
+# Train fields that must be equal within a pack (trainers.methods.pack_key); the others may differ.
+PACK_SPLITTING = ("target_modules", "precision", "gradient_checkpointing", "qlora_compute_dtype", "packing")
+
+
+def packing_plan(spec: SweepSpec) -> str | None:
+    """How the sweep's trials will be packed (resources.pack), in one line for `validate` and `run`; None unpacked."""
+    from trainers.methods import METHODS
+
+    size = spec.resources.pack
+    if size == 1:
+        return None
+    if spec.train.packing and "packing" not in spec.searched:
+        return f"resources.pack {size}: every trial runs alone, as train.packing (several examples in one row) does not combine with packed trials yet"
+    methods = spec.methods_tried()
+    packable = [m for m in methods if METHODS[m].packable]
+    says = [f"packed trials: up to {size} configurations train together in one worker, on one shared base model"]
+    alone = [m for m in methods if m not in packable]
+    if alone:
+        says.append(f"{', '.join(alone)} trials run alone (only {', '.join(m for m in METHODS if METHODS[m].packable)} configurations pack)")
+    split = [name for name in spec.searched if name in PACK_SPLITTING]
+    if len(packable) > 1:
+        split.append("method (lora and qlora load different bases)")
+    if split:
+        says.append(f"configurations that differ in {', '.join(split)} go to different packs")
+    return "; ".join(says)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import tempfile
 import time
 import traceback
@@ -54,10 +53,26 @@ def trainable(spec: SweepSpec, baseline: list[str] | PendingBaseline, trial: Any
     answers bound, and each trial's resources."""
     from ray import tune
 
-    return tune.with_resources(
-        tune.with_parameters(trial or run_trial, spec=spec, baseline=baseline),
-        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
-    )
+    resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+    if spec.resources.pack > 1:
+        from ray.tune import PlacementGroupFactory
+
+        from hpo.packs import MEMBER_RESOURCES
+
+        alone = PlacementGroupFactory([{"CPU": resources["cpu"], "GPU": resources["gpu"]}])
+        member = PlacementGroupFactory([MEMBER_RESOURCES])  # its pack worker holds the trial resources
+        return tune.with_resources(
+            tune.with_parameters(trial or run_trial, spec=spec, baseline=baseline),
+            lambda params: member if packed(spec, spec.trial_config(params)) else alone,
+        )
+    return tune.with_resources(tune.with_parameters(trial or run_trial, spec=spec, baseline=baseline), resources)
+
+
+def packed(spec: SweepSpec, config: TrialConfig) -> bool:
+    """Whether this trial trains in a pack (resources.pack > 1, and a configuration that can: trainers.methods.why_alone)."""
+    from trainers.methods import why_alone
+
+    return spec.resources.pack > 1 and why_alone(config) is None
 
 
 def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str] | PendingBaseline) -> None:
@@ -68,18 +83,13 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str] | Pen
     exception) is deterministic: it ends the trial with a closing report instead of an error, so
     Tune does not retry it, and the searcher sees the trial's last (or worst) objective values.
     """
-    import ray
     from ray import tune
 
-    from trainers.worker import release_memory, train
+    from hpo.packs import PackLost, placement
 
     config = spec.trial_config(params)
-    placement = {
-        "node": ray.util.get_node_ip_address(),
-        "node_id": ray.get_runtime_context().get_node_id(),  # tells nodes apart where several share one IP
-        "devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-        "worker_pid": os.getpid(),
-    }
+    in_pack = packed(spec, config)  # its training runs in a pack worker (hpo.packs): this process imports no torch
+    where = placement()
 
     objective = spec.tune_objective
     gpus = spec.resources.gpus_per_trial
@@ -94,29 +104,47 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str] | Pen
         last.update(metrics, gpu_hours=gpu_hours, cost_usd=gpu_hours * spec.cost.usd_per_gpu_hour)
         with tempfile.TemporaryDirectory() as folder:
             save(Path(folder))
-            tune.report(
-                {**last, **placement, **_unjudged_objectives(spec, metrics), SPENT_KEY: gpu_hours, SCORE_KEY: score},
+            tune.report(  # a pack worker's metrics name its own placement
+                {**where, **last, **_unjudged_objectives(spec, metrics), SPENT_KEY: gpu_hours, SCORE_KEY: score},
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
         held_since = time.monotonic()
 
     # The process may have run an earlier trial (resources.reuse_workers). One that ASHA stopped
     # ended by an exception raised in tune.report, unwound only now: free what it held first.
-    release_memory()
+    release_memory(in_pack)
     checkpoint = tune.get_checkpoint()  # set when Tune restarts a lost trial, or on `peftsweep resume`
     trace = None
     try:
         # as_directory reads a local checkpoint in place; a copy (from an object store) is removed
         # once the training has read it, so no checkpoint_tmp_* folder outlives the trial.
         with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
-            result = train(config, _answers(baseline), report, Path(folder) if folder else None)
+            resume_from = Path(folder) if folder else None
+            if in_pack:
+                from hpo.packs import train_in_pack
+
+                result, trace = train_in_pack(config, spec, baseline, report, resume_from)
+            else:
+                from trainers.worker import train
+
+                result = train(config, _answers(baseline), report, resume_from)
     except Exception as exc:
+        if isinstance(exc, PackLost):  # as a lost process: Tune restarts the trial from its checkpoint
+            raise
         result = TrialResult(TrialStatus.ERROR, 0, {}, last_line(f"{type(exc).__name__}: {exc}"))
         trace = traceback.format_exc()
-    release_memory()  # an idle worker holds no memory (on a GPU, no cached blocks) between trials
+    release_memory(in_pack)  # an idle worker holds no memory (on a GPU, no cached blocks) between trials
     if result.status is not TrialStatus.COMPLETED:
         spent = last.get("gpu_hours", 0.0) + (time.monotonic() - held_since) * gpus / 3600  # the failed epoch's too
         tune.report({**_closing_report(spec, result, last), SPENT_KEY: spent, "traceback": trace})
+
+
+def release_memory(in_pack: bool) -> None:
+    """trainers.worker.release_memory, in a process that trains; a pack's member trial holds no model."""
+    if not in_pack:
+        from trainers.worker import release_memory
+
+        release_memory()
 
 
 def _answers(baseline: list[str] | PendingBaseline) -> BaseAnswers:

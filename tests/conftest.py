@@ -398,6 +398,42 @@ def _cluster_run(work: Path, small_task: Path, environ: dict[str, str]) -> Clust
     return ClusterRun(runs, runs / "on_cluster", done, info["gpu_nodes"])
 
 
+# sweeps/packed_lora.yaml on the small task: three learning rates in one pack (2 CPUs for it, so one
+# pack runs), dropout 0, ASHA by eval_ppl. In grid order, so in trial order: each rung's reports come
+# in trial order (trainers.packed), and 1e-9, which learns nothing, reports last.
+PACKED_LEARNING_RATES = (1e-2, 3e-3, 1e-9)
+PACKED_EPOCHS = 6
+
+
+@dataclass(frozen=True)
+class PackedRun(Run):
+    killed_pid: int  # the pack worker, killed with -9 once a trial had two epochs in the store
+
+
+def _packed_run(work: Path, small_task: Path, environ: dict[str, str]) -> PackedRun:
+    """Packed trials under ASHA; the pack worker is killed with -9 midway (as a lost node would end
+    it), so that Ray Tune restarts its members, each from its own last checkpoint, in a new pack."""
+    runs = work / "runs"
+    db = runs / "packed_lora" / "results.db"
+    proc = start(
+        "run", "packed_lora", "--runs-dir", str(runs),
+        "--set", f"data.source={small_task}", "--set", "eval.num_prompts=4", "--set", "eval.max_new_tokens=8",
+        "--set", f"train.epochs={PACKED_EPOCHS}", "--set", "train.lora_dropout=0", "--set", "search.space.lora_r.grid=[4]",
+        "--set", f"search.space.learning_rate.grid={list(PACKED_LEARNING_RATES)}",
+        "--set", "resources.pack=4", "--set", "resources.cpus_per_trial=2",
+        "--set", "objectives=[{metric: eval_ppl, mode: min}]",
+        "--set", "scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
+        base=environ,
+    )  # fmt: skip
+    wait_for(lambda: query(db, "SELECT count(*) FROM epochs WHERE epoch = 2")[0][0] > 0, proc)
+    pid = json.loads(query(db, "SELECT metrics_json FROM epochs WHERE epoch = 2")[0][0])["worker_pid"]
+    os.kill(pid, 9)
+    stdout, stderr = proc.communicate(timeout=600)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert done.returncode == 0, stderr[-3000:]
+    return PackedRun(runs, runs / "packed_lora", done, pid)
+
+
 BENCHMARKS = ["epoch_folding", "search_efficiency", "overhead", "throughput", "cluster_sim", "gpu_throughput"]
 
 
@@ -429,6 +465,7 @@ JOBS: dict[str, Callable[[Path, Path, dict[str, str]], Any]] = {
     "asha_run": _asha_run,
     "benchmark_search_efficiency": _benchmark("search_efficiency"),
     "variants_run": _variants_run,
+    "packed_run": _packed_run,
     "benchmark_overhead": _benchmark("overhead"),
     "failing_run": _failing_run,
     "benchmark_throughput": _benchmark("throughput"),

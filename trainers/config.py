@@ -198,6 +198,13 @@ class ResourceConfig(_Strict):
     max_memory_gb: float | None = Field(
         None, gt=0, description="memory cap per trial: a GPU trial may use this much GPU memory, a CPU trial this much resident memory; over it, the trial ends as oom"
     )
+    pack: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="packed trials: up to this many LoRA configurations train together in one worker, on one shared "
+        "frozen base model, each still its own trial (not train.packing, which puts several examples in one row)",
+    )
     reuse_workers: bool = Field(
         True,
         description="run a trial in a worker process an earlier trial used (imports and start-up paid once per worker; "

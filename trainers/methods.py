@@ -3,18 +3,19 @@
 A method says how the base model is loaded (`load_options`: QLoRA loads it in 4 bits), how a
 trainable model is made from it (`attach`), and which of the train fields are its own
 (`params`: lora_r for LoRA, num_virtual_tokens for prefix tuning), so that a sweep cannot search a
-parameter its method ignores. Loading stays apart from adapting, so several adapters of one method
-can later share one loaded base model. Importing this module loads neither torch nor peft.
+parameter its method ignores. Loading stays apart from adapting, so that the configurations of a
+`packable` method can share one loaded base model (resources.pack: trainers.packed). Importing this module loads neither torch nor peft.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from trainers.config import TrainConfig
+    from trainers.config import TrainConfig, TrialConfig
 
 AttachFn = Callable[[Any, "TrainConfig"], Any]
 LoadOptionsFn = Callable[["TrainConfig"], dict[str, Any]]
@@ -33,6 +34,7 @@ class Method:
     load_options: LoadOptionsFn  # extra `from_pretrained` arguments for the base model
     trains: bool = True  # `none` evaluates the base model without training
     params: tuple[str, ...] = ()  # its own train fields (of METHOD_PARAMS)
+    packable: bool = False  # its configurations can share one base model (resources.pack; trainers.packed)
 
     def uses(self, field: str) -> bool:
         """Whether this method reads the train field `field`: its own, or one every training method shares."""
@@ -53,12 +55,17 @@ def _no_options(train: TrainConfig) -> dict[str, Any]:
 
 
 def register_method(
-    name: str, *, params: tuple[str, ...] = (), load_options: LoadOptionsFn = _no_options, trains: bool = True
+    name: str,
+    *,
+    params: tuple[str, ...] = (),
+    load_options: LoadOptionsFn = _no_options,
+    trains: bool = True,
+    packable: bool = False,
 ) -> Callable[[AttachFn], AttachFn]:
     """Register `attach(base_model, train_config) -> trainable model` under `name`, with the train fields it reads besides the shared ones."""
 
     def decorator(attach: AttachFn) -> AttachFn:
-        METHODS[name] = Method(name, attach, load_options, trains, params)
+        METHODS[name] = Method(name, attach, load_options, trains, params, packable)
         return attach
 
     return decorator
@@ -68,12 +75,40 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def why_alone(config: TrialConfig) -> str | None:
+    """Why this configuration cannot share a pack (resources.pack), or None when it can."""
+    if not METHODS[config.train.method].packable:
+        packable = ", ".join(name for name, method in METHODS.items() if method.packable)
+        return f"method {config.train.method} is not of the LoRA family ({packable})"
+    if config.train.packing:
+        return "train.packing (several examples in one row) does not combine with packed trials yet"
+    return None
+
+
+def pack_key(config: TrialConfig) -> str:
+    """Configurations with equal keys can share a pack: the same base model (and 4-bit base, for
+    qlora), data, evaluation, target modules, precision and resources. Everything else of the LoRA
+    family may differ: learning rate, rank, alpha, dropout, weight decay, schedule, epochs, batch size, seed."""
+    train = config.train
+    shared = {
+        "model": config.model.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        "eval": config.eval.model_dump(mode="json"),
+        "resources": config.resources.model_dump(mode="json"),
+        "base": METHODS[train.method].load_options is not _no_options and (train.method, train.qlora_compute_dtype),
+        "target_modules": list(train.target_modules),
+        "precision": train.precision,
+        "gradient_checkpointing": train.gradient_checkpointing,
+    }
+    return json.dumps(shared, sort_keys=True)
+
+
 def attach_adapter(model: Any, train: TrainConfig) -> Any:
     """Wrap the frozen base model with the trial's adapter (or unfreeze it, for `full`)."""
     return METHODS[train.method].attach(model, train)
 
 
-def _lora_config(train: TrainConfig, **extra: Any) -> Any:
+def lora_config(train: TrainConfig, **extra: Any) -> Any:
     from peft import LoraConfig
 
     modules = list(train.target_modules)
@@ -88,11 +123,11 @@ def _lora_config(train: TrainConfig, **extra: Any) -> Any:
     )
 
 
-@register_method("lora", params=LORA_PARAMS)
+@register_method("lora", params=LORA_PARAMS, packable=True)
 def attach_lora(model: Any, train: TrainConfig) -> Any:
     from peft import get_peft_model
 
-    return get_peft_model(model, _lora_config(train))
+    return get_peft_model(model, lora_config(train))
 
 
 @register_method("dora", params=LORA_PARAMS)
@@ -100,7 +135,7 @@ def attach_dora(model: Any, train: TrainConfig) -> Any:
     """Weight-decomposed LoRA (peft's `use_dora`): LoRA on the direction, a learned magnitude."""
     from peft import get_peft_model
 
-    return get_peft_model(model, _lora_config(train, use_dora=True))
+    return get_peft_model(model, lora_config(train, use_dora=True))
 
 
 def _four_bit(train: TrainConfig) -> dict[str, Any]:
@@ -118,13 +153,13 @@ def _four_bit(train: TrainConfig) -> dict[str, Any]:
     }
 
 
-@register_method("qlora", params=QLORA_PARAMS, load_options=_four_bit)
+@register_method("qlora", params=QLORA_PARAMS, load_options=_four_bit, packable=True)
 def attach_qlora(model: Any, train: TrainConfig) -> Any:
     """LoRA on a base model loaded in 4-bit NF4 (bitsandbytes; it runs on CPU too)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
-    return get_peft_model(model, _lora_config(train))
+    return get_peft_model(model, lora_config(train))
 
 
 @register_method("prefix", params=VIRTUAL_TOKEN_PARAMS)

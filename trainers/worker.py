@@ -125,6 +125,7 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
 
     if config.train.gradient_checkpointing and method.trains:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(config.train.seed)  # an adapter's first weights depend on its seed alone (as in trainers.packed)
     model = attach_adapter(model, config.train)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
