@@ -48,6 +48,8 @@ bench: $(STAMP)  ## run every benchmark, one after another (about 35 minutes on 
 	$(BIN)/python -m benchmarks.epoch_folding $(ARGS)
 	$(BIN)/python -m benchmarks.cluster_sim $(ARGS)
 	$(BIN)/python -m benchmarks.gpu_throughput $(ARGS)
+	$(BIN)/python -m benchmarks.packing $(ARGS)
+	$(BIN)/python -m benchmarks.packing --gpu $(ARGS)
 
 clean:  ## remove runs/ and test artifacts (keeps .venv and the model cache)
 	rm -rf runs test-artifacts .pytest_cache

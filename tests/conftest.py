@@ -434,7 +434,7 @@ def _packed_run(work: Path, small_task: Path, environ: dict[str, str]) -> Packed
     return PackedRun(runs, runs / "packed_lora", done, pid)
 
 
-BENCHMARKS = ["epoch_folding", "search_efficiency", "overhead", "throughput", "cluster_sim", "gpu_throughput"]
+BENCHMARKS = ["epoch_folding", "search_efficiency", "overhead", "throughput", "cluster_sim", "gpu_throughput", "packing"]
 
 
 @dataclass(frozen=True)
@@ -443,12 +443,12 @@ class BenchmarkRun:
     stdout: str  # its printed tables
 
 
-def _benchmark(name: str) -> Callable[[Path, Path, dict[str, str]], BenchmarkRun]:
+def _benchmark(name: str, *options: str) -> Callable[[Path, Path, dict[str, str]], BenchmarkRun]:
     def run(work: Path, small_task: Path, environ: dict[str, str]) -> BenchmarkRun:
-        """`python -m benchmarks.NAME --quick --json PATH`, as `make bench ARGS=--quick` runs it."""
+        """`python -m benchmarks.NAME --quick --json PATH [OPTIONS]`, as `make bench ARGS=--quick` runs it."""
         out = work / f"{name}.json"
         proc = subprocess.run(
-            [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--json", str(out)],
+            [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--json", str(out), *options],
             cwd=REPO, env=environ, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -471,6 +471,8 @@ JOBS: dict[str, Callable[[Path, Path, dict[str, str]], Any]] = {
     "benchmark_throughput": _benchmark("throughput"),
     "benchmark_cluster_sim": _benchmark("cluster_sim"),
     "benchmark_gpu_throughput": _benchmark("gpu_throughput"),
+    "benchmark_packing": _benchmark("packing"),
+    "benchmark_packing_gpu": _benchmark("packing", "--gpu"),
 }
 BACKGROUND_WORKERS = 2
 _needed = pytest.StashKey[set]()
