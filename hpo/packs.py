@@ -30,7 +30,7 @@ from trainers.vocabulary import TrialResult, TrialStatus
 # K members at 0.01 CPU leave a 2-CPU pack on a 2-CPU machine unplaceable).
 MEMBER_RESOURCES = {"memory": 1}
 IDLE_EXIT_S = 10.0  # a pack worker with no member this long ends, freeing its resources for other packs
-LOST_MEMBER_S = 600.0  # a member that reported and never asked for more (its process died) is dropped after this
+LIVENESS_S = 5.0  # how often a pack worker checks that its members' trial processes are alive
 JOIN_RETRY_S = 0.2
 
 
@@ -47,8 +47,8 @@ class PackLost(RuntimeError):
 
 
 def packs_per_key(spec: Any, cluster: dict[str, float]) -> int:
-    """How many pack workers a group of packable configurations may use at once: as many trials as
-    the cluster's CPUs (and GPUs) hold, or search.max_concurrent_trials / K when that is set."""
+    """How many pack workers may run at once (of every kind together): as many as the cluster's CPUs
+    (and GPUs) hold at the trial resources, or search.max_concurrent_trials / K when that is set."""
     resources, search = spec.resources, spec.search
     if search.max_concurrent_trials:
         return max(1, math.ceil(search.max_concurrent_trials / resources.pack))
@@ -59,14 +59,20 @@ def packs_per_key(spec: Any, cluster: dict[str, float]) -> int:
 
 
 class PackWorker:
-    """A Ray actor (threaded: members wait in `next` while the training thread runs the pack)."""
+    """A Ray actor (threaded: members wait in `next` while the training thread runs the pack).
+
+    A member is known by the key `join` gives it (its trial id and a count): a trial that Tune
+    restarts while this pack lives joins again under a new key, and its earlier self is let go.
+    """
 
     def __init__(self, pack_size: int):
         self.pack_size = pack_size
         self.lock = threading.Lock()
-        self.members: set[str] = set()
-        self.events: dict[str, queue.Queue] = {}
-        self.asked: dict[str, float] = {}  # member -> when it last reported without asking for more
+        self.members: dict[str, str] = {}  # trial id -> its member key
+        self.events: dict[str, queue.Queue] = {}  # member key -> what its trial is told next
+        self.handles: dict[str, Any] = {}  # member key -> its trial's actor (to see that it is alive)
+        self.pings: dict[str, Any] = {}  # member key -> an unanswered liveness check (training thread only)
+        self.joined = 0
         self.commands: queue.Queue = queue.Queue()
         self.closed = False
         self.pack: Any = None
@@ -75,88 +81,85 @@ class PackWorker:
 
     # --- what member trials call --------------------------------------------------------------
 
-    def join(self, member_id: str, config: Any, baseline: Any, checkpoint: dict[str, bytes] | None) -> bool:
-        """Take the member if there is room (False: try another pack)."""
+    def join(self, trial_id: str, trial: Any, config: Any, baseline: Any, checkpoint: dict[str, bytes] | None) -> str | None:
+        """The member's key, if there is room (None: try another pack). `trial`: the trial's actor."""
         with self.lock:
-            if self.closed or (member_id not in self.members and len(self.members) >= self.pack_size):
-                return False
-            self.members.add(member_id)
-            self.events[member_id] = queue.Queue()
-        self.commands.put(("add", member_id, config, baseline, checkpoint))
-        return True
+            if self.closed or (trial_id not in self.members and len(self.members) >= self.pack_size):
+                return None
+            earlier = self.members.get(trial_id)
+            self.joined += 1
+            key = f"{trial_id}#{self.joined}"  # sorts by trial id: reports go out in trial order
+            self.members[trial_id] = key
+            self.events[key] = queue.Queue()
+            self.handles[key] = trial
+        if earlier is not None:
+            self._let_go(earlier)
+        self.commands.put(("add", key, config, baseline, checkpoint))
+        return key
 
-    def next(self, member_id: str) -> tuple:
-        """The member's next event: ("epoch", metrics, checkpoint files) or ("end", TrialResult, traceback).
-        Asking also says that Tune took the member's last epoch: it trains on."""
-        self.commands.put(("proceed", member_id))
+    def next(self, key: str, epoch: int) -> tuple:
+        """The member's next event: ("epoch", metrics, checkpoint files), ("end", TrialResult, traceback)
+        or ("lost",). `epoch`: the last epoch Tune took from it (0: none yet); it trains on from there."""
+        self.commands.put(("proceed", key, epoch))
         with self.lock:
-            events = self.events.get(member_id)
-        if events is None:
-            return ("end", TrialResult(TrialStatus.ERROR, 0, {}, "the pack lost this trial; it is retried"), None)
-        return events.get()
+            events = self.events.get(key)
+        return ("lost",) if events is None else events.get()
 
     def size(self) -> int:
         with self.lock:
             return self.pack_size + 1 if self.closed else len(self.members)
 
-    def leave(self, member_id: str) -> None:
-        with self.lock:
-            self.members.discard(member_id)
-        self.commands.put(("remove", member_id))
+    def leave(self, key: str) -> None:
+        self._let_go(key)
 
     # --- the training thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        idle_since = time.monotonic()
+        idle_since = checked = time.monotonic()
         while True:
-            training = self.pack is not None and bool(self.pack.training)
             try:
-                command = self.commands.get_nowait() if training else self.commands.get(timeout=1.0)
-            except queue.Empty:
-                command = None
-            if command is not None:
-                self._apply(command)
-                continue
-            if training:
+                training = self.pack is not None and bool(self.pack.training)
                 try:
+                    command = self.commands.get_nowait() if training else self.commands.get(timeout=1.0)
+                except queue.Empty:
+                    command = None
+                if command is not None:
+                    self._apply(command)
+                elif training:
                     self.pack.step()
-                except Exception as exc:  # not one member's failure: every member of the pack ends with it
-                    self._fail_all(exc)
-                idle_since = time.monotonic()
-                continue
-            self._drop_lost()
-            with self.lock:
-                if self.members:
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since > IDLE_EXIT_S:
-                    self.closed = True
-            if self.closed:
-                import ray
+                if time.monotonic() - checked > LIVENESS_S:
+                    self._drop_dead()
+                    checked = time.monotonic()
+                with self.lock:
+                    if self.members or self.events or not self.commands.empty():
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since > IDLE_EXIT_S:
+                        self.closed = True
+                if self.closed:
+                    break
+            except Exception as exc:  # not one member's failure: every member of the pack ends with it
+                self._fail_all(exc)
+        import ray
 
-                self.pack = None
-                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-                return
+        self._release()
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _apply(self, command: tuple) -> None:
-        kind, member_id, *rest = command
+        kind, key, *rest = command
         if kind == "proceed":
-            self.asked.pop(member_id, None)
             if self.pack is not None:
-                self.pack.proceed(member_id)
+                self.pack.proceed(key, rest[0])
         elif kind == "remove":
-            self.asked.pop(member_id, None)
             if self.pack is not None:
-                self.pack.remove(member_id)
-            with self.lock:
-                self.events.pop(member_id, None)
+                self.pack.remove(key)
         elif kind == "add":
-            self._add(member_id, *rest)
+            self._add(key, *rest)
 
-    def _add(self, member_id: str, config: Any, baseline: Any, checkpoint: dict[str, bytes] | None) -> None:
+    def _add(self, key: str, config: Any, baseline: Any, checkpoint: dict[str, bytes] | None) -> None:
         from hpo.trial import _answers
 
         with self.lock:
-            if member_id not in self.members:  # it left before it was added
+            if key not in self.events:  # it left before it was added
                 return
         folder = None
         try:
@@ -164,53 +167,89 @@ class PackWorker:
                 from trainers.packed import Pack
 
                 self.pack = Pack(config, self.pack_size)
-            if self.pack.members.get(member_id) is not None:  # a retried trial replaces its earlier self
-                self.pack.remove(member_id)
             if checkpoint is not None:
                 folder = Path(tempfile.mkdtemp(prefix="pack-resume-"))
                 write_files(folder, checkpoint)
             self.pack.add(
-                member_id, config, _answers(baseline),
-                lambda metrics, save: self._epoch(member_id, metrics, save),
-                lambda result: self._end(member_id, result, None),
+                key, config, _answers(baseline),
+                lambda metrics, save: self._epoch(key, metrics, save),
+                lambda result: self._end(key, result, None),
                 folder,
             )  # fmt: skip
         except Exception as exc:
-            self._end(member_id, TrialResult(TrialStatus.ERROR, 0, {}, last_line(f"{type(exc).__name__}: {exc}")), traceback.format_exc())
+            self._end(key, TrialResult(TrialStatus.ERROR, 0, {}, last_line(f"{type(exc).__name__}: {exc}")), traceback.format_exc())
         finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _epoch(self, member_id: str, metrics: Any, save: Callable[[Path], None]) -> None:
+    def _epoch(self, key: str, metrics: Any, save: Callable[[Path], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="pack-epoch-") as folder:
             save(Path(folder))
             files = read_files(Path(folder))
-        self.asked[member_id] = time.monotonic()
-        self._send(member_id, ("epoch", {**metrics, **self.placement}, files))
+        self._send(key, ("epoch", {**metrics, **self.placement}, files))
 
-    def _end(self, member_id: str, result: TrialResult, trace: str | None) -> None:
-        self._send(member_id, ("end", result, trace))
+    def _end(self, key: str, result: TrialResult, trace: str | None) -> None:
+        """The member's training ended; its key stays until its trial has read this and left."""
+        self._send(key, ("end", result, trace))
         with self.lock:
-            self.members.discard(member_id)
+            for trial_id, member in list(self.members.items()):
+                if member == key:
+                    del self.members[trial_id]
 
-    def _send(self, member_id: str, event: tuple) -> None:
+    def _send(self, key: str, event: tuple) -> None:
         with self.lock:
-            events = self.events.get(member_id)
+            events = self.events.get(key)
         if events is not None:
             events.put(event)
 
+    def _let_go(self, key: str) -> None:
+        """Forget a member: its rows leave the pack, and a trial still waiting on it hears that it is lost."""
+        with self.lock:
+            for trial_id, member in list(self.members.items()):
+                if member == key:
+                    del self.members[trial_id]
+            events = self.events.pop(key, None)
+            self.handles.pop(key, None)
+        if events is not None:
+            events.put(("lost",))
+        self.commands.put(("remove", key))
+
+    def _drop_dead(self) -> None:
+        """Let go of members whose trial process died (a trial Tune stopped and did not reuse, a lost
+        node): a check that does not wait, each LIVENESS_S."""
+        import ray
+
+        with self.lock:
+            handles = dict(self.handles)
+        for key in set(self.pings) - set(handles):
+            del self.pings[key]
+        for key, trial in handles.items():
+            ping = self.pings.get(key)
+            if ping is None:  # answered once the trial's actor is free
+                ping = self.pings[key] = trial.__ray_ready__.remote()
+            ready, _ = ray.wait([ping], timeout=0)
+            if not ready:
+                continue  # busy, waiting for this pack: alive
+            del self.pings[key]
+            try:
+                ray.get(ping)
+            except ray.exceptions.RayActorError:
+                self._let_go(key)
+
     def _fail_all(self, exc: Exception) -> None:
         error, trace = last_line(f"{type(exc).__name__}: {exc}"), traceback.format_exc()
-        for member_id in list(self.pack.members):
-            self.pack.remove(member_id)
-            self._end(member_id, TrialResult(TrialStatus.ERROR, 0, {}, error), trace)
-        self.pack = None  # the next member loads a fresh one
+        with self.lock:
+            keys = list(self.members.values())
+        for key in keys:
+            self._end(key, TrialResult(TrialStatus.ERROR, 0, {}, error), trace)
+        self._release()
 
-    def _drop_lost(self) -> None:
-        now = time.monotonic()
-        for member_id, since in list(self.asked.items()):
-            if now - since > LOST_MEMBER_S:
-                self.leave(member_id)
+    def _release(self) -> None:
+        """Drop the pack and what it held (the next member loads a fresh one)."""
+        self.pack = None
+        from trainers.worker import release_memory
+
+        release_memory()
 
 
 def placement() -> dict[str, Any]:
@@ -243,28 +282,33 @@ def train_in_pack(
     config: Any, spec: Any, baseline: Any, report: Callable[[Any, Callable[[Path], None]], None], resume_from: Path | None
 ) -> tuple[TrialResult, str | None]:
     """A member trial's side: join a pack of its kind, hand each epoch's report to `report` (the
-    trial's, which reports to Tune), and return how the training ended, with a traceback if it failed."""
+    trial's, which reports to Tune), and return how the training ended, with a traceback if it failed.
+    Raises PackLost when the pack worker died or let it go: Tune restarts the trial from its checkpoint."""
     import ray
     from ray import tune
 
     from trainers.methods import pack_key
 
-    member_id = tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
     checkpoint = read_files(resume_from) if resume_from is not None else None
-    pack = _join(pack_key(config), spec, member_id, config, baseline, checkpoint)
+    pack, key = _join(pack_key(config), spec, trial_id, config, baseline, checkpoint)
+    taken = 0  # the last epoch Tune took
     try:
         while True:
             try:
-                event = ray.get(pack.next.remote(member_id))
+                event = ray.get(pack.next.remote(key, taken))
             except ray.exceptions.RayActorError as exc:
-                raise PackLost(f"the pack worker of trial {member_id} died: {last_line(str(exc))}") from None
+                raise PackLost(f"the pack worker of trial {trial_id} died: {last_line(str(exc))}") from None
+            if event[0] == "lost":
+                raise PackLost(f"the pack worker let trial {trial_id} go (it saw the trial's process as lost)")
             if event[0] == "end":
                 return event[1], event[2]
             _, metrics, files = event
             report(metrics, lambda folder, files=files: write_files(Path(folder), files))
+            taken = metrics["epoch"]
     finally:
         try:
-            pack.leave.remote(member_id)
+            pack.leave.remote(key)
         except Exception:
             pass  # the pack is gone
 
@@ -275,25 +319,49 @@ _registry: Any = None  # the driver's handle: the registry, and the packs it own
 
 class PackRegistry:
     """A Ray actor of the driver's that starts and owns the pack workers, so that a pack outlives the
-    member that asked for it first, and none outlives the sweep's driver."""
+    member that asked for it first and none outlives the sweep's driver, and that places every member:
+    one join at a time, so that members arriving together spread over the packs as decided."""
 
     def __init__(self) -> None:
         self.packs: dict[str, list] = {}
 
-    def packs_for(self, key: str) -> list:
-        return list(self.packs.get(key, []))
-
-    def grow(self, key: str, count: int, pack_size: int, options: dict[str, Any]) -> None:
-        """One more pack of this kind, unless it has `count` already."""
+    def join(self, key: str, count: int, size: int, options: dict[str, Any], *member: Any) -> tuple[Any, str] | None:
+        """Place a member (PackWorker.join's arguments) in the pack of its kind with the fewest members,
+        starting a new pack first while none is empty and fewer than `count` packs (of every kind
+        together) run: a sweep's members spread over as many packs as its resources run at once
+        (8 configurations at K = 8 on 2 trial slots: two packs of 4), and packs fill up to K.
+        None: no room now (every pack full, or a new one still waiting for resources)."""
         import ray
 
         packs = self.packs.setdefault(key, [])
-        if len(packs) < count:
-            packs.append(ray.remote(PackWorker).options(**options).remote(pack_size))
-
-    def drop(self, key: str, dead: str) -> None:
-        """Forget a pack that ended (idle, or killed)."""
-        self.packs[key] = [p for p in self.packs.get(key, []) if p._actor_id.hex() != dead]
+        asked = {pack.size.remote(): pack for pack in packs}
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=2.0)  # a pack waiting for resources does not answer
+        ranked = []
+        for ref in answered:
+            try:
+                ranked.append((ray.get(ref), len(ranked), asked[ref]))
+            except ray.exceptions.RayActorError:  # it ended (idle, or killed)
+                packs.remove(asked[ref])
+        ranked.sort(key=lambda item: item[:2])
+        starting = len(asked) - len(answered)
+        if not starting and not (ranked and ranked[0][0] == 0) and sum(map(len, self.packs.values())) < count:
+            pack = ray.remote(PackWorker).options(**options).remote(size)
+            packs.append(pack)
+            started, _ = ray.wait([pack.size.remote()], timeout=60.0)
+            if not started:
+                return None  # it waits for resources; later members find it
+            ranked.insert(0, (0, -1, pack))
+        for members, _, pack in ranked:
+            if members >= size:
+                break
+            try:
+                placed = ray.get(pack.join.remote(*member))
+            except ray.exceptions.RayActorError:
+                packs.remove(pack)
+                continue
+            if placed is not None:
+                return pack, placed
+        return None
 
 
 def start_registry() -> None:
@@ -304,10 +372,8 @@ def start_registry() -> None:
     _registry = ray.remote(PackRegistry).options(name=REGISTRY, num_cpus=0, get_if_exists=True).remote()
 
 
-def _join(key: str, spec: Any, member_id: str, config: Any, baseline: Any, checkpoint: dict[str, bytes] | None) -> Any:
-    """Join the pack of this kind with the fewest members (up to K), starting a new one first while
-    fewer than packs_per_key run: a sweep's members spread over as many packs as its resources run
-    at once (8 configurations at K = 8 on 2 trial slots: two packs of 4), and packs fill up to K."""
+def _join(key: str, spec: Any, trial_id: str, config: Any, baseline: Any, checkpoint: dict[str, bytes] | None) -> tuple[Any, str]:
+    """The pack this member trains in, and its key there (PackRegistry.join places it); waits while there is no room."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -315,32 +381,15 @@ def _join(key: str, spec: Any, member_id: str, config: Any, baseline: Any, check
     options = {
         "num_cpus": spec.resources.cpus_per_trial,
         "num_gpus": spec.resources.gpus_per_trial,
-        "max_concurrency": 2 * spec.resources.pack + 4,
+        "max_concurrency": 2 * spec.resources.pack + 8,
         "max_restarts": 0,
         # outside any trial's placement group (Tune's, of MEMBER_RESOURCES for a member)
         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
     }
-    count, size = packs_per_key(spec, ray.cluster_resources()), spec.resources.pack
+    count = packs_per_key(spec, ray.cluster_resources())
+    me = ray.get_runtime_context().current_actor
     while True:
-        packs = ray.get(registry.packs_for.remote(key))
-        sizes = {pack.size.remote(): pack for pack in packs}
-        answered, _ = ray.wait(list(sizes), num_returns=len(sizes), timeout=5.0)  # a pack waiting for resources does not answer
-        ranked = []
-        for ref in answered:
-            try:
-                ranked.append((ray.get(ref), len(ranked), sizes[ref]))
-            except ray.exceptions.RayActorError:  # it ended (idle, or killed)
-                ray.get(registry.drop.remote(key, sizes[ref]._actor_id.hex()))
-        ranked.sort(key=lambda item: item[:2])
-        if len(packs) < count and len(answered) == len(packs) and not (ranked and ranked[0][0] == 0):
-            ray.get(registry.grow.remote(key, count, size, options))  # no empty pack, and room for another
-            continue
-        for members, _, pack in ranked:
-            if members >= size:
-                break
-            try:
-                if ray.get(pack.join.remote(member_id, config, baseline, checkpoint)):
-                    return pack
-            except ray.exceptions.RayActorError:
-                ray.get(registry.drop.remote(key, pack._actor_id.hex()))
+        placed = ray.get(registry.join.remote(key, count, spec.resources.pack, options, trial_id, me, config, baseline, checkpoint))
+        if placed is not None:
+            return placed
         time.sleep(JOIN_RETRY_S)

@@ -22,9 +22,10 @@ from trainers.vocabulary import TrialStatus
 from trainers.worker import ADAPTER_DIR, STATE_FILE, baseline_answers, load_state, train
 
 # Members that differ in everything a pack lets differ: learning rate, rank, alpha, weight decay,
-# schedule and warmup, batch size, seed; dropout 0, so that a member's training is deterministic.
+# schedule and warmup, batch size, seed, epochs; dropout 0, so that a member's training is deterministic.
+# a, the pack's first adapter (peft's active one), leaves after its one epoch: the others train on.
 MEMBERS = {
-    "a": {"learning_rate": 3e-3, "lora_r": 4, "lora_alpha": 8},
+    "a": {"learning_rate": 3e-3, "lora_r": 4, "lora_alpha": 8, "epochs": 1},
     "b": {"learning_rate": 1e-3, "lora_r": 8, "lora_alpha": 32, "weight_decay": 0.1, "lr_schedule": "cosine", "warmup_steps": 3},
     "c": {"learning_rate": 5e-3, "lora_r": 2, "lora_alpha": 4, "batch_size": 4, "seed": 7, "max_grad_norm": 0.5},
 }
@@ -81,11 +82,12 @@ def packed(data, baseline, tmp_path_factory):
 def test_every_member_completes_with_its_own_epochs(packed):
     results, metrics, _ = packed
     assert {m: r.status for m, r in results.items()} == dict.fromkeys(MEMBERS, TrialStatus.COMPLETED)
-    for member in MEMBERS:
+    assert [m["epoch"] for m in metrics["a"]] == [1]
+    for member in ("b", "c"):
         assert [m["epoch"] for m in metrics[member]] == [1, 2]
         assert metrics[member][0]["trainable_params"] == metrics[member][1]["trainable_params"] > 0
     # c takes batches of 4, so twice the steps per epoch: a and b have left the pack when c's first epoch ends.
-    assert [m["pack_size"] for m in metrics["a"]] == [3, 3]
+    assert [m["pack_size"] for m in metrics["a"]] == [3] and [m["pack_size"] for m in metrics["b"]] == [2, 2]
     assert [m["pack_size"] for m in metrics["c"]] == [1, 1]
     assert metrics["b"][0]["trainable_params"] == 2 * metrics["a"][0]["trainable_params"]  # rank 8 against rank 4
 
@@ -94,13 +96,15 @@ def test_a_packed_member_trains_exactly_as_it_would_alone(solo, packed):
     _, solo_metrics, solo_folders = solo
     _, packed_metrics, packed_folders = packed
     for member in MEMBERS:
-        alone = load_state(solo_folders[member][2] / STATE_FILE)["trainable"]
-        together = load_state(packed_folders[member][2] / STATE_FILE)["trainable"]
+        last = max(solo_folders[member])
+        assert max(packed_folders[member]) == last
+        alone = load_state(solo_folders[member][last] / STATE_FILE)["trainable"]
+        together = load_state(packed_folders[member][last] / STATE_FILE)["trainable"]
         assert alone.keys() == together.keys() and alone
         for name in alone:  # relative to the tensor: elements near 0 differ by float rounding (padding widths differ in a pack)
             error = float((together[name] - alone[name]).norm() / alone[name].norm())
             assert error <= 1e-5, f"{member}: {name}: relative difference {error:.2e}"
-        for epoch in (0, 1):
+        for epoch in range(last):
             a, b = solo_metrics[member][epoch], packed_metrics[member][epoch]
             assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-4)
             assert b["retention_ppl"] == pytest.approx(a["retention_ppl"], rel=1e-4)
@@ -108,7 +112,7 @@ def test_a_packed_member_trains_exactly_as_it_would_alone(solo, packed):
             assert b["answers"] == a["answers"]  # greedy: the same answers as alone
             assert b["tokens_trained"] == a["tokens_trained"]
     # The members really differ: each trained its own configuration.
-    assert len({round(packed_metrics[m][1]["eval_ppl"], 6) for m in MEMBERS}) == len(MEMBERS)
+    assert len({round(packed_metrics[m][-1]["eval_ppl"], 6) for m in MEMBERS}) == len(MEMBERS)
 
 
 def test_a_packed_checkpoint_loads_with_peft_and_resumes_alone(packed, data, baseline, tiny_model_dir):
@@ -145,14 +149,41 @@ def test_members_without_routing_would_mix(packed, data, tiny_model_dir):
 
 
 def test_a_diverging_member_ends_alone_and_the_others_go_on(data, baseline):
-    sane = _config(data, **{**MEMBERS["a"], "epochs": 1})
-    wild = _config(data, **{**MEMBERS["a"], "epochs": 2, "learning_rate": 0.9, "lora_alpha": 1e9})
+    """With gradient checkpointing too: the backward's recomputation still sees the diverged member's adapter."""
+    sane = _config(data, **{**MEMBERS["a"], "epochs": 1, "gradient_checkpointing": True})
+    wild = _config(data, **{**MEMBERS["a"], "epochs": 2, "learning_rate": 0.9, "lora_alpha": 1e9, "gradient_checkpointing": True})
     epochs: list = []
     results = train_packed({"sane": sane, "wild": wild}, baseline, lambda member, metrics, save: epochs.append(member))
     assert results["sane"].status == TrialStatus.COMPLETED
     assert results["wild"].status == TrialStatus.DIVERGED
     assert "training loss" in results["wild"].error
     assert epochs == ["sane"]  # the sane member's epoch was evaluated after the wild one left
+
+
+def test_over_the_memory_cap_the_largest_member_leaves_first(data, baseline):
+    """resources.max_memory_gb on a CPU: after a step over the cap, the member with the most tokens in
+    it ends as oom, then the next; none fails with an error."""
+    def capped(**train):
+        config = _config(data, **{**MEMBERS["a"], **train})
+        return config.model_copy(update={"resources": config.resources.model_copy(update={"max_memory_gb": 0.001})})
+
+    results = train_packed({"small": capped(batch_size=2), "large": capped(batch_size=8)}, baseline, lambda *_: None)
+    assert {m: r.status for m, r in results.items()} == {"small": TrialStatus.OOM, "large": TrialStatus.OOM}
+    assert "max_memory_gb" in results["large"].error and "in a pack of 2" in results["large"].error
+    assert "in a pack of 1" in results["small"].error  # the large one, with 4x the tokens, left first
+
+
+def test_a_member_trains_on_only_once_its_last_report_was_taken(data, baseline):
+    pack = Pack(_config(data, **MEMBERS["a"]), 1)
+    reports: list = []
+    pack.add("a", _config(data, **{**MEMBERS["a"], "epochs": 2}), baseline, lambda m, save: reports.append(m["epoch"]), lambda r: None)
+    while not reports:
+        pack.step()
+    assert pack.training == []  # paused at its report of epoch 1
+    pack.proceed("a", 0)  # an acknowledgement sent before epoch 1 was reported
+    assert pack.training == []
+    pack.proceed("a", 1)
+    assert [m.id for m in pack.training] == ["a"]
 
 
 def test_which_configurations_run_alone(data):

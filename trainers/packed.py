@@ -97,6 +97,7 @@ class Member:
     metrics: EpochMetrics = field(default_factory=dict)
     first_epoch: int = 1
     paused: bool = False  # reported an epoch; trains on when `proceed` says so
+    reported: int = 0  # the last epoch reported
     estimate: float = 0.0
     inference_estimate: float = 0.0
     train_peak: float = 0.0
@@ -138,6 +139,7 @@ class Pack:
         self.stale: list[str] = []  # adapters of members gone, deleted once another adapter exists
         self.precision = AUTOCAST[config.train.precision]
         self.adapters_made = 0
+        self.split_head = _head_gives_the_logits(self.model, self.device)
 
     # --- members come and go ------------------------------------------------------------------
 
@@ -167,12 +169,10 @@ class Pack:
             self.peft_model.delete_adapter(name)
         self.stale.clear()
         tag = f".{adapter}."
-        named = {}
-        for name, param in self.peft_model.named_parameters():
-            if tag in name:
-                param.requires_grad_(True)  # peft leaves only its active adapter trainable
-                named[name.replace(tag, f".{SOLO_ADAPTER}.")] = param
+        named = {name.replace(tag, f".{SOLO_ADAPTER}."): p for name, p in self.peft_model.named_parameters() if tag in name}
         member = Member(member_id, config, adapter, report, finish, baseline, named=named, rng=random.Random(config.train.seed))
+        self.members[member_id] = member
+        self._keep_trainable()
         train = config.train
         steps_per_epoch = math.ceil(math.ceil(len(self.train_set) / train.batch_size) / train.grad_accumulation_steps)
         member.optimizer = torch.optim.AdamW(list(named.values()), lr=train.learning_rate, weight_decay=train.weight_decay)
@@ -198,7 +198,6 @@ class Pack:
             estimate_memory_gb(self.peft_model, config) - _weights_gb(self.peft_model)
         )
         member.inference_estimate = estimate_inference_memory_gb(self.peft_model, config)
-        self.members[member_id] = member
         over = _over_constraints(config, member.estimate, member.inference_estimate, "estimated (with the pack)")
         if over:
             self._end(member, TrialResult(TrialStatus.INFEASIBLE, 0, {}, over))
@@ -213,10 +212,11 @@ class Pack:
         if member is not None:
             self._drop_adapter(member)
 
-    def proceed(self, member_id: str) -> None:
-        """The member's last report was taken: it trains on."""
-        if member_id in self.members:
-            self.members[member_id].paused = False
+    def proceed(self, member_id: str, epoch: int) -> None:
+        """The member's report of `epoch` was taken: it trains on (an older epoch's acknowledgement does nothing)."""
+        member = self.members.get(member_id)
+        if member is not None and epoch >= member.reported:
+            member.paused = False
 
     @property
     def training(self) -> list[Member]:
@@ -237,34 +237,31 @@ class Pack:
         batch, rows = _concatenate(parts, self.tokenizer.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         routing = [m.adapter for m, n in zip(members, rows) for _ in range(n)]
-        model = self.peft_model.get_base_model()
-        head = model.get_output_embeddings()
+        kept: list[tuple[Member, float]] = []
+        diverged: list[tuple[Member, float]] = []
         try:
-            with routed(self.peft_model, routing):
-                with torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision is not None):
-                    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
-            # The output layer and the loss one member at a time: only one member's logits exist at once
-            # (with a large vocabulary, K members' logits would be most of the step's memory).
-            shared = hidden.detach().requires_grad_()
-            kept, offset = [], 0
+            with routed(self.peft_model, routing), self._autocast():
+                outputs = self._outputs(batch)
+            offset = 0
             for member, n in zip(members, rows):
-                with routed(head, member.adapter), torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision is not None):
-                    loss = _mean_loss(head(shared[offset : offset + n]), batch["labels"][offset : offset + n])
+                loss = outputs.loss(member, slice(offset, offset + n), batch["labels"][offset : offset + n], self._autocast)
                 offset += n
                 if not math.isfinite(loss.item()):  # the divergence guard, for this member alone
-                    self._end(member, TrialResult(
-                        TrialStatus.DIVERGED, member.epoch - 1, member.metrics, f"training loss is {loss.item()} at epoch {member.epoch}"
-                    ))  # fmt: skip
+                    diverged.append((member, loss.item()))
                     continue
-                member.scaler.scale(loss / member.config.train.grad_accumulation_steps).backward()
+                outputs.backward(member.scaler.scale(loss / member.config.train.grad_accumulation_steps))
                 kept.append((member, loss.item()))
             if kept:
                 with routed(self.peft_model, routing):  # gradient checkpointing recomputes the forward here
-                    hidden.backward(shared.grad)
+                    outputs.finish()
+            del outputs
         except (torch.OutOfMemoryError, MemoryError) as exc:
-            self._out_of_memory(members, parts, exc)
+            self._out_of_memory([m for m in members if m.id in self.members], parts, exc, rewind=True)
             return
-        del hidden, shared
+        for member, loss in diverged:  # after the backward: its recomputation saw every adapter of the forward
+            self._end(member, TrialResult(
+                TrialStatus.DIVERGED, member.epoch - 1, member.metrics, f"training loss is {loss} at epoch {member.epoch}"
+            ))  # fmt: skip
         for member, loss in kept:
             member.position += 1
             accumulate = member.config.train.grad_accumulation_steps
@@ -279,21 +276,33 @@ class Pack:
             member.losses.append(loss)
         # Each member's share of the step's time is its share of the step's tokens.
         seconds = time.perf_counter() - start
-        tokens = [int(p["attention_mask"].sum()) for p in parts]
-        for member, n in zip(members, tokens):
-            if member.id in self.members:
-                member.totals["tokens_trained"] += n
-                member.totals["train_seconds"] += seconds * n / max(1, sum(tokens))
+        tokens = {m.id: int(p["attention_mask"].sum()) for m, p in zip(members, parts)}
+        for member, _ in kept:
+            member.totals["tokens_trained"] += tokens[member.id]
+            member.totals["train_seconds"] += seconds * tokens[member.id] / max(1, sum(tokens.values()))
         peak = peak_memory_gb(self.device)
-        cap = self.config.resources.max_memory_gb if self.device.type == "cpu" else None
         for member, _ in kept:
             member.train_peak = max(member.train_peak, peak)
-        if cap and peak > cap:
-            self._out_of_memory([m for m, _ in kept], parts, MemoryError(f"peak resident memory {peak:.2f} GB > resources.max_memory_gb {cap:g}"))
-            return
-        ended = sorted((m for m, _ in kept if m.position == len(m.micro_batches)), key=lambda m: m.id)  # reports in trial order
+        cap = self.config.resources.max_memory_gb if self.device.type == "cpu" else None
+        if cap and peak > cap:  # this step is done for every member; the largest leaves, the others go on
+            over = MemoryError(f"peak resident memory {peak:.2f} GB > resources.max_memory_gb {cap:g}")
+            self._out_of_memory([m for m, _ in kept], [parts[members.index(m)] for m, _ in kept], over, rewind=False)
+            reset_peak_memory(self.device)
+        ended = sorted((m for m, _ in kept if m.id in self.members and m.position == len(m.micro_batches)), key=lambda m: m.id)
         if ended:
-            self._evaluate(ended)
+            self._evaluate(ended)  # in trial order: each rung's reports reach the scheduler in trial order
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision is not None)
+
+    def _outputs(self, batch: dict[str, torch.Tensor]) -> "_Logits | _SplitHead":
+        """The base model's forward over the whole packed batch."""
+        if self.split_head:
+            model = self.peft_model.get_base_model()
+            hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+            return _SplitHead(hidden, model.get_output_embeddings())
+        logits = self.peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return _Logits(logits)
 
     def _start_epoch(self, member: Member) -> None:
         member.epoch += 1
@@ -302,26 +311,51 @@ class Pack:
         train = member.config.train
         member.micro_batches = list(batches(self.train_set, train.batch_size, self.tokenizer.pad_token_id, member.rng))
 
-    def _out_of_memory(self, members: list[Member], parts: list[dict], exc: BaseException) -> None:
-        """The member with the most tokens in the step ends as out of memory; the others redo the step."""
+    def _out_of_memory(self, members: list[Member], parts: list[dict], exc: BaseException, rewind: bool) -> None:
+        """The member with the most tokens in the step ends as out of memory. `rewind`: the step failed
+        midway, so the others go back to the start of their accumulation window (their gradients of
+        the window are dropped) and train it again."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        for member in members:
-            if member.id in self.members:
+        if rewind:
+            for member in members:
                 member.optimizer.zero_grad(set_to_none=True)
+                done = member.position % member.config.train.grad_accumulation_steps
+                member.position -= done
+                del member.losses[len(member.losses) - done :]
         sizes = [int(p["attention_mask"].sum()) for p in parts]
         member = members[max(range(len(members)), key=sizes.__getitem__)]
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self._end(member, self._oom_result(member, f"in a pack of {len(members)}", detail))
+
+    def _oom_result(self, member: Member, where: str, detail: str) -> TrialResult:
         train = member.config.train
-        self._end(member, TrialResult(
+        return TrialResult(
             TrialStatus.OOM, member.epoch - 1, member.metrics,
-            f"out of memory at epoch {member.epoch} in a pack of {len(members)} (batch_size={train.batch_size}, "
+            f"out of memory at epoch {member.epoch} {where} (batch_size={train.batch_size}, "
             f"max_length={member.config.data.max_length}, method={train.method}; estimated need {member.estimate:.2f} GB): {detail}",
-        ))  # fmt: skip
+        )  # fmt: skip
 
     # --- evaluation, packed -------------------------------------------------------------------
 
     def _evaluate(self, members: list[Member]) -> None:
+        """Perplexities and answers of the members whose epoch ended, in shared passes; out of memory,
+        one member at a time (K times less memory), and a member that runs out alone ends as oom."""
+        try:
+            self._evaluate_together(members)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(members) == 1:
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self._end(members[0], self._oom_result(members[0], "while evaluating", detail))
+                return
+            for member in members:
+                self._evaluate([member])
+        finally:
+            reset_peak_memory(self.device)  # the next steps' training peak starts here
+
+    def _evaluate_together(self, members: list[Member]) -> None:
         self.peft_model.eval()
         reset_peak_memory(self.device)
         start = time.perf_counter()
@@ -404,7 +438,7 @@ class Pack:
             "verdicts": scores,
         }
         member.metrics = metrics
-        member.paused = True  # until `proceed`; in-process callers proceed at once
+        member.paused, member.reported = True, epoch  # until `proceed`; in-process callers proceed at once
         member.report(metrics, lambda folder, member=member, epoch=epoch: self._save(member, Path(folder), epoch))
         if member.id not in self.members:  # the report removed it (the scheduler stopped it)
             return
@@ -449,8 +483,68 @@ class Pack:
             return
         if len(self.peft_model.peft_config) > 1:
             self.peft_model.delete_adapter(member.adapter)
+            self._keep_trainable()
         else:  # peft keeps at least one adapter: the next member's arrival deletes it
             self.stale.append(member.adapter)
+
+    def _keep_trainable(self) -> None:
+        """Every member's adapter trains: peft leaves only its one active adapter trainable whenever
+        an adapter is added or deleted."""
+        for member in self.members.values():
+            for param in member.named.values():
+                param.requires_grad_(True)
+
+
+class _Logits:
+    """The whole batch's logits from the model's own forward (a model whose forward changes its logits
+    after the output layer: soft-capping, scaling); each member's loss is taken from its rows."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits, self.total = logits, None
+
+    def loss(self, member: Member, rows: slice, labels: torch.Tensor, autocast: Callable) -> torch.Tensor:
+        return _mean_loss(self.logits[rows], labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.total = loss if self.total is None else self.total + loss
+
+    def finish(self) -> None:
+        self.total.backward()
+
+
+class _SplitHead:
+    """The decoder's hidden states for the whole batch; the output layer and the loss one member at a
+    time, each backward into the hidden states as it is computed, so that only one member's logits
+    exist at once (with a large vocabulary, K members' logits would be most of a step's memory)."""
+
+    def __init__(self, hidden: torch.Tensor, head: Any):
+        self.hidden, self.head = hidden, head
+        self.shared = hidden.detach().requires_grad_()
+
+    def loss(self, member: Member, rows: slice, labels: torch.Tensor, autocast: Callable) -> torch.Tensor:
+        with routed(self.head, member.adapter), autocast():  # the output layer may carry LoRA too
+            return _mean_loss(self.head(self.shared[rows]), labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def finish(self) -> None:
+        self.hidden.backward(self.shared.grad)
+
+
+@torch.no_grad()
+def _head_gives_the_logits(model: Any, device: torch.device) -> bool:
+    """Whether the output layer applied to the decoder's hidden states gives the model's logits (it
+    does not where the forward soft-caps or scales them after the output layer)."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    if decoder is None or head is None:
+        return False
+    ids = torch.tensor([[1, 2, 3]], device=device)
+    logits = model(input_ids=ids, use_cache=False).logits
+    return bool(torch.allclose(head(decoder(input_ids=ids, use_cache=False)[0]).float(), logits.float(), rtol=1e-4, atol=1e-5))
 
 
 def _concatenate(parts: list[dict[str, torch.Tensor]], pad_id: int) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -520,7 +614,7 @@ def train_packed(
     for member_id, config in configs.items():
         pack.add(
             member_id, config, baseline,
-            lambda metrics, save, member_id=member_id: (report(member_id, metrics, save), pack.proceed(member_id)),
+            lambda metrics, save, member_id=member_id: (report(member_id, metrics, save), pack.proceed(member_id, metrics["epoch"])),
             lambda result, member_id=member_id: results.__setitem__(member_id, result),
             (resume_from or {}).get(member_id),
         )  # fmt: skip
