@@ -37,6 +37,20 @@ def test_validate_shipped_sweeps():
     assert "ok sweeps/lora_rank_lr.yaml: 8 trials (grid)" in proc.stdout
 
 
+def test_validate_says_how_a_sweep_packs():
+    """resources.pack: which configurations train together, and which run alone and why."""
+    proc = peftsweep("validate", "packed_lora", "smoke")
+    assert proc.returncode == 0, proc.stderr
+    packed, unpacked = proc.stdout.split("ok sweeps/smoke.yaml")
+    assert "packed trials: up to 8 configurations train together in one worker" in packed
+    assert "packed trials" not in unpacked  # resources.pack 1: nothing to say
+    mixed = peftsweep("validate", "methods", "--set", "resources.pack=4").stdout
+    assert "dora, prefix, prompt, ia3, full, none trials run alone (only lora, qlora configurations pack)" in mixed
+    assert "configurations that differ in method (lora and qlora load different bases) go to different packs" in mixed
+    alone = peftsweep("validate", "smoke", "--set", "resources.pack=2", "--set", "train.packing=true").stdout
+    assert "every trial runs alone, as train.packing (several examples in one row) does not combine" in alone
+
+
 def test_ls_shows_sweeps_and_runs(tmp_path):
     proc = peftsweep("ls", "--runs-dir", str(tmp_path))
     assert proc.returncode == 0

@@ -262,3 +262,20 @@ def test_a_packed_trials_best_adapter_loads_with_peft(packed_run, tiny_model_dir
     for folder in checkpoints:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), Path(folder) / ADAPTER_DIR)
         assert model.peft_config["default"].r == 4
+
+
+def test_a_model_whose_logits_change_after_the_output_layer_trains_on_the_whole_forward(solo, data, baseline, monkeypatch):
+    """Where the output layer alone does not give the model's logits (soft-capping, scaling: checked as
+    the pack starts), the pack takes each member's loss from the whole model's logits instead; the
+    same training."""
+    import trainers.packed
+
+    monkeypatch.setattr(trainers.packed, "_head_gives_the_logits", lambda model, device: False)
+    _, solo_metrics, _ = solo
+    metrics: dict[str, list] = {}
+    configs = {m: _config(data, **MEMBERS[m]) for m in ("a", "b")}
+    results = train_packed(configs, baseline, lambda member, m, save: metrics.setdefault(member, []).append(m))
+    assert {r.status for r in results.values()} == {TrialStatus.COMPLETED}
+    for member in configs:
+        assert [m["eval_ppl"] for m in metrics[member]] == pytest.approx([m["eval_ppl"] for m in solo_metrics[member]], rel=1e-4)
+        assert [m["answers"] for m in metrics[member]] == [m["answers"] for m in solo_metrics[member]]
