@@ -192,9 +192,7 @@ class PackWorker:
         """The member's training ended; its key stays until its trial has read this and left."""
         self._send(key, ("end", result, trace))
         with self.lock:
-            for trial_id, member in list(self.members.items()):
-                if member == key:
-                    del self.members[trial_id]
+            self._vacate(key)
 
     def _send(self, key: str, event: tuple) -> None:
         with self.lock:
@@ -205,14 +203,16 @@ class PackWorker:
     def _let_go(self, key: str) -> None:
         """Forget a member: its rows leave the pack, and a trial still waiting on it hears that it is lost."""
         with self.lock:
-            for trial_id, member in list(self.members.items()):
-                if member == key:
-                    del self.members[trial_id]
+            self._vacate(key)
             events = self.events.pop(key, None)
             self.handles.pop(key, None)
         if events is not None:
             events.put(("lost",))
         self.commands.put(("remove", key))
+
+    def _vacate(self, key: str) -> None:
+        """Its trial's place in the pack is free (hold the lock)."""
+        self.members = {trial_id: member for trial_id, member in self.members.items() if member != key}
 
     def _drop_dead(self) -> None:
         """Let go of members whose trial process died (a trial Tune stopped and did not reuse, a lost

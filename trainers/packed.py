@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from trainers.config import TrialConfig
-from trainers.data import DataError, IGNORE_INDEX, batches, carries_loss, load_splits, tokenize
+from trainers.data import IGNORE_INDEX, batches
 from trainers.evaluate import generate_answers, win_rate
 from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge
 from trainers.methods import get_method, lora_config, pack_key, why_alone
@@ -42,7 +42,6 @@ from trainers.worker import (
     Report,
     _mean_length_diff,
     _over_constraints,
-    _retention_set,
     estimate_inference_memory_gb,
     estimate_memory_gb,
     load_state,
@@ -50,6 +49,7 @@ from trainers.worker import (
     peak_memory_gb,
     reset_peak_memory,
     setup,
+    trial_data,
 )
 SOLO_ADAPTER = "default"  # the adapter's name in a solo trial: checkpoints store parameters under it
 
@@ -120,20 +120,11 @@ class Pack:
             self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=config.train.gradient_checkpointing)
         elif config.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        splits = load_splits(config.data, config.eval.num_prompts, tokenizer=self.tokenizer)
-        loss_only = config.data.response_only_loss
-        train_set = tokenize(splits.train, self.tokenizer, config.data.max_length, response_only_loss=loss_only)
-        self.skipped = sum(not carries_loss(t) for t in train_set)
-        self.train_set = [t for t in train_set if carries_loss(t)]
-        if not self.train_set:
-            raise DataError(
-                f"data.max_length {config.data.max_length}: no training example has a response token that fits; raise data.max_length"
-            )
-        self.eval_set = tokenize(splits.eval, self.tokenizer, config.data.max_length, response_only_loss=loss_only)
-        self.retention_set = _retention_set(config, self.tokenizer)
-        self.prompts = [ex.prompt for ex in splits.judged]
-        self.references = [ex.response for ex in splits.judged]
+        data = trial_data(config, self.tokenizer)  # the same for every member: their configurations share a pack_key
+        self.train_set, self.skipped, self.eval_set, self.retention_set = data.train_set, data.skipped, data.eval_set, data.retention_set
+        self.prompts, self.references = data.prompts, data.references
         self.judge = make_judge(config.eval, device=self.device)
+        self.base_params = sum(p.numel() for p in self.model.parameters())  # before any adapter
         self.peft_model: Any = None
         self.members: dict[str, Member] = {}
         self.stale: list[str] = []  # adapters of members gone, deleted once another adapter exists
@@ -194,9 +185,8 @@ class Pack:
             member.first_epoch = state["epoch"] + 1
         member.epoch = member.first_epoch - 1
         # Training memory grows with the pack: the base once, each member's adapter state and activations.
-        member.estimate = estimate_memory_gb(self.peft_model, config) + (self.pack_size - 1) * (
-            estimate_memory_gb(self.peft_model, config) - _weights_gb(self.peft_model)
-        )
+        alone = estimate_memory_gb(self.peft_model, config)
+        member.estimate = alone + (self.pack_size - 1) * (alone - _weights_gb(self.peft_model))
         member.inference_estimate = estimate_inference_memory_gb(self.peft_model, config)
         over = _over_constraints(config, member.estimate, member.inference_estimate, "estimated (with the pack)")
         if over:
@@ -431,7 +421,7 @@ class Pack:
             "estimated_memory_gb": member.estimate,
             "estimated_inference_memory_gb": member.inference_estimate,
             "trainable_params": sum(p.numel() for p in member.named.values()),
-            "total_params": _base_params(self.peft_model) + sum(p.numel() for p in member.named.values()),
+            "total_params": self.base_params + sum(p.numel() for p in member.named.values()),
             "resumed_from_epoch": member.first_epoch - 1,
             "pack_size": len(self.members),
             "answers": answers,
@@ -536,11 +526,8 @@ class _SplitHead:
 def _head_gives_the_logits(model: Any, device: torch.device) -> bool:
     """Whether the output layer applied to the decoder's hidden states gives the model's logits (it
     does not where the forward soft-caps or scales them after the output layer)."""
-    try:
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return False
-    if decoder is None or head is None:
+    decoder, head = model.get_decoder(), model.get_output_embeddings()  # transformers: the model itself / None where it has none
+    if head is None or decoder is model:
         return False
     ids = torch.tensor([[1, 2, 3]], device=device)
     logits = model(input_ids=ids, use_cache=False).logits
@@ -594,10 +581,6 @@ def packed_perplexities(model: Any, eval_batches: Any, adapters: list[str], devi
 
 def _weights_gb(model: Any) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 1024**3
-
-
-def _base_params(model: Any) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
 
 
 def train_packed(

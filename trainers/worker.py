@@ -10,6 +10,7 @@ import math
 import random
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,6 +98,39 @@ def _retention_ppl(model: Any, retention_set: list | None, config: TrialConfig, 
     return perplexity(model, batches(retention_set, config.eval.batch_size, pad_id), device)
 
 
+@dataclass(frozen=True)
+class TrialData:
+    """What a training reads, tokenized once: the training examples that carry a loss, the eval and
+    retention sets, and the judged prompts with their reference answers."""
+
+    train_set: list
+    skipped: int  # training examples with no response token within data.max_length
+    eval_set: list
+    retention_set: list | None
+    prompts: list[str]
+    references: list[str]
+
+
+def trial_data(config: TrialConfig, tokenizer: Any) -> TrialData:
+    """The trial's data (trainers.packed shares it among a pack's members); DataError if nothing can be trained."""
+    splits = load_splits(config.data, config.eval.num_prompts, tokenizer=tokenizer)
+    train_set = tokenize(splits.train, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
+    # An example cut off before its response has nothing to learn, and a batch of them a NaN loss that is no divergence.
+    kept = [t for t in train_set if carries_loss(t)]
+    if not kept:
+        raise DataError(
+            f"data.max_length {config.data.max_length}: no training example has a response token that fits; raise data.max_length"
+        )
+    return TrialData(
+        train_set=kept,
+        skipped=len(train_set) - len(kept),
+        eval_set=tokenize(splits.eval, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss),
+        retention_set=_retention_set(config, tokenizer),
+        prompts=[ex.prompt for ex in splits.judged],
+        references=[ex.response for ex in splits.judged],
+    )
+
+
 def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_from: Path | None = None) -> TrialResult:
     """Fine-tune one adapter and report metrics and a checkpoint after every epoch.
 
@@ -108,19 +142,9 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
     device = setup(config)
     method = get_method(config.train.method)
     model, tokenizer = load_base_model(config.model, device, method.load_options(config.train))
-    splits = load_splits(config.data, config.eval.num_prompts, tokenizer=tokenizer)
-    train_set = tokenize(splits.train, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
-    # An example cut off before its response has nothing to learn, and a batch of them a NaN loss that is no divergence.
-    skipped = sum(not carries_loss(t) for t in train_set)
-    train_set = [t for t in train_set if carries_loss(t)]
-    if not train_set:
-        raise DataError(
-            f"data.max_length {config.data.max_length}: no training example has a response token that fits; raise data.max_length"
-        )
-    eval_set = tokenize(splits.eval, tokenizer, config.data.max_length, response_only_loss=config.data.response_only_loss)
-    retention_set = _retention_set(config, tokenizer)
-    references = [ex.response for ex in splits.judged]
-    prompts = [ex.prompt for ex in splits.judged]
+    data = trial_data(config, tokenizer)
+    train_set, skipped, eval_set, retention_set = data.train_set, data.skipped, data.eval_set, data.retention_set
+    prompts, references = data.prompts, data.references
     judge = make_judge(config.eval, device=device)
 
     if config.train.gradient_checkpointing and method.trains:
