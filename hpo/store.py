@@ -19,7 +19,9 @@ from typing import Any, Iterable, Iterator
 from hpo.errors import SweepError
 from trainers.vocabulary import EPOCH_COLUMNS, SweepStatus, TrialStatus
 
-SCHEMA_VERSION = 3  # 3: answers.verdict is NULL where the judge was unavailable (2 opens, migrated in place)
+# 3: answers.verdict is NULL where the judge was unavailable; 4: epochs have train_flops and eval_flops.
+# Versions 2 and 3 open, migrated in place.
+SCHEMA_VERSION = 4
 
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -160,6 +162,9 @@ class Store:
             raise SweepError(f"{path}: damaged results store: meta holds no schema_version; {_start_over(path)}")
         if version == 2:
             _migrate_from_2(conn, path)
+            version = 3
+        if version == 3:
+            _migrate_from_3(conn, path)
             version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             conn.close()
@@ -456,10 +461,25 @@ def _migrate_from_2(conn: sqlite3.Connection, path: Path) -> None:
             conn.execute("INSERT INTO answers_v3 SELECT trial_id, epoch, prompt_id, answer, verdict FROM answers")
             conn.execute("DROP TABLE answers")
             conn.execute("ALTER TABLE answers_v3 RENAME TO answers")
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     except sqlite3.Error as exc:
         conn.close()
         raise SweepError(f"{path}: cannot upgrade this results store from schema version 2 to {SCHEMA_VERSION} ({exc}); make it writable") from None
+
+
+def _migrate_from_3(conn: sqlite3.Connection, path: Path) -> None:
+    """Version 3 -> 4 in one transaction: the epochs table gains the columns it lacks (the FLOPs), NULL
+    for the epochs already stored (they were not counted)."""
+    try:
+        with _tx(conn):
+            have = {row["name"] for row in conn.execute("PRAGMA table_info(epochs)")}
+            for column in EPOCH_COLUMNS:
+                if column not in have:
+                    conn.execute(f"ALTER TABLE epochs ADD COLUMN {column} REAL")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+    except sqlite3.Error as exc:
+        conn.close()
+        raise SweepError(f"{path}: cannot upgrade this results store from schema version 3 to {SCHEMA_VERSION} ({exc}); make it writable") from None
 
 
 def _null_nan(value: Any) -> Any:

@@ -59,13 +59,30 @@ def test_a_version_2_store_is_migrated_in_place_and_keeps_its_rows(tmp_path):
     conn.close()
 
     with Store.open(path) as store:
-        assert store.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "3"
+        assert store.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "4"
         assert [tuple(r.values()) for r in store.answers()] == [tuple(r) for r in rows]
         assert store.sweep()["name"] == "s" and len(store.epochs()) == 2
         store.add_answers("t1", 2, [(0, "x", None)])  # a missing verdict fits now
         assert store.answers()[-1]["verdict"] is None
-    with Store.open(path) as store:  # opened again: already version 3
+    with Store.open(path) as store:  # opened again: already version 4
         assert len(store.answers()) == 4
+
+
+def test_a_version_3_store_gains_the_flops_columns_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "results.db"
+    _store(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)  # as version 3 wrote it: no FLOPs columns
+    conn.executescript(
+        "ALTER TABLE epochs DROP COLUMN train_flops; ALTER TABLE epochs DROP COLUMN eval_flops; "
+        "UPDATE meta SET value = '3' WHERE key = 'schema_version';"
+    )
+    conn.close()
+    with Store.open(path) as store:
+        assert store.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "4"
+        epochs = store.epochs()
+        assert [(e["epoch"], e["eval_ppl"], e["train_flops"], e["eval_flops"]) for e in epochs] == [(1, 3.0, None, None), (2, 3.0, None, None)]
+        store.add_epoch("t1", 3, {"eval_ppl": 2.0, "train_flops": 1.5e12, "eval_flops": 2e9})
+        assert store.epochs()[-1]["train_flops"] == 1.5e12
 
 
 def test_rejudge_fills_missing_verdicts_and_records_the_judge(tmp_path):

@@ -56,6 +56,19 @@ def test_trials_differ_and_training_helps(smoke_run):
     assert ppl[3e-3] < ppl[1e-9]  # learning rate 3e-3 learns the task; 1e-9 leaves the base model as it was
 
 
+def test_trials_that_differ_only_in_learning_rate_cost_exactly_the_same_flops(smoke_run):
+    conn = sqlite3.connect(smoke_run.db)
+    rows = conn.execute("SELECT trial_id, epoch, train_flops, eval_flops, train_seconds FROM epochs ORDER BY trial_id, epoch").fetchall()
+    by_epoch: dict[int, set] = {}
+    for _, epoch, train_flops, eval_flops, _ in rows:
+        assert train_flops > 0 and eval_flops > 0
+        by_epoch.setdefault(epoch, set()).add(train_flops)
+    assert all(len(values) == 1 for values in by_epoch.values())  # the same batches, so exactly equal
+    cumulative = [next(iter(by_epoch[e])) for e in sorted(by_epoch)]
+    assert cumulative == sorted(cumulative) and len(set(cumulative)) == SMOKE_EPOCHS
+    assert len({seconds for *_, seconds in rows}) == len(rows)  # measured time differs from trial to trial
+
+
 def test_the_base_model_answers_once_per_sweep(smoke_run):
     """Generation is counted in every process of the sweep, Ray's workers included (conftest's
     COUNT_GENERATIONS, a `sitecustomize` module on the sweep's PYTHONPATH)."""
@@ -76,10 +89,11 @@ def test_export_csv_has_one_row_per_trial(smoke_run):
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert len(rows) == TRIALS
     for column in ("trial_id", "status", "learning_rate", "epochs_completed", "best_epoch", "eval_ppl",
-                   "win_rate", "train_seconds", "peak_memory_gb", "error"):
+                   "win_rate", "train_seconds", "train_flops", "eval_flops", "peak_memory_gb", "error"):
         assert column in rows[0], column
     assert {r["epochs_completed"] for r in rows} == {str(SMOKE_EPOCHS)}
     assert all(float(r["peak_memory_gb"]) > 0 for r in rows)
+    assert len({r["train_flops"] for r in rows}) == 1 and float(rows[0]["train_flops"]) > 0  # they differ only in learning rate
 
 
 def test_export_json_to_a_file(smoke_run, tmp_path):

@@ -69,11 +69,14 @@ def generate_answers(
     batch_size: int,
     device: torch.device,
     sampling: dict[str, float] | None = None,
+    passes: list[tuple[int, int, int, bool]] | None = None,
 ) -> list[str]:
     """Answers, batched with left padding, cut at the end-of-sequence token or the chat template's end of turn.
 
     Greedy by default; `sampling` ({"temperature", "top_p", "seed"}) samples instead, seeded per
     call, so the base model and every trial answer under the same settings and the same seed.
+    `passes`, when given, gets (rows, prompt length, new tokens, with a KV cache) of each generation
+    (what `trainers.flops.FlopModel.generation` counts).
     """
     import torch
 
@@ -87,7 +90,7 @@ def generate_answers(
     for start in range(0, len(prompts), batch_size):
         if _has_virtual_tokens(model):  # greedy only: the sweep's validation refuses sampling for these methods
             answers += [
-                greedy_without_cache(model, tokenizer, prompt, max_new_tokens, device, stops=(stop_ids, end_of_turn))
+                greedy_without_cache(model, tokenizer, prompt, max_new_tokens, device, stops=(stop_ids, end_of_turn), passes=passes)
                 for prompt in prompts[start : start + batch_size]
             ]
             continue
@@ -100,6 +103,8 @@ def generate_answers(
             **decoding,
         )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
+        if passes is not None:
+            passes.append((*enc["input_ids"].shape, new_tokens.shape[1], True))
         answers += [_cut(a, end_of_turn) for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
 
@@ -136,7 +141,13 @@ def _has_virtual_tokens(model: Any) -> bool:
 
 
 def greedy_without_cache(
-    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, device: torch.device, stops: tuple[list[int], str] | None = None
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    device: torch.device,
+    stops: tuple[list[int], str] | None = None,
+    passes: list[tuple[int, int, int, bool]] | None = None,
 ) -> str:
     """One greedy answer by full forward passes, the path training and perplexity use.
 
@@ -144,7 +155,8 @@ def greedy_without_cache(
     tuning (its cache replaces peft's past_key_values), so their answers would not be the trained
     model's. One prompt at a time, so no padding shifts positions (peft ignores position ids for
     these methods); each token costs a pass over the sequence: fine for short answers. It stops and
-    cuts where `generate_answers` does: `stops` is `_stop_tokens(tokenizer)`, computed when not given.
+    cuts where `generate_answers` does: `stops` is `_stop_tokens(tokenizer)`, computed when not given;
+    `passes` as in `generate_answers`.
     """
     import torch
 
@@ -156,6 +168,8 @@ def greedy_without_cache(
         ids = torch.cat([ids, token], dim=1)
         if token.item() in stop_ids:
             break
+    if passes is not None:
+        passes.append((1, start, ids.size(1) - start, False))
     return _cut(tokenizer.decode(ids[0, start:], skip_special_tokens=True), end_of_turn)
 
 

@@ -18,6 +18,7 @@ rows leave the batch. Like `trainers.worker`, this knows nothing of Ray or the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -30,6 +31,7 @@ import torch
 from trainers.config import TrialConfig
 from trainers.data import IGNORE_INDEX, batches
 from trainers.evaluate import generate_answers, win_rate
+from trainers.flops import FlopModel
 from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge
 from trainers.methods import get_method, lora_config, pack_key, why_alone
 from trainers.model import load_base_model
@@ -44,6 +46,7 @@ from trainers.worker import (
     _over_constraints,
     estimate_inference_memory_gb,
     estimate_memory_gb,
+    eval_flops,
     load_state,
     lr_lambda,
     peak_memory_gb,
@@ -101,6 +104,8 @@ class Member:
     estimate: float = 0.0
     inference_estimate: float = 0.0
     train_peak: float = 0.0
+    flops: FlopModel | None = None  # what the member's batches cost, as alone
+    eval_pass_flops: float = 0.0  # its perplexity passes of an epoch
 
 
 class Pack:
@@ -121,10 +126,13 @@ class Pack:
         elif config.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         data = trial_data(config, self.tokenizer)  # the same for every member: their configurations share a pack_key
+        self.data = data
         self.train_set, self.skipped, self.eval_set, self.retention_set = data.train_set, data.skipped, data.eval_set, data.retention_set
         self.prompts, self.references = data.prompts, data.references
         self.judge = make_judge(config.eval, device=self.device)
         self.base_params = sum(p.numel() for p in self.model.parameters())  # before any adapter
+        # Each member is charged the FLOPs of its own batches, as alone (its rows padded to its own width).
+        self.base_flops = FlopModel.of(self.model, gradient_checkpointing=config.train.gradient_checkpointing)
         self.peft_model: Any = None
         self.members: dict[str, Member] = {}
         self.stale: list[str] = []  # adapters of members gone, deleted once another adapter exists
@@ -171,7 +179,9 @@ class Pack:
             member.optimizer, lr_lambda(train.lr_schedule, train.warmup_steps, steps_per_epoch * train.epochs)
         )
         member.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
-        member.totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0}
+        member.totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0, "train_flops": 0.0, "eval_flops": 0.0}
+        member.flops = dataclasses.replace(self.base_flops, adapter_params=sum(p.numel() for n, p in named.items() if ".lora_" in n))
+        member.eval_pass_flops = eval_flops(member.flops, self.data, config, self.tokenizer.pad_token_id)
         if resume_from is not None:
             state = load_state(Path(resume_from) / STATE_FILE)
             with torch.no_grad():
@@ -181,7 +191,7 @@ class Pack:
             member.schedule.load_state_dict(state["schedule"])
             member.scaler.load_state_dict(state["scaler"])
             member.rng.setstate(state["rng"])  # torch's generator is the pack's: dropout masks are not restored
-            member.totals = dict(state["totals"])
+            member.totals = {**member.totals, **state["totals"]}
             member.first_epoch = state["epoch"] + 1
         member.epoch = member.first_epoch - 1
         # Training memory grows with the pack: the base once, each member's adapter state and activations.
@@ -269,6 +279,7 @@ class Pack:
         tokens = {m.id: int(p["attention_mask"].sum()) for m, p in zip(members, parts)}
         for member, _ in kept:
             member.totals["tokens_trained"] += tokens[member.id]
+            member.totals["train_flops"] += member.flops.train_step(*parts[members.index(member)]["input_ids"].shape)
             member.totals["train_seconds"] += seconds * tokens[member.id] / max(1, sum(tokens.values()))
         peak = peak_memory_gb(self.device)
         for member, _ in kept:
@@ -357,10 +368,11 @@ class Pack:
             retention_ppl: list[float | None] = packed_perplexities(self.peft_model, retention, adapters, self.device)
         else:
             retention_ppl = [None] * len(members)
-        answers = self._answers(adapters)
+        answers, passes = self._answers(adapters)
         inference_peak = peak_memory_gb(self.device)
         share = (time.perf_counter() - start) / len(members)
-        for member, ppl, kept, said in zip(members, eval_ppl, retention_ppl, answers):
+        for member, ppl, kept, said, own in zip(members, eval_ppl, retention_ppl, answers, passes):
+            member.totals["eval_flops"] += member.eval_pass_flops + member.flops.answers(own)
             if callable(member.baseline):
                 member.baseline = member.baseline()
             judged = time.perf_counter()
@@ -373,29 +385,34 @@ class Pack:
             member.totals["eval_seconds"] += share + judging
             self._report(member, ppl, kept, said, verdicts, judge_error, inference_peak)
 
-    def _answers(self, adapters: list[str]) -> list[list[str]]:
-        """Each adapter's answers: greedy answers in shared batches (each prompt batch repeated once per
-        adapter, so every row is padded as in a solo trial); sampled ones one adapter at a time, each
-        seeded as a solo trial's."""
+    def _answers(self, adapters: list[str]) -> tuple[list[list[str]], list[list[tuple]]]:
+        """Each adapter's answers, and its share of the generation passes (trainers.evaluate.generate_answers):
+        greedy answers in shared batches (each prompt batch repeated once per adapter, so every row is
+        padded as in a solo trial; a shared batch runs until its longest answer ends); sampled ones one
+        adapter at a time, each seeded as a solo trial's."""
         config = self.config.eval
         options = {"max_new_tokens": config.max_new_tokens, "device": self.device, "sampling": config.sampling}
+        answers: list[list[str]] = [[] for _ in adapters]
+        passes: list[list[tuple]] = [[] for _ in adapters]
         if config.sampling is not None:
-            answers = []
-            for adapter in adapters:
+            for i, adapter in enumerate(adapters):
                 with routed(self.peft_model, adapter):
-                    answers.append(generate_answers(self.peft_model, self.tokenizer, self.prompts, batch_size=config.batch_size, **options))
-            return answers
-        answers = [[] for _ in adapters]
+                    answers[i] = generate_answers(
+                        self.peft_model, self.tokenizer, self.prompts, batch_size=config.batch_size, passes=passes[i], **options
+                    )
+            return answers, passes
         for start in range(0, len(self.prompts), config.batch_size):
             prompts = self.prompts[start : start + config.batch_size]
             routing = [a for a in adapters for _ in prompts]
+            shared: list[tuple] = []
             with routed(self.peft_model, routing):
                 said = generate_answers(
-                    self.peft_model, self.tokenizer, prompts * len(adapters), batch_size=len(routing), **options
+                    self.peft_model, self.tokenizer, prompts * len(adapters), batch_size=len(routing), passes=shared, **options
                 )  # the tokenizer pads the repeated batch exactly as the single one
             for i in range(len(adapters)):
                 answers[i] += said[i * len(prompts) : (i + 1) * len(prompts)]
-        return answers
+                passes[i] += [(len(prompts), *rest) for _, *rest in shared]
+        return answers, passes
 
     def _report(self, member, eval_ppl, retention_ppl, answers, verdicts, judge_error, inference_peak) -> None:
         totals = member.totals

@@ -74,6 +74,8 @@ class EpochMetrics(TypedDict, total=False):
     eval_seconds: Annotated[float, Metric("time spent on perplexities, answers and judging, cumulative", column=True)]
     judge_seconds: Annotated[float, Metric("of eval_seconds, time spent judging, cumulative", column=True)]
     tokens_trained: Annotated[int, Metric("tokens the training processed, cumulative", column=True)]
+    train_flops: Annotated[float, Metric("training compute in FLOPs from the batches' shapes and the method, cumulative (trainers.flops)", column=True)]
+    eval_flops: Annotated[float, Metric("the trained model's compute in perplexity passes and answers, FLOPs, cumulative (not the judge's)", column=True)]
     tokens_per_second: Annotated[float | None, Metric("tokens_trained / train_seconds")]
     peak_memory_gb: Annotated[float, Metric("peak memory of the epoch (GPU allocated, or CPU resident)", column=True)]
     train_memory_gb: Annotated[float | None, Metric("peak memory while training")]
@@ -111,7 +113,7 @@ VERDICT_METRICS = ("win_rate", "wins", "losses", "ties", "win_rate_low", "win_ra
 # the best epoch would always be the first.
 QUALITY_METRICS = ("win_rate", "eval_ppl")
 # What a configuration costs, in the order a cost axis is chosen from the sweep's objectives.
-COST_METRICS = ("train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
+COST_METRICS = ("train_flops", "train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb")
 # A trial's row (export, report, `best`) takes these from its best epoch ...
 BEST_EPOCH_METRICS = (
     "eval_ppl", "win_rate", "win_rate_low", "win_rate_high", "wins", "losses", "ties",
@@ -120,7 +122,7 @@ BEST_EPOCH_METRICS = (
 # ... these from its last epoch (its totals) ...
 TRIAL_METRICS = (
     "train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd",
-    "tokens_trained", "tokens_per_second", "trainable_params", "total_params",
+    "train_flops", "eval_flops", "tokens_trained", "tokens_per_second", "trainable_params", "total_params",
     "peak_memory_gb", "train_memory_gb", "inference_memory_gb",
 )  # fmt: skip
 # ... and these as the largest over its epochs.

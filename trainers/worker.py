@@ -28,6 +28,7 @@ from trainers.data import (
     tokenize_text,
 )
 from trainers.evaluate import generate_answers, perplexity, win_rate
+from trainers.flops import FlopModel
 from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge
 from trainers.methods import attach_adapter, get_method
 from trainers.model import load_base_model, pick_device
@@ -153,6 +154,8 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
     model = attach_adapter(model, config.train)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
+    flops = FlopModel.of(model, gradient_checkpointing=config.train.gradient_checkpointing and method.trains)
+    eval_pass_flops = eval_flops(flops, data, config, tokenizer.pad_token_id)  # the same passes every epoch
     accumulate = config.train.grad_accumulation_steps
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.train.batch_size) / accumulate)
     optimizer = torch.optim.AdamW(params or [torch.zeros(1)], lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
@@ -162,7 +165,7 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
     precision = AUTOCAST[config.train.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
     rng = random.Random(config.train.seed)
-    totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0}
+    totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0, "train_flops": 0.0, "eval_flops": 0.0}
     first_epoch = 1
     if resume_from is not None:
         state = load_state(Path(resume_from) / STATE_FILE)
@@ -173,7 +176,7 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         restore_rng_state(state, rng)
-        totals = dict(state["totals"])
+        totals = {**totals, **state["totals"]}  # a checkpoint of an older version has no FLOPs: counted from here
         first_epoch = state["epoch"] + 1
 
     def save(folder: Path, epoch: int) -> None:
@@ -229,6 +232,7 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 totals["tokens_trained"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                totals["train_flops"] += flops.train_step(*batch["input_ids"].shape)
                 if cap and epoch_peak and peak_memory_gb(device) > cap:
                     raise MemoryCapExceeded(f"peak resident memory {peak_memory_gb(device):.2f} GB > resources.max_memory_gb {cap:g}")
             totals["train_seconds"] += time.perf_counter() - start
@@ -242,10 +246,12 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
             start = time.perf_counter()
             eval_ppl = perplexity(model, batches(eval_set, config.eval.batch_size, tokenizer.pad_token_id), device)
             retention_ppl = _retention_ppl(model, retention_set, config, tokenizer.pad_token_id, device)
+            passes: list = []
             answers = generate_answers(
                 model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, device=device,
-                sampling=config.eval.sampling,
+                sampling=config.eval.sampling, passes=passes,
             )
+            totals["eval_flops"] += eval_pass_flops + flops.answers(passes)
             inference_peak = peak_memory_gb(device)  # the trained model's serving peak: before an hf judge loads its own weights
             judged = time.perf_counter()
             try:
@@ -302,6 +308,12 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
     if measured:
         return TrialResult(TrialStatus.INFEASIBLE, config.train.epochs, metrics, measured)
     return TrialResult(TrialStatus.COMPLETED, config.train.epochs, metrics)
+
+
+def eval_flops(flops: FlopModel, data: TrialData, config: TrialConfig, pad_id: int) -> float:
+    """An epoch's perplexity passes (eval and retention sets); its answers' passes are counted as they run."""
+    sets = [data.eval_set] + ([data.retention_set] if data.retention_set is not None else [])
+    return sum(flops.over(batches(s, config.eval.batch_size, pad_id)) for s in sets)
 
 
 def rng_state(rng: random.Random) -> dict[str, Any]:
