@@ -15,11 +15,10 @@ import numpy as np
 import pandas as pd
 
 from hpo.errors import SweepError
-from hpo.spec import SweepSpec
+from hpo.spec import COST_AXES, SweepSpec
 from hpo.store import Store, epoch_score
 from trainers.vocabulary import (
     BEST_EPOCH_METRICS,
-    COST_METRICS,
     EPOCH_COLUMNS,
     FINISHED,
     PEAK_METRICS,
@@ -97,15 +96,15 @@ def selection_objective(objectives: list[dict[str, str]], epochs: pd.DataFrame) 
     return "eval_ppl", "min"
 
 
-def cost_metric(objectives: list[dict[str, str]], trials: pd.DataFrame) -> str:
-    """The cost axis: the sweep's first minimised cost objective some trial measured above zero, else train_seconds.
-
-    gpu_hours and cost_usd are zero on CPU or without a price, and then say nothing.
-    """
-    for objective in objectives:
-        metric = objective["metric"]
-        if metric in COST_METRICS and objective["mode"] == "min" and (trials[metric] > 0).any():
-            return metric
+def cost_metric(spec: SweepSpec, trials: pd.DataFrame) -> str:
+    """The report's cost axis: `report.cost_axis`, else GPU-hours when trials held GPUs, else the training FLOPs;
+    train_seconds for a store written before FLOPs were counted."""
+    if spec.report.cost_axis is not None:
+        return COST_AXES[spec.report.cost_axis]
+    if (trials["gpu_hours"] > 0).any():
+        return "gpu_hours"
+    if (trials["train_flops"] > 0).any():
+        return "train_flops"
     return "train_seconds"
 
 

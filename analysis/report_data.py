@@ -7,6 +7,7 @@ Which points each figure draws, frontier membership, the statistics and every ca
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,8 +28,17 @@ from analysis.load import (
     selection_objective,
     training_id,
 )
-from analysis.stats import Correlation, SignTest, levels, sign_test, spearman, variance_explained
-from analysis.style import STATUS_STYLE, cell, duration, label, missing, num, plural, sentence_case, style
+from analysis.stats import (
+    Correlation,
+    PairedDifference,
+    SignTest,
+    levels,
+    paired_difference,
+    sign_test,
+    spearman,
+    variance_explained,
+)
+from analysis.style import STATUS_STYLE, cell, duration, flops, label, missing, num, plural, sentence_case, style
 from analysis.style import NOT_JUDGED, verdict_word
 from hpo.store import Store
 from trainers.vocabulary import FINISHED, TrialStatus
@@ -36,6 +46,8 @@ from trainers.vocabulary import FINISHED, TrialStatus
 SAMPLES_PER_VERDICT = 4
 # The sign test's level: a cheaper trial whose p-value is at least this is "not significantly worse".
 ALPHA = 0.05
+# A cheaper trial is recommended only if it saves at least this share of the best's cost (report.min_saving).
+MIN_SAVING = 0.2
 # Fewer finished trials than this give no parameter importances.
 MIN_TRIALS_FOR_IMPORTANCE = 3
 
@@ -104,10 +116,15 @@ class ImportancePlot(NamedTuple):
 
 class SweetSpot(NamedTuple):
     best: str
-    cheapest: str | None  # the cheapest trial not significantly worse (the best itself if none); None: no verdicts
+    cheapest: str | None  # the cheapest trial worth taking instead (the best itself if none); None: no verdicts
     test: SignTest | None  # best vs cheapest, over their shared prompts; None when cheapest is best
     cost_ratio: float | None  # best's cost / cheapest's cost
-    sentences: list[str]
+    sentences: list[str]  # the report's headline: whether fine-tuning helped, the best, the sweet spot
+    saving: float = 0.0  # the share of the best's cost the sweet spot saves (at least min_saving)
+    difference: PairedDifference | None = None  # its win rate minus the best's, prompt by prompt, with a 95% interval
+    helped: bool | None = None  # the best beat the base model (None: nothing to tell it by)
+    min_saving: float = MIN_SAVING
+    margin: float | None = None
 
 
 class Samples(NamedTuple):
@@ -168,7 +185,7 @@ def report_data(store: Store) -> ReportData:
     epochs = load_epochs(results)
     metric, mode = selection_objective(sweep["objectives"], epochs)
     loaded = load_trials(results)
-    cost = cost_metric(sweep["objectives"], loaded)
+    cost = cost_metric(results.spec, loaded)
     trials = rank_trials(loaded, metric, mode, cost)
     finished = trials[trials["status"].isin(FINISHED) & trials[metric].notna()]
     best = finished.iloc[0] if len(finished) else None
@@ -234,7 +251,10 @@ def report_data(store: Store) -> ReportData:
         metric=metric,
         cost=cost,
         census=_census(trials),
-        sweet_spot=None if best is None else sweet_spot(trials, load_judgments(results, trials), params, metric, cost),
+        sweet_spot=None if best is None else sweet_spot(
+            trials, load_judgments(results, trials), params, metric, cost,
+            min_saving=results.spec.report.min_saving, margin=results.spec.report.margin, baseline=baseline,
+        ),  # fmt: skip
         trials=trials,
         best_trial=None if best is None else best["trial_id"],
         frontiers=frontiers,
@@ -250,67 +270,126 @@ def report_data(store: Store) -> ReportData:
 
 
 def sweet_spot(
-    trials: pd.DataFrame, judgments: pd.DataFrame, params: list[str], metric: str, cost: str, alpha: float = ALPHA
+    trials: pd.DataFrame,
+    judgments: pd.DataFrame,
+    params: list[str],
+    metric: str,
+    cost: str,
+    *,
+    min_saving: float = MIN_SAVING,
+    margin: float | None = None,
+    baseline: dict[str, Any] | None = None,
+    alpha: float = ALPHA,
 ) -> SweetSpot:
-    """The best trial, and the cheapest finished trial whose win rate is not significantly worse.
+    """The best trial, and the cheapest finished trial worth taking instead: one that saves at least
+    `min_saving` of the best's cost and whose win rate is not significantly worse (or, with `margin`,
+    provably as good: the 95% interval of their paired difference lies within ±margin).
 
     `trials` is ranked (finished first, best first); `judgments` is load_judgments: each trial's
-    verdicts against the base model at its best epoch. Every finished trial cheaper than the
-    best is compared with it, cheapest first, by an exact two-sided sign test over the prompts
-    both were judged on (a prompt counts for the trial whose verdict is higher; equal verdicts are
-    dropped); the first with p >= alpha, or whose verdicts are higher more often, is the sweet spot.
+    verdicts against the base model at its best epoch. Candidates are compared with the best, cheapest
+    first, over the prompts both were judged on: by an exact two-sided sign test (a prompt counts for
+    the trial whose verdict is higher; equal verdicts are dropped; "not significantly worse" is p >= alpha
+    or more prompts for the candidate), or with `margin` by the paired difference's t interval.
     Not significantly worse is not proven equal: with 50 prompts only large differences show.
+    `baseline` (the base model's metrics) says whether fine-tuning helped at all.
     """
     finished = trials[trials["status"].isin(FINISHED) & trials[metric].notna()]
     best = finished.iloc[0]
-    sentences = [
+    helped, verdict = fine_tuning_helped(best, baseline or {})
+    sentences = [] if helped is not False else [verdict]
+    sentences.append(
         f"Best by {label(metric)}: trial {best['trial_id']} ({_config(best, params)}) with "
         f"{_qualities(best, metric)}, {_cost(cost, best[cost])}."
-    ]
+    )
+    spot = partial(SweetSpot, best["trial_id"], helped=helped, min_saving=min_saving, margin=margin)
     verdicts = {tid: group.set_index("prompt_id")["verdict"] for tid, group in judgments.groupby("trial_id")}
     if best["trial_id"] not in verdicts:
         sentences.append("No per-prompt verdicts are stored for it, so there is no paired test of cheaper trials.")
-        return SweetSpot(best["trial_id"], None, None, None, sentences)
+        return spot(None, None, None, sentences)
 
-    cheaper = finished[(finished[cost] < best[cost]) & finished["trial_id"].isin(verdicts)]
-    cheaper = cheaper.sort_values(cost, kind="stable")  # stable: the better one first among equal costs
+    worth = finished[(finished[cost] <= (1 - min_saving) * best[cost]) & finished["trial_id"].isin(verdicts)]
+    worth = worth.sort_values(cost, kind="stable")  # stable: the better one first among equal costs
     tested = 0
-    for _, candidate in cheaper.iterrows():
+    for _, candidate in worth.iterrows():
         a, b = verdicts[best["trial_id"]].align(verdicts[candidate["trial_id"]], join="inner")
         if a.empty:
             continue
         tested += 1
         test = sign_test(a.to_numpy(), b.to_numpy())
-        if test.p_value < alpha and test.better > test.worse:
-            continue
-        ratio = best[cost] / candidate[cost] if candidate[cost] > 0 else math.inf
+        difference = paired_difference(a.to_numpy(), b.to_numpy())
+        if margin is None:
+            if test.p_value < alpha and test.better > test.worse:
+                continue
+            why = (
+                f"is not significantly worse than {best['trial_id']}: on {test.shared} shared prompts {best['trial_id']} was "
+                f"judged better on {test.better}, {candidate['trial_id']} on {test.worse}, equal on {test.equal} "
+                f"(exact two-sided sign test, {_p(test.p_value)}, level {alpha:g}; not significantly worse is not proven equal)"
+            )
+        else:
+            if not (-margin <= difference.low and difference.high <= margin):
+                continue
+            why = (
+                f"is as good as {best['trial_id']} within ±{margin:g} win rate: over {difference.n} shared prompts the "
+                f"95% interval of their paired difference in win rate is {difference.low:+.3f} to {difference.high:+.3f}"
+            )
+        saving = 1 - candidate[cost] / best[cost] if best[cost] > 0 else 0.0
         sentences.append(
-            f"Sweet spot: trial {candidate['trial_id']} ({_config(candidate, params)}), {_ratio(ratio)} cheaper at "
-            f"{_cost(cost, candidate[cost])}, with {_qualities(candidate, metric)}, is not significantly worse than "
-            f"{best['trial_id']}: on {test.shared} shared prompts {best['trial_id']} was judged better on "
-            f"{test.better}, {candidate['trial_id']} on {test.worse}, equal on {test.equal} "
-            f"(exact two-sided sign test, {_p(test.p_value)}, level {alpha:g})."
+            f"Sweet spot: trial {candidate['trial_id']} ({_config(candidate, params)}) costs {_saving(saving)} less: "
+            f"{_cost(cost, candidate[cost])}, against {_amount(cost, best[cost])}; with {_qualities(candidate, metric)}, it {why}."
         )
-        return SweetSpot(best["trial_id"], candidate["trial_id"], test, ratio, sentences)
+        return spot(candidate["trial_id"], test, best[cost] / candidate[cost] if candidate[cost] > 0 else math.inf,
+                    sentences, saving=saving, difference=difference)  # fmt: skip
 
-    n_cheaper = int(finished[cost].lt(best[cost]).sum())
-    if n_cheaper == 0:
-        sentences.append(f"Sweet spot: {best['trial_id']} itself, also the cheapest finished trial.")
+    none = "No configuration is meaningfully cheaper at the same quality: "
+    share = f"at least {_saving(min_saving)} of {best['trial_id']}'s {label(cost)}"
+    saving_enough = int((finished[cost] <= (1 - min_saving) * best[cost]).sum())
+    cheaper = int(finished[cost].lt(best[cost]).sum())
+    if saving_enough == 0:
+        less = "the one cheaper trial saves less" if cheaper == 1 else f"the {cheaper} cheaper trials save less"
+        sentences.append(none + f"no finished trial saves {share}" + (
+            f" ({less})." if cheaper else f"; {best['trial_id']} is also the cheapest."
+        ))  # fmt: skip
     elif tested == 0:
-        which = (
-            "the one cheaper finished trial has no"
-            if n_cheaper == 1
-            else f"none of the {n_cheaper} cheaper finished trials has"
-        )
-        sentences.append(f"Sweet spot: untested; {which} verdicts on prompts shared with {best['trial_id']}.")
-        return SweetSpot(best["trial_id"], None, None, None, sentences)
-    else:
-        which = "the one cheaper trial" if tested == 1 else f"each of the {tested} cheaper trials"
+        which = "the one trial that saves" if saving_enough == 1 else f"none of the {saving_enough} trials that save"
+        sentences.append(none + f"{which} {share} has verdicts on prompts shared with {best['trial_id']}.")
+        return spot(None, None, None, sentences)
+    elif margin is None:
+        which = "the one trial that saves" if tested == 1 else f"each of the {tested} trials that save"
         sentences.append(
-            f"Sweet spot: {best['trial_id']} itself: {which} with verdicts is significantly worse "
+            none + f"{which} {share} is significantly worse "
             f"(exact two-sided sign test over shared prompts, p < {alpha:g})."
         )
-    return SweetSpot(best["trial_id"], best["trial_id"], None, 1.0, sentences)
+    else:
+        which = "the one trial that saves" if tested == 1 else f"any of the {tested} trials that save"
+        sentences.append(
+            none + f"for {which} {share}, the 95% interval of the paired difference in win rate does not "
+            f"lie within ±{margin:g}."
+        )
+    return spot(best["trial_id"], None, 1.0, sentences)
+
+
+def fine_tuning_helped(best: pd.Series, baseline: dict[str, Any]) -> tuple[bool | None, str]:
+    """Whether the best trial beat the base model, and if not, the sentence that says so: its win rate's
+    95% interval lies above 0.5 (a tie with the base model), or without verdicts its eval perplexity is
+    below the base model's. None: nothing to tell it by."""
+    if pd.notna(best.get("win_rate_low")) and pd.notna(best.get("win_rate_high")):
+        low, high = best["win_rate_low"], best["win_rate_high"]
+        if low > 0.5:
+            return True, ""
+        where = "includes 0.5, a tie with the base model" if high >= 0.5 else "lies below 0.5: the base model answers better"
+        return False, (
+            f"Fine-tuning did not clearly help: the best trial's win rate against the base model, {num(best['win_rate'])} "
+            f"(95% CI {low:.2f}–{high:.2f}), {where}."
+        )
+    base_ppl = baseline.get("eval_ppl")
+    if pd.notna(best.get("eval_ppl")) and base_ppl is not None:
+        if best["eval_ppl"] < base_ppl:
+            return True, ""
+        return False, (
+            f"Fine-tuning did not help: the best trial's eval perplexity, {num(best['eval_ppl'])}, is not below the "
+            f"base model's {num(base_ppl)}."
+        )
+    return None, ""
 
 
 def _frontier_plot(
@@ -653,12 +732,22 @@ def _config(row: pd.Series, params: list[str]) -> str:
     return ", ".join(f"{p} {cell(row[p])}" for p in params if not missing(row[p]))
 
 
+def _amount(metric: str, value: float) -> str:
+    """A cost's value alone: "41 s", "3.2 TFLOPs", "0.25 GPU-hours", "$1.2", "6.5 GB"."""
+    return {
+        "train_flops": flops, "train_seconds": duration, "gpu_hours": lambda v: f"{num(v)} GPU-hours",
+        "cost_usd": lambda v: f"${num(v)}", "peak_memory_gb": lambda v: f"{num(v)} GB",
+    }.get(metric, num)(value)  # fmt: skip
+
+
 def _cost(metric: str, value: float) -> str:
     """A cost as words: "41 s of training", "0.25 GPU-hours", "$1.2", "6.5 GB peak memory"."""
     if pd.isna(value):
         return f"unknown {label(metric)}"
+    if metric == "train_flops":
+        return f"{flops(value)} of training compute"
     if metric == "train_seconds":
-        return f"{duration(value)} of training"
+        return f"{duration(value)} of measured training time"
     if metric == "gpu_hours":
         return f"{num(value)} GPU-hours"
     if metric == "cost_usd":
@@ -668,8 +757,11 @@ def _cost(metric: str, value: float) -> str:
     return f"{label(metric)} {num(value)}"
 
 
-def _ratio(ratio: float) -> str:
-    return "infinitely" if math.isinf(ratio) else f"{ratio:.1f}×"
+def _saving(share: float) -> str:
+    """A share of a cost: "35%", "2.5%", "99.7%" (never rounded to 0% or 100%)."""
+    if share >= 0.995:
+        return f"{share:.1%}"
+    return f"{share:.0%}" if share >= 0.1 else f"{share * 100:.2g}%"
 
 
 def _p(p: float) -> str:

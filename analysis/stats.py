@@ -47,6 +47,44 @@ def sign_test(a: Sequence[float], b: Sequence[float]) -> SignTest:
     return SignTest(better, worse, x.size - better - worse, binomial_two_sided_p(better, better + worse))
 
 
+class PairedDifference(NamedTuple):
+    mean: float  # mean of the second's values minus the first's, prompt by prompt
+    low: float  # the mean's two-sided interval (NaN with fewer than 2 pairs)
+    high: float
+    n: int
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> PairedDifference:
+    """Mean paired difference b - a with a Student t interval: mean ± t(n-1) x sd / sqrt(n).
+
+    For verdicts (1 win, 0.5 tie, 0 loss against the base model) the mean is the difference of the two
+    win rates over the shared prompts. When every difference is equal the interval is that one value.
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"paired_difference needs paired values (got {x.size} and {y.size})")
+    d = y - x
+    n = d.size
+    if n < 2:
+        mean = float(d.mean()) if n else math.nan
+        return PairedDifference(mean, math.nan, math.nan, n)
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return PairedDifference(mean, mean - half, mean + half, n)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile by the Cornish-Fisher expansion around the normal's (Abramowitz & Stegun
+    26.7.5, four terms): at p = 0.975 within 0.02 % of the exact value from df = 4, 0.8 % low at df = 2,
+    11 % low at df = 1 (two pairs: too few for any interval worth stating)."""
+    z = NormalDist().inv_cdf(p)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+
+
 class Correlation(NamedTuple):
     rho: float
     low: float  # NaN when there is no interval (n < 4, or |rho| = 1)

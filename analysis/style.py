@@ -27,7 +27,9 @@ METRIC_LABELS = {
     "win_rate": "win rate",
     "eval_ppl": "eval perplexity",
     "retention_ppl": "retention perplexity",
-    "train_seconds": "training time",
+    "train_flops": "training compute (FLOPs)",
+    "eval_flops": "evaluation compute (FLOPs)",
+    "train_seconds": "training time (measured)",
     "gpu_hours": "GPU-hours",
     "cost_usd": "cost",
     "peak_memory_gb": "peak memory",
@@ -53,6 +55,16 @@ def num(value: float) -> str:
         return f"{value:.3g}"
     text = f"{value:,.{max(0, 2 - int(math.floor(math.log10(abs(value)))))}f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def flops(value: float) -> str:
+    """"3.2 TFLOPs", "41 GFLOPs": floating-point operations with an SI prefix."""
+    if pd.isna(value):
+        return "unknown FLOPs"
+    for power, prefix in ((18, "E"), (15, "P"), (12, "T"), (9, "G"), (6, "M"), (3, "k")):
+        if abs(value) >= 10**power:
+            return f"{num(value / 10**power)} {prefix}FLOPs"
+    return f"{num(value)} FLOPs"
 
 
 def duration(seconds: float) -> str:

@@ -280,7 +280,7 @@ def best(
         epochs = results.epochs
         objectives = results.sweep["objectives"]
         metric, mode = selection_objective(objectives, load_epochs(results))
-        ranked = rank_trials(trials, metric, mode, cost_metric(objectives, trials))  # the report's ranking
+        ranked = rank_trials(trials, metric, mode, cost_metric(results.spec, trials))  # the report's ranking
         finished = ranked[ranked["status"].isin(FINISHED) & ranked[metric].notna()]
         if finished.empty:
             raise SweepError(f"run '{name}' has no finished trial yet (peftsweep export {name} shows each trial's status)")

@@ -114,6 +114,28 @@ class CostSpec(_Strict):
     usd_per_gpu_hour: float = Field(0.0, ge=0, description="price of one GPU-hour, for cost_usd")
 
 
+# The report's cost axes, and the metric each reads.
+COST_AXES = {"flops": "train_flops", "gpu_hours": "gpu_hours", "cost_usd": "cost_usd", "train_seconds": "train_seconds"}
+
+
+class ReportSpec(_Strict):
+    cost_axis: Literal[tuple(COST_AXES)] | None = Field(
+        None,
+        description="what a configuration costs in the report: flops (training compute, the same on any machine), "
+        "gpu_hours, cost_usd or train_seconds (time measured on that machine); default gpu_hours when trials held GPUs, else flops",
+    )
+    min_saving: float = Field(
+        0.2, gt=0, lt=1, description="a cheaper trial is recommended only if it saves at least this share of the best trial's cost"
+    )
+    margin: float | None = Field(
+        None,
+        gt=0,
+        lt=0.5,
+        description="win rate: call a cheaper trial 'as good as' the best only if the 95% interval of their paired difference "
+        "lies within ±margin; default: recommend it when it is not significantly worse (sign test)",
+    )
+
+
 class SweepSpec(_Strict):
     description: str = Field("", description="one line on what the sweep asks")
     model: ModelConfig = ModelConfig()
@@ -130,6 +152,7 @@ class SweepSpec(_Strict):
     resources: ResourceConfig = ResourceConfig()
     constraints: ConstraintConfig = ConstraintConfig()
     cost: CostSpec = CostSpec()
+    report: ReportSpec = ReportSpec()
     storage: str | None = Field(
         None,
         description="where Ray Tune keeps checkpoints (adapters) and experiment state: a path every node sees, or an "
@@ -335,6 +358,11 @@ def _validate(raw: dict[str, Any], path: Path, from_cli: set[str]) -> SweepSpec:
         raise SweepError(f"{path}: eval.do_sample: {', '.join(greedy_only)} tuning answers greedily only; drop do_sample or the method")
     if spec.search.algorithm == "nsga2" and len(spec.objectives) < 2:
         raise SweepError(f"{path}: search.algorithm 'nsga2' is multi-objective: list at least two objectives")
+    axis = spec.report.cost_axis
+    if axis in ("gpu_hours", "cost_usd") and not spec.resources.gpus_per_trial:
+        raise SweepError(f"{path}: report.cost_axis: {axis} is 0 for trials that hold no GPU; set resources.gpus_per_trial or use flops")
+    if axis == "cost_usd" and not spec.cost.usd_per_gpu_hour:
+        raise SweepError(f"{path}: report.cost_axis: cost_usd needs a price; set cost.usd_per_gpu_hour or use gpu_hours")
     trials = spec.num_trainings
     if trials > spec.search.max_trials:
         raise SweepError(

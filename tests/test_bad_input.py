@@ -167,6 +167,15 @@ CASES = {  # id: (argv for a tmp folder, what the one line must contain; TMP sta
         "loguniform needs a positive low end",
     ),
     "set_lr_above_one": (run_smoke("--set", "search.space.learning_rate.grid=[2.0]"), "search.space.learning_rate.grid[0]: input should be less than 1"),
+    "report_gpu_hours_without_gpus": (
+        run_smoke("--set", "report.cost_axis=gpu_hours"), "report.cost_axis: gpu_hours is 0 for trials that hold no GPU; set resources.gpus_per_trial or use flops"
+    ),
+    "report_cost_usd_without_a_price": (
+        run_smoke("--set", "report.cost_axis=cost_usd", "--set", "resources.gpus_per_trial=1"),
+        "report.cost_axis: cost_usd needs a price; set cost.usd_per_gpu_hour or use gpu_hours",
+    ),
+    "report_unknown_cost_axis": (run_smoke("--set", "report.cost_axis=seconds"), "report.cost_axis (from --set): input should be 'flops', 'gpu_hours'"),
+    "report_min_saving_of_one": (run_smoke("--set", "report.min_saving=1"), "report.min_saving (from --set): input should be less than 1"),
     "set_without_equals": (run_smoke("--set", "train.epochs"), "--set 'train.epochs': expected KEY=VALUE"),
     "set_value_as_section": (run_smoke("--set", "train.epochs.max=2"), "'train.epochs' is a value, not a section"),
     "set_unknown_objective": (run_smoke("--set", "objectives=[{metric: accuracy, mode: max}]"), "objectives.0.metric (from --set)"),

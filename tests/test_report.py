@@ -53,14 +53,21 @@ VERDICTS = {
 
 
 def make_store(
-    path: Path, objectives: list[dict[str, str]] | None = None, *, retention: bool = True, trials: dict = TRIALS
+    path: Path,
+    objectives: list[dict[str, str]] | None = None,
+    *,
+    retention: bool = True,
+    trials: dict = TRIALS,
+    report: dict | None = None,
 ) -> Store:
-    """A finished sweep of `trials`; t-good's answer to prompt 2 at epoch 2 is INJECTED."""
+    """A finished sweep of `trials`; t-good's answer to prompt 2 at epoch 2 is INJECTED. Its trials held
+    GPUs (gpu_hours > 0) and counted FLOPs (train_flops = 1e12 per second); the report's cost axis is
+    train_seconds unless `report` (the sweep file's report section) says otherwise."""
     store = Store.create(
         path,
         name=SWEEP_NAME,
         sweep_file="sweeps/demo.yaml",
-        spec={"train": {"method": "lora"}},
+        spec={"train": {"method": "lora"}, "report": {"cost_axis": "train_seconds"} if report is None else report},
         searched=["learning_rate", "lora_r"],
         objectives=objectives or [{"metric": "win_rate", "mode": "max"}, {"metric": "train_seconds", "mode": "min"}],
         versions={"peft": "0.0"},
@@ -84,6 +91,7 @@ def make_store(
                     "losses": 10 - wins,
                     "ties": 0,
                     "train_seconds": seconds,
+                    "train_flops": seconds * 1e12,
                     "gpu_hours": seconds / 3600,
                     "cost_usd": seconds / 3600 * 2.5,
                     "peak_memory_gb": memory,
@@ -121,7 +129,8 @@ def test_load_trials_columns_best_epoch_and_totals(store):
         "trial_id", "status", "learning_rate", "lora_r", "epochs", "epochs_completed", "best_epoch",
         "eval_ppl", "win_rate", "win_rate_low", "win_rate_high", "wins", "losses", "ties",
         "retention_ppl", "order_agreement", "answer_length_diff",
-        "train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd", "tokens_trained", "tokens_per_second",
+        "train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd", "train_flops", "eval_flops",
+        "tokens_trained", "tokens_per_second",
         "trainable_params", "total_params", "peak_memory_gb", "train_memory_gb", "inference_memory_gb", "error", "error_log",
         "judge", "epochs_not_judged",
     ]  # fmt: skip
@@ -189,13 +198,16 @@ def test_report_data_sweet_spot_names_the_cheaper_trial_with_numbers(store):
     spot = data.sweet_spot
     assert (spot.best, spot.cheapest) == ("t-good", "t-cheap")
     assert spot.test == (2, 0, 5, 0.5) and spot.cost_ratio == pytest.approx(41 / 10)
+    assert spot.saving == pytest.approx(1 - 10 / 41) and spot.helped is False
     assert data.headline == [
+        "Fine-tuning did not clearly help: the best trial's win rate against the base model, 0.62 (95% CI 0.31–0.83), "
+        "includes 0.5, a tie with the base model.",
         "Best by win rate: trial t-good (learning_rate 0.0002, lora_r 16, epochs 3) with win rate 0.62 "
-        "(95% CI 0.31–0.83) at epoch 2, eval perplexity 4.1, 41 s of training.",
-        "Sweet spot: trial t-cheap (learning_rate 0.001, lora_r 4, epochs 3), 4.1× cheaper at 10 s of training, "
-        "with win rate 0.45 (95% CI 0.17–0.69) at epoch 1, eval perplexity 4.8, is not significantly worse than "
-        "t-good: on 7 shared prompts t-good was judged better on 2, t-cheap on 0, equal on 5 "
-        "(exact two-sided sign test, p = 0.5, level 0.05).",
+        "(95% CI 0.31–0.83) at epoch 2, eval perplexity 4.1, 41 s of measured training time.",
+        "Sweet spot: trial t-cheap (learning_rate 0.001, lora_r 4, epochs 3) costs 76% less: 10 s of measured training "
+        "time, against 41 s; with win rate 0.45 (95% CI 0.17–0.69) at epoch 1, eval perplexity 4.8, it is not "
+        "significantly worse than t-good: on 7 shared prompts t-good was judged better on 2, t-cheap on 0, equal on 5 "
+        "(exact two-sided sign test, p = 0.5, level 0.05; not significantly worse is not proven equal).",
     ]
     assert data.census == "7 trials: 3 completed, 1 early stopped, 1 error, 1 diverged, 1 out of memory."
 
@@ -232,7 +244,8 @@ def test_sweet_spot_skips_significantly_worse_cheaper_trials():
     assert (spot.best, spot.cheapest) == ("A", "C")
     assert spot.test.p_value == pytest.approx(0.0625) and (spot.test.better, spot.test.worse) == (5, 0)
     assert spot.cost_ratio == pytest.approx(100 / 30)
-    assert "3.3× cheaper at 30 s of training" in spot.sentences[1] and "p = 0.062" in spot.sentences[1]
+    assert "costs 70% less: 30 s of measured training time, against 100 s" in spot.sentences[1]
+    assert "p = 0.062" in spot.sentences[1]
 
 
 def test_sweet_spot_when_every_cheaper_trial_is_worse_or_the_best_is_cheapest():
@@ -241,29 +254,43 @@ def test_sweet_spot_when_every_cheaper_trial_is_worse_or_the_best_is_cheapest():
     spot = sweet_spot(trials, judged, [], "win_rate", "train_seconds")
     assert (spot.cheapest, spot.test, spot.cost_ratio) == ("A", None, 1.0)
     assert spot.sentences[1] == (
-        "Sweet spot: A itself: the one cheaper trial with verdicts is significantly worse "
-        "(exact two-sided sign test over shared prompts, p < 0.05)."
+        "No configuration is meaningfully cheaper at the same quality: the one trial that saves at least 20% of A's "
+        "training time (measured) is significantly worse (exact two-sided sign test over shared prompts, p < 0.05)."
     )
 
     trials = _ranked([("A", TrialStatus.COMPLETED, 0.9, 10.0), ("B", TrialStatus.COMPLETED, 0.6, 100.0)])
     spot = sweet_spot(trials, judged, [], "win_rate", "train_seconds")
-    assert spot.cheapest == "A" and spot.sentences[1] == "Sweet spot: A itself, also the cheapest finished trial."
+    assert spot.cheapest == "A" and spot.sentences[1] == (
+        "No configuration is meaningfully cheaper at the same quality: no finished trial saves at least 20% of A's "
+        "training time (measured); A is also the cheapest."
+    )
 
     # No verdicts at all (a sweep judged by perplexity only): no paired test, said so.
     spot = sweet_spot(trials, judged.iloc[0:0], [], "win_rate", "train_seconds")
     assert spot.cheapest is None and "no paired test" in spot.sentences[1]
 
 
-def test_sweet_spot_uses_the_sweeps_cost_objective(tmp_path):
-    objectives = [{"metric": "win_rate", "mode": "max"}, {"metric": "gpu_hours", "mode": "min"}]
-    store = make_store(tmp_path / "results.db", objectives)
+def test_the_cost_axis_is_gpu_hours_on_gpus_else_flops_unless_the_sweep_names_one(tmp_path):
+    store = make_store(tmp_path / "gpus.db", report={})  # its trials held GPUs: gpu_hours > 0
     data = report_data(store)
     assert data.cost == "gpu_hours" and [(f.x, f.y) for f in data.frontiers] == [
         ("gpu_hours", "win_rate"), ("gpu_hours", "eval_ppl"), ("train_seconds", "win_rate"),
     ]  # fmt: skip
     assert data.frontiers[0].caption.startswith("2 of 4 finished trials are on the frontier, from t-cheap (win rate 0.45, 0.00278 GPU-hours)")
-    assert "4.1× cheaper at 0.00278 GPU-hours" in data.headline[1]
+    assert "costs 76% less: 0.00278 GPU-hours, against 0.0114 GPU-hours" in data.headline[2]
     assert "gpu_hours" in table_columns(data)
+    store.close()
+
+    cpu = {tid: (status, params, [(w, p, s, m) for w, p, s, m in epochs], error) for tid, (status, params, epochs, error) in TRIALS.items()}
+    store = make_store(tmp_path / "cpu.db", report={}, trials=cpu)
+    store.conn.execute("UPDATE epochs SET gpu_hours = 0, cost_usd = 0")  # on CPU: no GPU-hours
+    data = report_data(store)
+    assert data.cost == "train_flops" and data.frontiers[0].x == "train_flops"
+    assert "costs 76% less: 10 TFLOPs of training compute, against 41 TFLOPs" in data.headline[2]
+    store.close()
+
+    store = make_store(tmp_path / "named.db", report={"cost_axis": "cost_usd"})
+    assert report_data(store).cost == "cost_usd"
     store.close()
 
 
@@ -286,13 +313,13 @@ def test_report_data_frontiers_best_trial_and_captions(store):
     # The base model ties itself (win rate 0.5) and its perplexity is stored with the sweep.
     assert (win.reference, ppl.reference) == (0.5, 6.0)
     assert win.caption == (
-        "2 of 4 finished trials are on the frontier, from t-cheap (win rate 0.45, 10 s of training) "
-        "to t-good (win rate 0.62, 41 s of training); bars are 95% intervals, median ±0.26, so smaller "
+        "2 of 4 finished trials are on the frontier, from t-cheap (win rate 0.45, 10 s of measured training time) "
+        "to t-good (win rate 0.62, 41 s of measured training time); bars are 95% intervals, median ±0.26, so smaller "
         "differences are mostly noise; 2 trials without these metrics are only in the table."
     )
     assert ppl.caption.startswith(
-        "3 of 4 finished trials are on the frontier, from t-cheap (eval perplexity 4.8, 10 s of training) "
-        "to t-mid (eval perplexity 3.8, 45 s of training)"
+        "3 of 4 finished trials are on the frontier, from t-cheap (eval perplexity 4.8, 10 s of measured training time) "
+        "to t-mid (eval perplexity 3.8, 45 s of measured training time)"
     )
 
     curves = data.curves[0]
