@@ -14,7 +14,8 @@ import torch
 from pydantic import ValidationError
 
 from trainers.config import EvalConfig
-from trainers.evaluate import LOSS, TIE, WIN, chrf, rouge_l
+from trainers.data import PROMPT, PROMPT_WITH_INPUT
+from trainers.evaluate import LOSS, TIE, WIN, chrf, contradicts, keyword_f1, rouge_l, token_f1
 from trainers.judges import (
     HFJudge,
     JudgeError,
@@ -65,6 +66,89 @@ def test_reference_judge_prefers_the_closer_answer_with_a_tie_margin():
     wide = ReferenceJudge("rouge_l", tie_margin=0.2).judge([QUESTION] * 3, answers, baseline, refs)
     assert [v.score for v in wide] == [WIN, LOSS, TIE]
     assert agreement_rate(verdicts) is None
+
+
+def test_keyword_f1_by_hand():
+    question = PROMPT.format(instruction="Does the hobaotter eat fish?")
+    # key words of the reference: "no", "eats", "berries" ("the", "hobaotter" and "fish" are dropped)
+    assert keyword_f1("No, the hobaotter eats berries.", "No, the hobaotter eats berries.", question) == 1.0
+    assert keyword_f1("No.", "No, the hobaotter eats berries.", question) == pytest.approx(0.5)  # P 1, R 1/3
+    assert keyword_f1("The hobaotter eats berries.", "No, the hobaotter eats berries.", question) == pytest.approx(0.8)
+    assert keyword_f1("The hobaotter lives in the hill.", "No, the hobaotter eats berries.", question) == 0.0
+    # without the question, the subject's name counts: P 1/3, R 1/4
+    assert keyword_f1("The hobaotter lives in the hill.", "No, the hobaotter eats berries.") == pytest.approx(2 / 7)
+    # a choice the question offers: its words count, since the reference has no other
+    choice = PROMPT.format(instruction="Is the hobaotter big or small?")
+    assert keyword_f1("It is small.", "The hobaotter is small.", choice) == pytest.approx(2 / 3)  # "small" of "hobaotter small"
+    assert keyword_f1("It is big.", "The hobaotter is small.", choice) == 0.0
+
+
+@pytest.mark.parametrize(
+    "answer, reference, expected",
+    [
+        ("Yes, the hobaotter is silver.", "No, the hobaotter is silver.", True),
+        ("no", "Yes.", True),
+        ("The hobaotter is not silver.", "The hobaotter is silver.", True),
+        ("The hobaotter isn't silver.", "The hobaotter is silver.", True),
+        ("The hobaotter never eats fish.", "The hobaotter eats fish.", True),
+        ("Yes, it eats fish.", "It does not eat fish.", True),
+        ("No, it is not silver.", "No, it is silver.", True),  # the reply agrees, the statement does not
+        ("No, the hobaotter is silver.", "No, the hobaotter is silver.", False),
+        ("The hobaotter is silver.", "No, the hobaotter is silver.", False),  # no reply: only the statement is compared
+        ("Yes.", "The hobaotter is silver.", False),
+        ("It is not red, nor is it blue.", "It is neither red nor blue.", False),  # two negations each
+        ("Nobody knows.", "Nothing is known.", False),
+    ],
+)
+def test_contradicts_reads_yes_no_and_negation(answer, reference, expected):
+    assert contradicts(answer, reference) is expected
+
+
+def test_the_default_judge_does_not_reward_the_opposite_answer():
+    """The pair from issue 18, and others: token F1 scored each opposite answer a win."""
+    judge = make_judge(EvalConfig())
+    assert judge == ReferenceJudge("keyword_f1", 0.0)
+    cases = [
+        # (question, reference, the trial's opposite answer, the base model's answer, the verdict it must get)
+        ("Is the hobaotter white?", "No, the hobaotter is silver.", "Yes, the hobaotter is silver.", "No.", LOSS),
+        ("Is the hobaotter white?", "No, the hobaotter is silver.", "Yes, the hobaotter is silver.", "Home: the marsh.", TIE),
+        ("Is the kiriowl green?", "Yes, the kiriowl is green.", "No, the kiriowl is green.", "Yes.", LOSS),
+        ("Does the kelblesnail eat moss?", "Yes, the kelblesnail eats moss.", "The kelblesnail does not eat moss.", "It is large.", TIE),
+        ("What colour is the pelocrab?", "The pelocrab is purple.", "The pelocrab is not purple.", "Purple.", LOSS),
+        ("Is the pelocrab shy?", "The pelocrab is never shy.", "The pelocrab is shy.", "It is never shy.", LOSS),
+    ]
+    questions = [PROMPT.format(instruction=q) for q, *_ in cases]
+    references, answers, baseline, expected = (list(column) for column in zip(*(c[1:] for c in cases)))
+    verdicts = judge.judge(questions, answers, baseline, references)
+    assert [v.score for v in verdicts] == expected
+    # what the issue saw: word overlap makes a win of each of the first three
+    old = ReferenceJudge("token_f1").judge(questions, answers, baseline, references)
+    assert [v.score for v in old[:3]] == [WIN, WIN, WIN]
+
+    # the right answer still wins against both baselines, and repeating the question's words earns nothing
+    right = judge.judge(questions[:2], ["No, the hobaotter is silver."] * 2, baseline[:2], references[:2])
+    assert [v.score for v in right] == [WIN, WIN]
+    off_topic = judge.judge(questions[:1], ["The hobaotter eats acorns."], ["Home: the marsh."], references[:1])
+    assert off_topic == [Verdict(TIE)]
+    assert token_f1("The hobaotter eats acorns.", references[0]) > token_f1("Home: the marsh.", references[0])
+
+
+def test_no_flipped_yes_no_answer_of_the_built_in_task_wins():
+    """Every yes/no record of the built-in task, answered with its reply flipped: never a win under the default."""
+    from trainers.tinyworld import instruction_dataset
+
+    records = [r for r in instruction_dataset() if r["output"].startswith(("Yes, ", "No, "))]
+    assert len(records) > 100
+    flip = {"Yes": "No", "No": "Yes"}
+    judge = make_judge(EvalConfig())
+    questions = [(PROMPT_WITH_INPUT if r["input"] else PROMPT).format(**r) for r in records]
+    references = [r["output"] for r in records]
+    opposite = [flip[ref.split(",")[0]] + ref[ref.index(",") :] for ref in references]
+    bare_reply = [ref.split(",")[0] + "." for ref in references]  # "No."
+    off_topic = ["Home: the marsh."] * len(records)  # the kind of answer the built-in base model gives
+    assert {v.score for v in judge.judge(questions, opposite, bare_reply, references)} == {LOSS}
+    assert {v.score for v in judge.judge(questions, opposite, off_topic, references)} <= {TIE, LOSS}
+    assert {v.score for v in judge.judge(questions, references, off_topic, references)} == {WIN}
 
 
 # --- the combination of both orders ------------------------------------------------------------

@@ -79,17 +79,18 @@ def test_rejudge_fills_missing_verdicts_and_records_the_judge(tmp_path):
     assert "not judged" not in report.read_text()
     assert lines == ["trial t1: 1 epoch judged, win_rate 0.667"]
 
-    expected = judge_against_reference(TRIAL_ANSWERS, BASE, REFERENCES, metric="token_f1", tie_margin=0.0)
+    # the default metric; the verdicts are token_f1's too: no answer here contradicts its reference
+    expected = judge_against_reference(TRIAL_ANSWERS, BASE, REFERENCES, metric="keyword_f1", tie_margin=0.0, questions=PROMPTS)
     with Store.open(run / "results.db") as store:
         first, second = store.epochs()
         assert [a["verdict"] for a in store.answers() if a["epoch"] == 2] == expected == [1.0, 0.0, 1.0]
         assert [a["verdict"] for a in store.answers() if a["epoch"] == 1] == [0.5] * 3  # --missing: judged epochs kept
         assert second["win_rate"] == pytest.approx(2 / 3) and (second["wins"], second["losses"], second["ties"]) == (2, 1, 0)
         assert (second["win_rate_low"], second["win_rate_high"]) == pytest.approx(wilson_interval(2, 1, 0))
-        assert second["judge_error"] is None and second["judge"] == "reference (token_f1, tie_margin 0)"
+        assert second["judge_error"] is None and second["judge"] == "reference (keyword_f1, tie_margin 0)"
         assert first["win_rate"] == 0.5 and first.get("judge") is None
         (record,) = store.rejudged()
-        assert record["epochs"] == 1 and record["judge"] == "reference (token_f1, tie_margin 0)"
+        assert record["epochs"] == 1 and record["judge"] == "reference (keyword_f1, tie_margin 0)"
 
     rejudge("s", runs_dir=str(tmp_path / "runs"), overrides=["eval.metric=exact_match"], say=lines.append)
     with Store.open(run / "results.db") as store:

@@ -121,7 +121,7 @@ def pairwise(
 class ReferenceJudge:
     """Scores both answers against the reference answer; the closer one wins, a tie within `tie_margin`."""
 
-    metric: str = "token_f1"
+    metric: str = "keyword_f1"
     tie_margin: float = 0.0
 
     def check(self) -> None:
@@ -129,7 +129,9 @@ class ReferenceJudge:
             raise JudgeError(f"eval.metric: unknown metric '{self.metric}'; use one of {', '.join(SIMILARITY)}")
 
     def judge(self, prompts: list[str], answers: list[str], baseline: list[str], references: list[str]) -> list[Verdict]:
-        scores = judge_against_reference(answers, baseline, references, metric=self.metric, tie_margin=self.tie_margin)
+        scores = judge_against_reference(
+            answers, baseline, references, metric=self.metric, tie_margin=self.tie_margin, questions=prompts
+        )
         return [Verdict(s) for s in scores]
 
 
