@@ -26,6 +26,7 @@ from trainers.judges import (
     judge_prompt,
     make_judge,
     pairwise,
+    parse_rate,
     parse_verdict,
 )
 
@@ -65,7 +66,7 @@ def test_reference_judge_prefers_the_closer_answer_with_a_tie_margin():
     assert verdicts == [Verdict(WIN), Verdict(LOSS), Verdict(LOSS)]
     wide = ReferenceJudge("rouge_l", tie_margin=0.2).judge([QUESTION] * 3, answers, baseline, refs)
     assert [v.score for v in wide] == [WIN, LOSS, TIE]
-    assert agreement_rate(verdicts) is None
+    assert agreement_rate(verdicts) is None and parse_rate(verdicts) is None
 
 
 def test_keyword_f1_by_hand():
@@ -163,22 +164,60 @@ def test_pairwise_asks_both_orders_and_a_disagreement_is_a_tie():
 
     answers, baseline = ["good one", "bad one", "same"], ["bad one", "good one", "same"]
     verdicts = pairwise([QUESTION] * 3, answers, baseline, prefers_good)
-    assert verdicts == [Verdict(WIN, True), Verdict(LOSS, True), Verdict(TIE, True)]
+    # identical answers: a tie, not asked, so neither parsed nor agreed
+    assert verdicts == [Verdict(WIN, True, 2), Verdict(LOSS, True, 2), Verdict(TIE)]
     assert sorted(asked) == sorted(
         [judge_prompt(QUESTION, a, b) for a, b in [("good one", "bad one"), ("bad one", "good one")]] * 2
     ), "both orders of each differing pair, and identical answers not asked"
+    assert agreement_rate(verdicts) == 1.0 and parse_rate(verdicts) == 1.0
 
     always_a = pairwise([QUESTION] * 3, answers, baseline, lambda texts: [WIN] * len(texts))
-    assert always_a == [Verdict(TIE, False), Verdict(TIE, False), Verdict(TIE, True)]
-    assert agreement_rate(always_a) == pytest.approx(1 / 3)
+    assert always_a == [Verdict(TIE, False, 2), Verdict(TIE, False, 2), Verdict(TIE)]
+    assert agreement_rate(always_a) == 0.0, "the identical pair was never asked: no agreement to count"
+
+
+def test_pairwise_unparsed_replies_are_ties_and_never_agreement():
+    """A reply that names neither A nor B (None) makes the verdict a tie; two of them are not agreement."""
+    # what the judge replies, by the trial's answer, in each order (trial as A, trial as B)
+    replies = {
+        "agreed": (WIN, LOSS),  # both orders prefer the trial's answer
+        "disagreed": (WIN, WIN),  # always A: a bias for the position
+        "first only": (LOSS, None),
+        "second only": (None, WIN),
+        "neither": (None, None),
+        "undecided": (TIE, TIE),  # parsed, and the same verdict both ways (an hf judge's equal logits)
+    }
+
+    def prefer_a(texts):
+        return [replies[answer_a_of(t)][0] if answer_a_of(t) in replies else replies[answer_b_of(t)][1] for t in texts]
+
+    answers = [*replies, "same"]
+    baseline = ["base answer"] * len(replies) + ["same"]
+    verdicts = pairwise([QUESTION] * len(answers), answers, baseline, prefer_a)
+    assert verdicts == [
+        Verdict(WIN, True, 2),
+        Verdict(TIE, False, 2),
+        Verdict(TIE, None, 1),
+        Verdict(TIE, None, 1),
+        Verdict(TIE, None, 0),
+        Verdict(TIE, True, 2),
+        Verdict(TIE),  # identical: not asked
+    ]
+    assert parse_rate(verdicts) == pytest.approx(8 / 12)  # 6 asked prompts, 2 replies each
+    assert agreement_rate(verdicts) == pytest.approx(2 / 3)  # of the 3 whose both replies parsed
+    nothing_parsed = pairwise([QUESTION] * 2, ["x", "y"], ["a", "b"], lambda texts: [None] * len(texts))
+    assert nothing_parsed == [Verdict(TIE, None, 0)] * 2
+    assert parse_rate(nothing_parsed) == 0.0 and agreement_rate(nothing_parsed) is None
+    nothing_asked = pairwise([QUESTION], ["same"], ["same"], prefer_a)
+    assert parse_rate(nothing_asked) is None and agreement_rate(nothing_asked) is None
 
 
 @pytest.mark.parametrize(
     "reply, expected",
-    [("A", WIN), ("B.", LOSS), ("Answer B is better.", LOSS), ("**A**", WIN), ("(B)", LOSS), ("I cannot tell", TIE), ("", TIE), ("a", TIE)],
+    [("A", WIN), ("B.", LOSS), ("Answer B is better.", LOSS), ("**A**", WIN), ("(B)", LOSS), ("I cannot tell", None), ("", None), ("a", None)],
 )
 def test_parse_verdict_reads_the_first_standalone_letter(reply, expected):
-    assert parse_verdict(reply) == expected
+    assert parse_verdict(reply) == expected  # None: no answer, told apart from a 0.5
 
 
 # --- openai: a real OpenAI-compatible server on 127.0.0.1 --------------------------------------
@@ -236,6 +275,10 @@ def answer_a_of(text: str) -> str:
     return text.split("[Answer A]")[1].split("[Answer B]")[0].strip()
 
 
+def answer_b_of(text: str) -> str:
+    return text.split("[Answer B]")[1].split("Reply with one letter")[0].strip()
+
+
 def prefers_good(text: str) -> str:
     if "[Answer A]" not in text:
         return "A"  # the check's one-token request
@@ -271,7 +314,7 @@ def test_openai_judge_asks_both_orders_with_the_key_from_the_environment(server)
     judge = make_judge(config)
     judge.check()
     verdicts = judge.judge([QUESTION] * 3, ["good answer", "bad answer", "same"], ["bad answer", "good answer", "same"], [""] * 3)
-    assert verdicts == [Verdict(WIN, True), Verdict(LOSS, True), Verdict(TIE, True)]
+    assert verdicts == [Verdict(WIN, True, 2), Verdict(LOSS, True, 2), Verdict(TIE)]
 
     check, *asked = server.requests
     assert check["body"]["max_tokens"] == 1
@@ -287,27 +330,59 @@ def test_openai_judge_asks_both_orders_with_the_key_from_the_environment(server)
 def test_openai_disagreement_between_orders_is_a_tie(server):
     server.reply = lambda text: "A"  # a judge that always picks the first answer
     verdicts = openai_judge(server).judge([QUESTION] * 2, ["good answer", "x"], ["bad answer", "y"], [""] * 2)
-    assert verdicts == [Verdict(TIE, False), Verdict(TIE, False)]
+    assert verdicts == [Verdict(TIE, False, 2), Verdict(TIE, False, 2)]
     assert len(server.requests) == 4
-    assert agreement_rate(verdicts) == 0.0
+    assert agreement_rate(verdicts) == 0.0 and parse_rate(verdicts) == 1.0
 
 
-def test_openai_unparseable_reply_is_undecided(server):
+def test_openai_unparseable_reply_is_a_tie_and_no_agreement(server):
     server.reply = lambda text: "Both answers have merit."
-    assert openai_judge(server).judge([QUESTION], ["good answer"], ["bad answer"], [""]) == [Verdict(TIE, True)]
+    verdicts = openai_judge(server).judge([QUESTION], ["good answer"], ["bad answer"], [""])
+    assert verdicts == [Verdict(TIE, None, 0)]
+    assert parse_rate(verdicts) == 0.0 and agreement_rate(verdicts) is None
+
+
+def test_openai_parse_rate_and_agreement_when_some_replies_are_garbage(server):
+    """A small model as the judge: for some prompts it rambles instead of naming A or B."""
+
+    def reply(text):
+        if "[Answer A]" not in text:
+            return "A"
+        if "rambling" in text:
+            return "Well, both answers could be considered, depending on the context."
+        if "half" in answer_a_of(text):
+            return "I think this depends."  # only when the trial's answer is shown first
+        return prefers_good(text)
+
+    server.reply = reply
+    judge = make_judge(EvalConfig(judge="openai", base_url=server.base_url, api_model="judge-model", api_key_env=KEY_ENV))
+    answers = ["good answer", "bad answer", "good but rambling", "good half", "good answer", "same"]
+    baseline = ["bad answer", "good answer", "bad answer", "bad answer", "also good", "same"]
+    verdicts = judge.judge([QUESTION] * 6, answers, baseline, [""] * 6)
+    assert verdicts == [
+        Verdict(WIN, True, 2),
+        Verdict(LOSS, True, 2),
+        Verdict(TIE, None, 0),  # garbage in both orders: no agreement
+        Verdict(TIE, None, 1),  # one order parsed: a tie, since one order cannot cancel a position bias
+        Verdict(TIE, False, 2),  # both "good": each order picks answer A
+        Verdict(TIE),
+    ]
+    assert len(server.requests) == 2 * 5, "both orders of the five differing pairs"
+    assert parse_rate(verdicts) == pytest.approx(7 / 10)
+    assert agreement_rate(verdicts) == pytest.approx(2 / 3)
 
 
 def test_openai_timeout_then_retry_succeeds(server):
     server.script = ["sleep"]
     verdicts = openai_judge(server, timeout_s=0.3, max_retries=2).judge([QUESTION], ["good answer"], ["bad answer"], [""])
-    assert verdicts == [Verdict(WIN, True)]
+    assert verdicts == [Verdict(WIN, True, 2)]
     assert len(server.requests) == 3, "two orders, one of them sent again after timing out"
 
 
 def test_openai_5xx_and_429_are_retried(server):
     server.script = ["500", "503", "429"]
     verdicts = openai_judge(server, max_retries=3).judge([QUESTION], ["good answer"], ["bad answer"], [""])
-    assert verdicts == [Verdict(WIN, True)]
+    assert verdicts == [Verdict(WIN, True, 2)]
     assert len(server.requests) == 5
 
 
@@ -395,13 +470,14 @@ def test_hf_judge_judges_both_orders_and_ties_a_disagreement(hf_judge):
 
     for answer, base, verdict in zip(answers, baseline, verdicts):
         if answer == base:
-            assert verdict == Verdict(TIE, True)
+            assert verdict == Verdict(TIE)
             continue
         first, second = hf_judge.margins([judge_prompt(QUESTION, answer, base), judge_prompt(QUESTION, base, answer)])
         trial_as_a, trial_as_b = first > 0, second < 0
         assert verdict.agreed == (trial_as_a == trial_as_b)
         assert verdict.score == ((WIN if trial_as_a else LOSS) if verdict.agreed else TIE)
     assert all(v.score in (WIN, TIE, LOSS) for v in verdicts)
+    assert parse_rate(verdicts) == 1.0, "a pair of probabilities always reads as a preference"
     assert hf_judge.judge([QUESTION] * 4, answers, baseline, [""] * 4) == verdicts, "deterministic"
 
 

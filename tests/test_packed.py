@@ -111,6 +111,7 @@ def test_a_packed_member_trains_exactly_as_it_would_alone(solo, packed):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
             assert b["answers"] == a["answers"]  # greedy: the same answers as alone
             assert b["tokens_trained"] == a["tokens_trained"]
+            assert b["judge_parse_rate"] is a["judge_parse_rate"] is None  # reported, and None: the reference judge parses no reply
     # The members really differ: each trained its own configuration.
     assert len({round(packed_metrics[m][-1]["eval_ppl"], 6) for m in MEMBERS}) == len(MEMBERS)
 
