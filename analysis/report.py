@@ -155,6 +155,7 @@ _FORMATS = {
     "ties": "{:.0f}".format,
     "eval_ppl": "{:.3f}".format,
     "retention_ppl": "{:.3f}".format,
+    "judge_parse_rate": "{:.2f}".format,
     "order_agreement": "{:.2f}".format,
     "answer_length_diff": "{:+.1f}".format,
     "train_seconds": "{:,.1f}".format,
@@ -169,11 +170,13 @@ _FORMATS = {
 def table_columns(data: ReportData) -> list[str]:
     """The trials table's columns before `error`, like the studies' tables; the CSV download has every column.
 
-    The win rate cell holds its interval and counts; a column no trial has a value for is left out.
+    The win rate cell holds its interval and counts; a pairwise judge's parse rate and order agreement follow
+    it; a column no trial has a value for is left out (so these two are, for the reference judge).
     """
     wanted = [
         "trial_id", "status", *data.params, "epochs_completed", "best_epoch", "eval_ppl", "win_rate",
-        "retention_ppl", "train_seconds", *([data.cost] if data.cost != "train_seconds" else []), "peak_memory_gb",
+        "judge_parse_rate", "order_agreement", "retention_ppl", "train_seconds",
+        *([data.cost] if data.cost != "train_seconds" else []), "peak_memory_gb",
     ]  # fmt: skip
     trials = data.trials
     return [c for c in wanted if c in ("trial_id", "status") or trials[c].map(missing).eq(False).any()]

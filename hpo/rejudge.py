@@ -19,7 +19,7 @@ from hpo.spec import apply_override, describe_error
 from hpo.store import Store
 from trainers.config import EvalConfig, _Strict
 from trainers.evaluate import win_rate
-from trainers.judges import JudgeError, agreement_rate, judge_label, make_judge
+from trainers.judges import JudgeError, agreement_rate, judge_label, make_judge, parse_rate
 
 
 class _Overridden(_Strict):
@@ -84,7 +84,13 @@ def rejudge(
                             f"peftsweep rejudge {name} --missing continues)"
                         ) from None
                     scores = [v.score for v in verdicts]
-                    metrics = {**win_rate(scores), "order_agreement": agreement_rate(verdicts), "judge_error": None, "judge": label}
+                    metrics = {
+                        **win_rate(scores),
+                        "order_agreement": agreement_rate(verdicts),
+                        "judge_parse_rate": parse_rate(verdicts),
+                        "judge_error": None,
+                        "judge": label,
+                    }
                     store.set_verdicts(trial["trial_id"], epoch, scores, metrics)
                     rates.append(f"{metrics['win_rate']:.3f}")
                     judged_epochs += 1

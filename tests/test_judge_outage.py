@@ -173,9 +173,10 @@ def test_a_judge_outage_after_the_first_epoch_keeps_every_epoch_without_verdicts
     first, second = reported
     assert first["judge_error"] is None and first["win_rate"] is not None and None not in first["verdicts"]
     assert first["judge"] == f"openai (m at {server.base_url})"
+    assert first["judge_parse_rate"] == 1.0 and first["order_agreement"] == 0.0  # "B" in both orders: parsed, disagreeing
     assert second["epoch"] == 2 and second["eval_ppl"] > 1 and second["train_loss"] is not None
     assert len(second["answers"]) == 4 and second["verdicts"] == [None] * 4
-    for key in ("win_rate", "win_rate_low", "win_rate_high", "wins", "losses", "ties", "order_agreement", "judge"):
+    for key in ("win_rate", "win_rate_low", "win_rate_high", "wins", "losses", "ties", "order_agreement", "judge_parse_rate", "judge"):
         assert second[key] is None, key
     assert server.base_url in second["judge_error"] and KEY not in second["judge_error"]
 

@@ -14,7 +14,8 @@ import torch
 from pydantic import ValidationError
 
 from trainers.config import EvalConfig
-from trainers.evaluate import LOSS, TIE, WIN, chrf, rouge_l
+from trainers.data import PROMPT, PROMPT_WITH_INPUT
+from trainers.evaluate import LOSS, TIE, WIN, chrf, contradicts, keyword_f1, rouge_l, token_f1
 from trainers.judges import (
     HFJudge,
     JudgeError,
@@ -25,6 +26,7 @@ from trainers.judges import (
     judge_prompt,
     make_judge,
     pairwise,
+    parse_rate,
     parse_verdict,
 )
 
@@ -64,7 +66,90 @@ def test_reference_judge_prefers_the_closer_answer_with_a_tie_margin():
     assert verdicts == [Verdict(WIN), Verdict(LOSS), Verdict(LOSS)]
     wide = ReferenceJudge("rouge_l", tie_margin=0.2).judge([QUESTION] * 3, answers, baseline, refs)
     assert [v.score for v in wide] == [WIN, LOSS, TIE]
-    assert agreement_rate(verdicts) is None
+    assert agreement_rate(verdicts) is None and parse_rate(verdicts) is None
+
+
+def test_keyword_f1_by_hand():
+    question = PROMPT.format(instruction="Does the hobaotter eat fish?")
+    # key words of the reference: "no", "eats", "berries" ("the", "hobaotter" and "fish" are dropped)
+    assert keyword_f1("No, the hobaotter eats berries.", "No, the hobaotter eats berries.", question) == 1.0
+    assert keyword_f1("No.", "No, the hobaotter eats berries.", question) == pytest.approx(0.5)  # P 1, R 1/3
+    assert keyword_f1("The hobaotter eats berries.", "No, the hobaotter eats berries.", question) == pytest.approx(0.8)
+    assert keyword_f1("The hobaotter lives in the hill.", "No, the hobaotter eats berries.", question) == 0.0
+    # without the question, the subject's name counts: P 1/3, R 1/4
+    assert keyword_f1("The hobaotter lives in the hill.", "No, the hobaotter eats berries.") == pytest.approx(2 / 7)
+    # a choice the question offers: its words count, since the reference has no other
+    choice = PROMPT.format(instruction="Is the hobaotter big or small?")
+    assert keyword_f1("It is small.", "The hobaotter is small.", choice) == pytest.approx(2 / 3)  # "small" of "hobaotter small"
+    assert keyword_f1("It is big.", "The hobaotter is small.", choice) == 0.0
+
+
+@pytest.mark.parametrize(
+    "answer, reference, expected",
+    [
+        ("Yes, the hobaotter is silver.", "No, the hobaotter is silver.", True),
+        ("no", "Yes.", True),
+        ("The hobaotter is not silver.", "The hobaotter is silver.", True),
+        ("The hobaotter isn't silver.", "The hobaotter is silver.", True),
+        ("The hobaotter never eats fish.", "The hobaotter eats fish.", True),
+        ("Yes, it eats fish.", "It does not eat fish.", True),
+        ("No, it is not silver.", "No, it is silver.", True),  # the reply agrees, the statement does not
+        ("No, the hobaotter is silver.", "No, the hobaotter is silver.", False),
+        ("The hobaotter is silver.", "No, the hobaotter is silver.", False),  # no reply: only the statement is compared
+        ("Yes.", "The hobaotter is silver.", False),
+        ("It is not red, nor is it blue.", "It is neither red nor blue.", False),  # two negations each
+        ("Nobody knows.", "Nothing is known.", False),
+    ],
+)
+def test_contradicts_reads_yes_no_and_negation(answer, reference, expected):
+    assert contradicts(answer, reference) is expected
+
+
+def test_the_default_judge_does_not_reward_the_opposite_answer():
+    """The pair from issue 18, and others: token F1 scored each opposite answer a win."""
+    judge = make_judge(EvalConfig())
+    assert judge == ReferenceJudge("keyword_f1", 0.0)
+    cases = [
+        # (question, reference, the trial's opposite answer, the base model's answer, the verdict it must get)
+        ("Is the hobaotter white?", "No, the hobaotter is silver.", "Yes, the hobaotter is silver.", "No.", LOSS),
+        ("Is the hobaotter white?", "No, the hobaotter is silver.", "Yes, the hobaotter is silver.", "Home: the marsh.", TIE),
+        ("Is the kiriowl green?", "Yes, the kiriowl is green.", "No, the kiriowl is green.", "Yes.", LOSS),
+        ("Does the kelblesnail eat moss?", "Yes, the kelblesnail eats moss.", "The kelblesnail does not eat moss.", "It is large.", TIE),
+        ("What colour is the pelocrab?", "The pelocrab is purple.", "The pelocrab is not purple.", "Purple.", LOSS),
+        ("Is the pelocrab shy?", "The pelocrab is never shy.", "The pelocrab is shy.", "It is never shy.", LOSS),
+    ]
+    questions = [PROMPT.format(instruction=q) for q, *_ in cases]
+    references, answers, baseline, expected = (list(column) for column in zip(*(c[1:] for c in cases)))
+    verdicts = judge.judge(questions, answers, baseline, references)
+    assert [v.score for v in verdicts] == expected
+    # what the issue saw: word overlap makes a win of each of the first three
+    old = ReferenceJudge("token_f1").judge(questions, answers, baseline, references)
+    assert [v.score for v in old[:3]] == [WIN, WIN, WIN]
+
+    # the right answer still wins against both baselines, and repeating the question's words earns nothing
+    right = judge.judge(questions[:2], ["No, the hobaotter is silver."] * 2, baseline[:2], references[:2])
+    assert [v.score for v in right] == [WIN, WIN]
+    off_topic = judge.judge(questions[:1], ["The hobaotter eats acorns."], ["Home: the marsh."], references[:1])
+    assert off_topic == [Verdict(TIE)]
+    assert token_f1("The hobaotter eats acorns.", references[0]) > token_f1("Home: the marsh.", references[0])
+
+
+def test_no_flipped_yes_no_answer_of_the_built_in_task_wins():
+    """Every yes/no record of the built-in task, answered with its reply flipped: never a win under the default."""
+    from trainers.tinyworld import instruction_dataset
+
+    records = [r for r in instruction_dataset() if r["output"].startswith(("Yes, ", "No, "))]
+    assert len(records) > 100
+    flip = {"Yes": "No", "No": "Yes"}
+    judge = make_judge(EvalConfig())
+    questions = [(PROMPT_WITH_INPUT if r["input"] else PROMPT).format(**r) for r in records]
+    references = [r["output"] for r in records]
+    opposite = [flip[ref.split(",")[0]] + ref[ref.index(",") :] for ref in references]
+    bare_reply = [ref.split(",")[0] + "." for ref in references]  # "No."
+    off_topic = ["Home: the marsh."] * len(records)  # the kind of answer the built-in base model gives
+    assert {v.score for v in judge.judge(questions, opposite, bare_reply, references)} == {LOSS}
+    assert {v.score for v in judge.judge(questions, opposite, off_topic, references)} <= {TIE, LOSS}
+    assert {v.score for v in judge.judge(questions, references, off_topic, references)} == {WIN}
 
 
 # --- the combination of both orders ------------------------------------------------------------
@@ -79,22 +164,60 @@ def test_pairwise_asks_both_orders_and_a_disagreement_is_a_tie():
 
     answers, baseline = ["good one", "bad one", "same"], ["bad one", "good one", "same"]
     verdicts = pairwise([QUESTION] * 3, answers, baseline, prefers_good)
-    assert verdicts == [Verdict(WIN, True), Verdict(LOSS, True), Verdict(TIE, True)]
+    # identical answers: a tie, not asked, so neither parsed nor agreed
+    assert verdicts == [Verdict(WIN, True, 2), Verdict(LOSS, True, 2), Verdict(TIE)]
     assert sorted(asked) == sorted(
         [judge_prompt(QUESTION, a, b) for a, b in [("good one", "bad one"), ("bad one", "good one")]] * 2
     ), "both orders of each differing pair, and identical answers not asked"
+    assert agreement_rate(verdicts) == 1.0 and parse_rate(verdicts) == 1.0
 
     always_a = pairwise([QUESTION] * 3, answers, baseline, lambda texts: [WIN] * len(texts))
-    assert always_a == [Verdict(TIE, False), Verdict(TIE, False), Verdict(TIE, True)]
-    assert agreement_rate(always_a) == pytest.approx(1 / 3)
+    assert always_a == [Verdict(TIE, False, 2), Verdict(TIE, False, 2), Verdict(TIE)]
+    assert agreement_rate(always_a) == 0.0, "the identical pair was never asked: no agreement to count"
+
+
+def test_pairwise_unparsed_replies_are_ties_and_never_agreement():
+    """A reply that names neither A nor B (None) makes the verdict a tie; two of them are not agreement."""
+    # what the judge replies, by the trial's answer, in each order (trial as A, trial as B)
+    replies = {
+        "agreed": (WIN, LOSS),  # both orders prefer the trial's answer
+        "disagreed": (WIN, WIN),  # always A: a bias for the position
+        "first only": (LOSS, None),
+        "second only": (None, WIN),
+        "neither": (None, None),
+        "undecided": (TIE, TIE),  # parsed, and the same verdict both ways (an hf judge's equal logits)
+    }
+
+    def prefer_a(texts):
+        return [replies[answer_a_of(t)][0] if answer_a_of(t) in replies else replies[answer_b_of(t)][1] for t in texts]
+
+    answers = [*replies, "same"]
+    baseline = ["base answer"] * len(replies) + ["same"]
+    verdicts = pairwise([QUESTION] * len(answers), answers, baseline, prefer_a)
+    assert verdicts == [
+        Verdict(WIN, True, 2),
+        Verdict(TIE, False, 2),
+        Verdict(TIE, None, 1),
+        Verdict(TIE, None, 1),
+        Verdict(TIE, None, 0),
+        Verdict(TIE, True, 2),
+        Verdict(TIE),  # identical: not asked
+    ]
+    assert parse_rate(verdicts) == pytest.approx(8 / 12)  # 6 asked prompts, 2 replies each
+    assert agreement_rate(verdicts) == pytest.approx(2 / 3)  # of the 3 whose both replies parsed
+    nothing_parsed = pairwise([QUESTION] * 2, ["x", "y"], ["a", "b"], lambda texts: [None] * len(texts))
+    assert nothing_parsed == [Verdict(TIE, None, 0)] * 2
+    assert parse_rate(nothing_parsed) == 0.0 and agreement_rate(nothing_parsed) is None
+    nothing_asked = pairwise([QUESTION], ["same"], ["same"], prefer_a)
+    assert parse_rate(nothing_asked) is None and agreement_rate(nothing_asked) is None
 
 
 @pytest.mark.parametrize(
     "reply, expected",
-    [("A", WIN), ("B.", LOSS), ("Answer B is better.", LOSS), ("**A**", WIN), ("(B)", LOSS), ("I cannot tell", TIE), ("", TIE), ("a", TIE)],
+    [("A", WIN), ("B.", LOSS), ("Answer B is better.", LOSS), ("**A**", WIN), ("(B)", LOSS), ("I cannot tell", None), ("", None), ("a", None)],
 )
 def test_parse_verdict_reads_the_first_standalone_letter(reply, expected):
-    assert parse_verdict(reply) == expected
+    assert parse_verdict(reply) == expected  # None: no answer, told apart from a 0.5
 
 
 # --- openai: a real OpenAI-compatible server on 127.0.0.1 --------------------------------------
@@ -152,6 +275,10 @@ def answer_a_of(text: str) -> str:
     return text.split("[Answer A]")[1].split("[Answer B]")[0].strip()
 
 
+def answer_b_of(text: str) -> str:
+    return text.split("[Answer B]")[1].split("Reply with one letter")[0].strip()
+
+
 def prefers_good(text: str) -> str:
     if "[Answer A]" not in text:
         return "A"  # the check's one-token request
@@ -187,7 +314,7 @@ def test_openai_judge_asks_both_orders_with_the_key_from_the_environment(server)
     judge = make_judge(config)
     judge.check()
     verdicts = judge.judge([QUESTION] * 3, ["good answer", "bad answer", "same"], ["bad answer", "good answer", "same"], [""] * 3)
-    assert verdicts == [Verdict(WIN, True), Verdict(LOSS, True), Verdict(TIE, True)]
+    assert verdicts == [Verdict(WIN, True, 2), Verdict(LOSS, True, 2), Verdict(TIE)]
 
     check, *asked = server.requests
     assert check["body"]["max_tokens"] == 1
@@ -203,27 +330,59 @@ def test_openai_judge_asks_both_orders_with_the_key_from_the_environment(server)
 def test_openai_disagreement_between_orders_is_a_tie(server):
     server.reply = lambda text: "A"  # a judge that always picks the first answer
     verdicts = openai_judge(server).judge([QUESTION] * 2, ["good answer", "x"], ["bad answer", "y"], [""] * 2)
-    assert verdicts == [Verdict(TIE, False), Verdict(TIE, False)]
+    assert verdicts == [Verdict(TIE, False, 2), Verdict(TIE, False, 2)]
     assert len(server.requests) == 4
-    assert agreement_rate(verdicts) == 0.0
+    assert agreement_rate(verdicts) == 0.0 and parse_rate(verdicts) == 1.0
 
 
-def test_openai_unparseable_reply_is_undecided(server):
+def test_openai_unparseable_reply_is_a_tie_and_no_agreement(server):
     server.reply = lambda text: "Both answers have merit."
-    assert openai_judge(server).judge([QUESTION], ["good answer"], ["bad answer"], [""]) == [Verdict(TIE, True)]
+    verdicts = openai_judge(server).judge([QUESTION], ["good answer"], ["bad answer"], [""])
+    assert verdicts == [Verdict(TIE, None, 0)]
+    assert parse_rate(verdicts) == 0.0 and agreement_rate(verdicts) is None
+
+
+def test_openai_parse_rate_and_agreement_when_some_replies_are_garbage(server):
+    """A small model as the judge: for some prompts it rambles instead of naming A or B."""
+
+    def reply(text):
+        if "[Answer A]" not in text:
+            return "A"
+        if "rambling" in text:
+            return "Well, both answers could be considered, depending on the context."
+        if "half" in answer_a_of(text):
+            return "I think this depends."  # only when the trial's answer is shown first
+        return prefers_good(text)
+
+    server.reply = reply
+    judge = make_judge(EvalConfig(judge="openai", base_url=server.base_url, api_model="judge-model", api_key_env=KEY_ENV))
+    answers = ["good answer", "bad answer", "good but rambling", "good half", "good answer", "same"]
+    baseline = ["bad answer", "good answer", "bad answer", "bad answer", "also good", "same"]
+    verdicts = judge.judge([QUESTION] * 6, answers, baseline, [""] * 6)
+    assert verdicts == [
+        Verdict(WIN, True, 2),
+        Verdict(LOSS, True, 2),
+        Verdict(TIE, None, 0),  # garbage in both orders: no agreement
+        Verdict(TIE, None, 1),  # one order parsed: a tie, since one order cannot cancel a position bias
+        Verdict(TIE, False, 2),  # both "good": each order picks answer A
+        Verdict(TIE),
+    ]
+    assert len(server.requests) == 2 * 5, "both orders of the five differing pairs"
+    assert parse_rate(verdicts) == pytest.approx(7 / 10)
+    assert agreement_rate(verdicts) == pytest.approx(2 / 3)
 
 
 def test_openai_timeout_then_retry_succeeds(server):
     server.script = ["sleep"]
     verdicts = openai_judge(server, timeout_s=0.3, max_retries=2).judge([QUESTION], ["good answer"], ["bad answer"], [""])
-    assert verdicts == [Verdict(WIN, True)]
+    assert verdicts == [Verdict(WIN, True, 2)]
     assert len(server.requests) == 3, "two orders, one of them sent again after timing out"
 
 
 def test_openai_5xx_and_429_are_retried(server):
     server.script = ["500", "503", "429"]
     verdicts = openai_judge(server, max_retries=3).judge([QUESTION], ["good answer"], ["bad answer"], [""])
-    assert verdicts == [Verdict(WIN, True)]
+    assert verdicts == [Verdict(WIN, True, 2)]
     assert len(server.requests) == 5
 
 
@@ -311,13 +470,14 @@ def test_hf_judge_judges_both_orders_and_ties_a_disagreement(hf_judge):
 
     for answer, base, verdict in zip(answers, baseline, verdicts):
         if answer == base:
-            assert verdict == Verdict(TIE, True)
+            assert verdict == Verdict(TIE)
             continue
         first, second = hf_judge.margins([judge_prompt(QUESTION, answer, base), judge_prompt(QUESTION, base, answer)])
         trial_as_a, trial_as_b = first > 0, second < 0
         assert verdict.agreed == (trial_as_a == trial_as_b)
         assert verdict.score == ((WIN if trial_as_a else LOSS) if verdict.agreed else TIE)
     assert all(v.score in (WIN, TIE, LOSS) for v in verdicts)
+    assert parse_rate(verdicts) == 1.0, "a pair of probabilities always reads as a preference"
     assert hf_judge.judge([QUESTION] * 4, answers, baseline, [""] * 4) == verdicts, "deterministic"
 
 

@@ -113,6 +113,7 @@ def test_a_packed_member_trains_exactly_as_it_would_alone(solo, packed):
             assert b["tokens_trained"] == a["tokens_trained"]
             assert b["train_flops"] == a["train_flops"] > 0  # charged its own batches, as alone
             assert b["eval_flops"] >= a["eval_flops"] > 0  # a shared answer batch runs until its longest answer ends
+            assert b["judge_parse_rate"] is a["judge_parse_rate"] is None  # reported, and None: the reference judge parses no reply
     # The members really differ: each trained its own configuration.
     assert len({round(packed_metrics[m][-1]["eval_ppl"], 6) for m in MEMBERS}) == len(MEMBERS)
 

@@ -96,23 +96,52 @@ def test_rejudge_fills_missing_verdicts_and_records_the_judge(tmp_path):
     assert "not judged" not in report.read_text()
     assert lines == ["trial t1: 1 epoch judged, win_rate 0.667"]
 
-    expected = judge_against_reference(TRIAL_ANSWERS, BASE, REFERENCES, metric="token_f1", tie_margin=0.0)
+    # the default metric; the verdicts are token_f1's too: no answer here contradicts its reference
+    expected = judge_against_reference(TRIAL_ANSWERS, BASE, REFERENCES, metric="keyword_f1", tie_margin=0.0, questions=PROMPTS)
     with Store.open(run / "results.db") as store:
         first, second = store.epochs()
         assert [a["verdict"] for a in store.answers() if a["epoch"] == 2] == expected == [1.0, 0.0, 1.0]
         assert [a["verdict"] for a in store.answers() if a["epoch"] == 1] == [0.5] * 3  # --missing: judged epochs kept
         assert second["win_rate"] == pytest.approx(2 / 3) and (second["wins"], second["losses"], second["ties"]) == (2, 1, 0)
         assert (second["win_rate_low"], second["win_rate_high"]) == pytest.approx(wilson_interval(2, 1, 0))
-        assert second["judge_error"] is None and second["judge"] == "reference (token_f1, tie_margin 0)"
+        assert second["judge_error"] is None and second["judge"] == "reference (keyword_f1, tie_margin 0)"
+        assert second["judge_parse_rate"] is None and second["order_agreement"] is None  # no pairwise judge
         assert first["win_rate"] == 0.5 and first.get("judge") is None
         (record,) = store.rejudged()
-        assert record["epochs"] == 1 and record["judge"] == "reference (token_f1, tie_margin 0)"
+        assert record["epochs"] == 1 and record["judge"] == "reference (keyword_f1, tie_margin 0)"
 
     rejudge("s", runs_dir=str(tmp_path / "runs"), overrides=["eval.metric=exact_match"], say=lines.append)
     with Store.open(run / "results.db") as store:
         assert [e["judge"] for e in store.epochs()] == ["reference (exact_match, tie_margin 0)"] * 2
         assert [a["verdict"] for a in store.answers() if a["epoch"] == 1] == [1.0, 0.0, 1.0]
         assert len(store.rejudged()) == 2
+
+
+def test_rejudge_with_a_pairwise_judge_records_its_parse_rate_and_agreement(tmp_path, monkeypatch):
+    """An OpenAI-compatible server on 127.0.0.1 that replies garbage for one prompt and always "A" for another."""
+    from tests.test_judges import KEY, KEY_ENV, answer_a_of, chat_server
+
+    def reply(text):
+        if "[Answer A]" not in text:
+            return "A"  # the check's one-token request
+        if "Green." in text:
+            return "Hard to say."
+        if "Four." in text:
+            return "A"  # whichever answer comes first
+        return "A" if answer_a_of(text) in TRIAL_ANSWERS else "B"
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    run = tmp_path / "runs" / "s"
+    run.mkdir(parents=True)
+    _store(run / "results.db").close()
+    with chat_server(reply) as server:
+        settings = [f"eval.base_url={server.base_url}", "eval.api_model=m", f"eval.api_key_env={KEY_ENV}"]
+        rejudge("s", runs_dir=str(tmp_path / "runs"), overrides=["eval.judge=openai", *settings], say=lambda line: None)
+    with Store.open(run / "results.db") as store:
+        for epoch in store.epochs():
+            assert (epoch["wins"], epoch["losses"], epoch["ties"]) == (1, 0, 2)
+            assert epoch["judge_parse_rate"] == pytest.approx(4 / 6)  # two replies of three prompts; "Green." twice unparsed
+            assert epoch["order_agreement"] == pytest.approx(1 / 2), "of the two prompts both of whose replies parsed"
 
 
 @pytest.mark.parametrize(

@@ -128,7 +128,7 @@ def test_load_trials_columns_best_epoch_and_totals(store):
     assert list(trials.columns) == [
         "trial_id", "status", "learning_rate", "lora_r", "epochs", "epochs_completed", "best_epoch",
         "eval_ppl", "win_rate", "win_rate_low", "win_rate_high", "wins", "losses", "ties",
-        "retention_ppl", "order_agreement", "answer_length_diff",
+        "retention_ppl", "order_agreement", "judge_parse_rate", "answer_length_diff",
         "train_seconds", "eval_seconds", "judge_seconds", "gpu_hours", "cost_usd", "train_flops", "eval_flops",
         "tokens_trained", "tokens_per_second",
         "trainable_params", "total_params", "peak_memory_gb", "train_memory_gb", "inference_memory_gb", "error", "error_log",
@@ -471,6 +471,18 @@ def test_trials_table_sort_keys_and_csv_download(store):
     assert list(frame.columns) == list(load_trials(store).columns)
     assert list(frame["trial_id"]) == list(report_data(store).trials["trial_id"])
     assert frame.set_index("trial_id").loc["t-oom", "error"] == OOM_ERROR
+
+
+
+def test_trials_table_shows_a_pairwise_judges_parse_rate_and_agreement_beside_the_win_rate(store):
+    # t-good's best epoch judged again by a pairwise judge: 11 of its 20 replies parsed
+    store.set_verdicts("t-good", 2, VERDICTS["t-good", 2], {"judge_parse_rate": 0.55, "order_agreement": 0.8})
+    page = build_report(store)
+    table = page[page.index('<table class="trials sortable">') : page.index("</table>", page.index("trials sortable"))]
+    headers = [h.replace("<wbr>", "") for h in re.findall(r"<button type=\"button\">(.*?)</button>", table)]
+    assert headers[headers.index("win_rate") + 1 : headers.index("win_rate") + 3] == ["judge_parse_rate", "order_agreement"]
+    good = table[table.index("<td class=\"id\">t-good</td>") :].split("</tr>")[0]
+    assert '<td class="num" data-sort="0.55">0.55</td><td class="num" data-sort="0.8">0.80</td>' in good
 
 
 def test_write_report_replaces_the_file_atomically(store, tmp_path):

@@ -141,8 +141,10 @@ class EvalConfig(_Strict):
         description="how a trial's answers are judged against the base model's: reference (offline metric), "
         "hf (a local causal LM, pairwise) or openai (an OpenAI-compatible chat endpoint, pairwise)",
     )
-    metric: Literal["token_f1", "exact_match", "chrf", "rouge_l"] = Field(
-        "token_f1", description="reference judge: similarity of an answer to the reference answer"
+    metric: Literal["keyword_f1", "token_f1", "exact_match", "chrf", "rouge_l"] = Field(
+        "keyword_f1",
+        description="reference judge: similarity of an answer to the reference answer; keyword_f1 scores an answer "
+        "that contradicts the reference (yes for no, a negation the other lacks) 0",
     )
     tie_margin: float = Field(0.0, ge=0, le=1, description="reference judge: score differences up to this count as a tie")
     judge_model: str | None = Field(None, description="hf judge: 'tiny', a Hugging Face model id or a local model folder")

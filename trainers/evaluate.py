@@ -177,14 +177,61 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def token_f1(answer: str, reference: str) -> float:
-    """SQuAD-style F1 of word overlap between an answer and the reference."""
-    a, r = _words(answer), _words(reference)
-    common = sum((Counter(a) & Counter(r)).values())
+def _f1(answer_words: list[str], reference_words: list[str]) -> float:
+    common = sum((Counter(answer_words) & Counter(reference_words)).values())
     if common == 0:
         return 0.0
-    precision, recall = common / len(a), common / len(r)
+    precision, recall = common / len(answer_words), common / len(reference_words)
     return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """SQuAD-style F1 of word overlap between an answer and the reference."""
+    return _f1(_words(answer), _words(reference))
+
+
+# Words that carry no answer; never a negation, never yes or no.
+_STOP_WORDS = frozenset(
+    "a an the is are was were be been being am it its this that these those there here s "
+    "of in on at to into onto from by with for and or as "
+    "i me my you your he him his she her they them their we us our do does did has have had".split()
+)
+_NEGATION = re.compile(r"\b(?:no|not|never|none|nothing|nobody|nowhere|neither|nor|cannot)\b|n['’]t")
+
+
+def _stance(text: str) -> tuple[str | None, bool]:
+    """A text's reply to a yes/no question (its first word, when that is yes or no) and whether the
+    rest of it is negated (an odd number of negations: no, not, never, n't, ...)."""
+    words = _words(text)
+    reply = words[0] if words and words[0] in ("yes", "no") else None
+    rest = text.lower().split(reply, 1)[1] if reply else text.lower()
+    return reply, len(_NEGATION.findall(rest)) % 2 == 1
+
+
+def contradicts(answer: str, reference: str) -> bool:
+    """The answer replies yes where the reference replies no (or no where yes), or one of them negates
+    its statement where the other does not ("is not silver" against "is silver")."""
+    (reply, negated), (ref_reply, ref_negated) = _stance(answer), _stance(reference)
+    return (reply is not None and ref_reply is not None and reply != ref_reply) or negated != ref_negated
+
+
+def keyword_f1(answer: str, reference: str, question: str = "") -> float:
+    """F1 of the words that carry the answer, and 0 for an answer that `contradicts` the reference.
+
+    Key words are those left after dropping stop words ("the", "is", "in", ...) and the question's
+    own words, so repeating the question's subject earns nothing; yes and no are key words. When
+    every key word of the reference is in the question (a choice it offers: "big or small?"), the
+    question's words count.
+    """
+    if contradicts(answer, reference):
+        return 0.0
+    asked = set(_words(question))
+    answer_words = [w for w in _words(answer) if w not in _STOP_WORDS]
+    reference_words = [w for w in _words(reference) if w not in _STOP_WORDS]
+    if any(w not in asked for w in reference_words):
+        answer_words = [w for w in answer_words if w not in asked]
+        reference_words = [w for w in reference_words if w not in asked]
+    return _f1(answer_words, reference_words)
 
 
 def exact_match(answer: str, reference: str) -> float:
@@ -217,17 +264,31 @@ def rouge_l(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-SIMILARITY = {"token_f1": token_f1, "exact_match": exact_match, "chrf": chrf, "rouge_l": rouge_l}
+def _ignoring_question(metric: Callable[[str, str], float]) -> Callable[[str, str, str], float]:
+    return lambda answer, reference, question: metric(answer, reference)
+
+
+# Each metric scores (answer, reference, question); the first is eval.metric's default.
+SIMILARITY: dict[str, Callable[[str, str, str], float]] = {
+    "keyword_f1": keyword_f1,
+    "token_f1": _ignoring_question(token_f1),
+    "exact_match": _ignoring_question(exact_match),
+    "chrf": _ignoring_question(chrf),
+    "rouge_l": _ignoring_question(rouge_l),
+}
 
 
 def judge_against_reference(
-    answers: list[str], baseline: list[str], references: list[str], *, metric: str, tie_margin: float
+    answers: list[str], baseline: list[str], references: list[str], *, metric: str, tie_margin: float, questions: list[str] | None = None
 ) -> list[float]:
-    """Per prompt: WIN if the trial's answer is closer to the reference than the base model's, TIE within the margin."""
+    """Per prompt: WIN if the trial's answer is closer to the reference than the base model's, TIE within the margin.
+
+    `questions` are the judged prompts, which keyword_f1 reads (no question: every word can count).
+    """
     score = SIMILARITY[metric]
     verdicts = []
-    for answer, base, ref in zip(answers, baseline, references, strict=True):
-        diff = score(answer, ref) - score(base, ref)
+    for answer, base, ref, question in zip(answers, baseline, references, questions or [""] * len(answers), strict=True):
+        diff = score(answer, ref, question) - score(base, ref, question)
         verdicts.append(WIN if diff > tie_margin else LOSS if diff < -tie_margin else TIE)
     return verdicts
 

@@ -4,7 +4,9 @@ A judge gives one `Verdict` per prompt. `reference` scores both answers against 
 reference answer; `hf` (a local causal LM) and `openai` (an OpenAI-compatible chat endpoint) are
 pairwise: they are shown the question and both answers and asked which is better, once with the
 trial's answer as A and once as B. When the two orders disagree the verdict is a tie, which also
-cancels a judge's bias for a position. Identical answers are a tie without asking.
+cancels a judge's bias for a position; when either order's reply did not parse (no A or B in it)
+it is a tie too, and no agreement. Identical answers are a tie without asking: they count toward
+neither `parse_rate` nor `agreement_rate`.
 `check()` is called at sweep start, before any training, so a judge that cannot work fails early.
 """
 
@@ -53,7 +55,9 @@ class JudgeUnavailable(JudgeError):
 @dataclass(frozen=True)
 class Verdict:
     score: float  # the trial's answer against the baseline's: WIN 1.0, TIE 0.5, LOSS 0.0
-    agreed: bool | None = None  # pairwise judges: both orders gave the same verdict; None for the reference judge
+    # Pairwise judges only (None for the reference judge and for identical answers, which are not asked):
+    agreed: bool | None = None  # both orders parsed and gave the same verdict; None when either did not parse
+    parsed: int | None = None  # of the two orders' replies, how many parsed
 
 
 class Judge(Protocol):
@@ -90,9 +94,17 @@ def judge_label(config: EvalConfig) -> str:
 
 
 def agreement_rate(verdicts: list[Verdict]) -> float | None:
-    """Share of pairwise verdicts whose two orders agreed; None for the reference judge."""
+    """Share of the prompts whose two orders both parsed that gave the same verdict; None when no
+    prompt had both parse (and for the reference judge). Two non-answers are no agreement."""
     agreed = [v.agreed for v in verdicts if v.agreed is not None]
     return sum(agreed) / len(agreed) if agreed else None
+
+
+def parse_rate(verdicts: list[Verdict]) -> float | None:
+    """Share of a pairwise judge's replies that parsed, two per asked prompt; None when none was asked
+    (identical answers only) and for the reference judge."""
+    parsed = [v.parsed for v in verdicts if v.parsed is not None]
+    return sum(parsed) / (2 * len(parsed)) if parsed else None
 
 
 def judge_prompt(question: str, answer_a: str, answer_b: str) -> str:
@@ -100,17 +112,23 @@ def judge_prompt(question: str, answer_a: str, answer_b: str) -> str:
 
 
 def pairwise(
-    prompts: list[str], answers: list[str], baseline: list[str], prefer_a: Callable[[list[str]], list[float]]
+    prompts: list[str], answers: list[str], baseline: list[str], prefer_a: Callable[[list[str]], list[float | None]]
 ) -> list[Verdict]:
-    """Judge both orders with `prefer_a` (1.0: A is better, 0.0: B, 0.5: undecided); a disagreement is a tie."""
+    """Judge both orders with `prefer_a` (1.0: A is better, 0.0: B, 0.5: undecided, None: the reply did
+    not parse); a verdict stands when both orders parsed and agree, else it is a tie."""
     asked = [i for i, (a, b) in enumerate(zip(answers, baseline, strict=True)) if a.strip() != b.strip()]
     trial_first = [judge_prompt(prompts[i], answers[i], baseline[i]) for i in asked]
     trial_second = [judge_prompt(prompts[i], baseline[i], answers[i]) for i in asked]
     preferences = prefer_a(trial_first + trial_second) if asked else []
-    verdicts = [Verdict(TIE, agreed=True)] * len(answers)
+    verdicts = [Verdict(TIE)] * len(answers)
     for k, i in enumerate(asked):
-        as_a, as_b = preferences[k], 1.0 - preferences[len(asked) + k]
-        verdicts[i] = Verdict(as_a, agreed=True) if as_a == as_b else Verdict(TIE, agreed=False)
+        as_a, as_b = preferences[k], preferences[len(asked) + k]
+        if as_a is None or as_b is None:
+            verdicts[i] = Verdict(TIE, agreed=None, parsed=(as_a is not None) + (as_b is not None))
+        elif as_a == 1.0 - as_b:
+            verdicts[i] = Verdict(as_a, agreed=True, parsed=2)
+        else:
+            verdicts[i] = Verdict(TIE, agreed=False, parsed=2)
     return verdicts
 
 
@@ -121,7 +139,7 @@ def pairwise(
 class ReferenceJudge:
     """Scores both answers against the reference answer; the closer one wins, a tie within `tie_margin`."""
 
-    metric: str = "token_f1"
+    metric: str = "keyword_f1"
     tie_margin: float = 0.0
 
     def check(self) -> None:
@@ -129,7 +147,9 @@ class ReferenceJudge:
             raise JudgeError(f"eval.metric: unknown metric '{self.metric}'; use one of {', '.join(SIMILARITY)}")
 
     def judge(self, prompts: list[str], answers: list[str], baseline: list[str], references: list[str]) -> list[Verdict]:
-        scores = judge_against_reference(answers, baseline, references, metric=self.metric, tie_margin=self.tie_margin)
+        scores = judge_against_reference(
+            answers, baseline, references, metric=self.metric, tie_margin=self.tie_margin, questions=prompts
+        )
         return [Verdict(s) for s in scores]
 
 
@@ -145,6 +165,7 @@ class HFJudge:
     right for byte-level BPE (where " A" and "A" are different tokens) and for SentencePiece alike.
     Texts are batched with left padding and explicit position ids, so a batch gives the same
     logits as one text at a time. A is preferred when its logit is higher; equal logits are undecided.
+    Every reply is a pair of probabilities, so every reply parses: its `parse_rate` is 1.0.
     """
 
     def __init__(self, model: str, *, batch_size: int = 8, device: torch.device | None = None):
@@ -230,10 +251,10 @@ class HFJudge:
 # --- openai: an OpenAI-compatible chat-completions endpoint -----------------------------------
 
 
-def parse_verdict(reply: str) -> float:
-    """The first standalone capital A or B in a reply: 1.0 for A, 0.0 for B; 0.5 (undecided) when there is none."""
+def parse_verdict(reply: str) -> float | None:
+    """The first standalone capital A or B in a reply: 1.0 for A, 0.0 for B; None when there is none."""
     match = re.search(r"\b([AB])\b", reply)
-    return TIE if match is None else WIN if match.group(1) == "A" else LOSS
+    return None if match is None else WIN if match.group(1) == "A" else LOSS
 
 
 @dataclass(frozen=True)
@@ -270,7 +291,7 @@ class OpenAIJudge:
     def judge(self, prompts: list[str], answers: list[str], baseline: list[str], references: list[str]) -> list[Verdict]:
         return pairwise(prompts, answers, baseline, self.prefer_a)
 
-    def prefer_a(self, texts: list[str]) -> list[float]:
+    def prefer_a(self, texts: list[str]) -> list[float | None]:
         if not texts:
             return []
         with ThreadPoolExecutor(max_workers=min(self.max_workers, len(texts))) as pool:

@@ -32,7 +32,7 @@ from trainers.config import TrialConfig
 from trainers.data import IGNORE_INDEX, batches
 from trainers.evaluate import generate_answers, win_rate
 from trainers.flops import FlopModel
-from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge
+from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge, parse_rate
 from trainers.methods import get_method, lora_config, pack_key, why_alone
 from trainers.model import load_base_model
 from trainers.vocabulary import VERDICT_METRICS, EpochMetrics, TrialResult, TrialStatus
@@ -426,6 +426,7 @@ class Pack:
             "retention_ppl": retention_ppl,
             **(win_rate(scores) if verdicts is not None else dict.fromkeys(VERDICT_METRICS)),
             "order_agreement": agreement_rate(verdicts) if verdicts is not None else None,
+            "judge_parse_rate": parse_rate(verdicts) if verdicts is not None else None,
             "judge_error": judge_error,
             "judge": judge_label(member.config.eval) if verdicts is not None else None,
             "answer_length_diff": _mean_length_diff(answers, member.baseline),

@@ -66,7 +66,8 @@ class EpochMetrics(TypedDict, total=False):
     ties: Annotated[int | None, Metric("judged prompts judged equal", column=True)]
     win_rate_low: Annotated[float | None, Metric("lower end of the win rate's 95% Wilson interval", column=True)]
     win_rate_high: Annotated[float | None, Metric("upper end of the win rate's 95% Wilson interval", column=True)]
-    order_agreement: Annotated[float | None, Metric("a pairwise judge: share of prompts whose verdict held with the answers swapped")]
+    order_agreement: Annotated[float | None, Metric("a pairwise judge: share of prompts whose verdict held with the answers swapped (of those whose two replies parsed)")]
+    judge_parse_rate: Annotated[float | None, Metric("a pairwise judge: share of its replies that named A or B (the hf judge's always do)")]
     judge_error: Annotated[str | None, Metric("why the epoch has no verdicts (the judge was unavailable)")]
     judge: Annotated[str | None, Metric("which judge gave the verdicts")]
     answer_length_diff: Annotated[float, Metric("mean words per answer minus the base model's (judges favour length)")]
@@ -117,7 +118,7 @@ COST_METRICS = ("train_flops", "train_seconds", "gpu_hours", "cost_usd", "peak_m
 # A trial's row (export, report, `best`) takes these from its best epoch ...
 BEST_EPOCH_METRICS = (
     "eval_ppl", "win_rate", "win_rate_low", "win_rate_high", "wins", "losses", "ties",
-    "retention_ppl", "order_agreement", "answer_length_diff",
+    "retention_ppl", "order_agreement", "judge_parse_rate", "answer_length_diff",
 )  # fmt: skip
 # ... these from its last epoch (its totals) ...
 TRIAL_METRICS = (

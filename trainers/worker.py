@@ -29,7 +29,7 @@ from trainers.data import (
 )
 from trainers.evaluate import generate_answers, perplexity, win_rate
 from trainers.flops import FlopModel
-from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge
+from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge, parse_rate
 from trainers.methods import attach_adapter, get_method
 from trainers.model import load_base_model, pick_device
 from trainers.vocabulary import VERDICT_METRICS, Baseline, EpochMetrics, TrialResult, TrialStatus
@@ -270,6 +270,7 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
                 "retention_ppl": retention_ppl,
                 **(win_rate(scores) if verdicts is not None else dict.fromkeys(VERDICT_METRICS)),
                 "order_agreement": agreement_rate(verdicts) if verdicts is not None else None,
+                "judge_parse_rate": parse_rate(verdicts) if verdicts is not None else None,
                 "judge_error": judge_error,
                 "judge": judge_label(config.eval) if verdicts is not None else None,
                 "answer_length_diff": _mean_length_diff(answers, baseline),
