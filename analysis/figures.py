@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from analysis.report_data import CurvesPlot, EffectsPlot, FrontierPlot, ImportancePlot, ParallelPlot, ScatterPlot
 
 AXIS_LABELS = {
-    "train_seconds": "training seconds (trial total)",
+    "train_flops": "training compute in FLOPs (trial total)",
+    "train_seconds": "training seconds measured on this machine (trial total)",
     "gpu_hours": "GPU-hours (trial total)",
     "cost_usd": "cost in USD (trial total)",
     "peak_memory_gb": "peak memory in GB",

@@ -35,7 +35,7 @@ from analysis.report_data import (
     report_data,
     sweet_spot,
 )
-from analysis.style import NOT_JUDGED, STATUS_STYLE, cell, label, missing, num, plural, sentence_case, style, verdict_word
+from analysis.style import NOT_JUDGED, STATUS_STYLE, cell, flops, label, missing, num, plural, sentence_case, style, verdict_word
 from hpo.store import Store
 
 __all__ = ["build_report", "figure_for", "render_report", "report_data", "sweet_spot", "table_columns", "write_report"]
@@ -161,6 +161,8 @@ _FORMATS = {
     "train_seconds": "{:,.1f}".format,
     "eval_seconds": "{:,.1f}".format,
     "judge_seconds": "{:,.1f}".format,
+    "train_flops": flops,
+    "eval_flops": flops,
     "gpu_hours": num,
     "cost_usd": num,
     "peak_memory_gb": "{:.1f}".format,

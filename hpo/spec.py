@@ -144,7 +144,7 @@ class SweepSpec(_Strict):
     search: SearchSpec = SearchSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
     objectives: list[Objective] = Field(
-        default_factory=lambda: [Objective(metric="win_rate", mode="max"), Objective(metric="train_seconds", mode="min")],
+        default_factory=lambda: [Objective(metric="win_rate", mode="max"), Objective(metric="train_flops", mode="min")],
         min_length=1,
         description="what is optimized; the first per-epoch metric (win_rate or eval_ppl) drives search and early stopping",
     )

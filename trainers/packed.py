@@ -180,7 +180,9 @@ class Pack:
         )
         member.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         member.totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0, "train_flops": 0.0, "eval_flops": 0.0}
-        member.flops = dataclasses.replace(self.base_flops, adapter_params=sum(p.numel() for n, p in named.items() if ".lora_" in n))
+        member.flops = dataclasses.replace(  # the base was read before peft froze it: LoRA trains only the adapter
+            self.base_flops, adapter_params=sum(p.numel() for n, p in named.items() if ".lora_" in n), base_trains=False
+        )
         member.eval_pass_flops = eval_flops(member.flops, self.data, config, self.tokenizer.pad_token_id)
         if resume_from is not None:
             state = load_state(Path(resume_from) / STATE_FILE)
