@@ -15,7 +15,8 @@ as a share of the grid's compute, over several seeds.
 
 The compute a search needed is the train + eval seconds of every epoch reported until the first one
 within 2 points of the grid's best win rate (or within 1 % of its best perplexity); the ratio is its
-median over seeds divided by the grid's total. A seed that never gets there counts as infinite.
+median over seeds divided by the grid's total. A seed that never gets there counts as infinite. The
+same in FLOPs (train + eval FLOPs, trainers.flops): the compute itself, which no machine's load moves.
 
     .venv/bin/python -m benchmarks.search_efficiency [--seeds 5] [--samples 12] [--epochs 4] [--keep-grid DIR] [--quick]
     .venv/bin/python -m benchmarks.search_efficiency --grid-store DIR/grid/results.db --seeds 10   # replay a kept grid
@@ -57,7 +58,7 @@ def replay_trial(params, spec, baseline):
 
     for row in TABLE[key(params)]:
         time.sleep(row["epoch_compute"] * TIME_SCALE)
-        tune.report({"epoch": row["epoch"], "win_rate": row["win_rate"], "eval_ppl": row["eval_ppl"], "compute": row["compute"]})
+        tune.report({k: row[k] for k in ("epoch", "win_rate", "eval_ppl", "compute", "flops")})
 
 
 def grid_sweep(folder: Path, source: str, space: dict[str, list], epochs: int, num_prompts: int, max_new_tokens: int) -> Path:
@@ -80,13 +81,15 @@ def grid_table(db: Path) -> tuple[dict[tuple, list[dict[str, float]]], dict[str,
     for e in epochs:
         rows = table.setdefault(key(params[e["trial_id"]]), [])
         compute = e["train_seconds"] + e["eval_seconds"]
+        flops = (e["train_flops"] or 0.0) + (e["eval_flops"] or 0.0)  # 0: a grid stored before FLOPs were counted
         rows.append({"epoch": e["epoch"], "win_rate": e["win_rate"], "eval_ppl": e["eval_ppl"], "compute": compute,
-                     "epoch_compute": compute - (rows[-1]["compute"] if rows else 0.0)})
+                     "flops": flops, "epoch_compute": compute - (rows[-1]["compute"] if rows else 0.0)})
     rows = [r for rs in table.values() for r in rs]
     grid = {
         "configurations": len(table),
         "epochs": max(r["epoch"] for r in rows),
         "compute": sum(rs[-1]["compute"] for rs in table.values()),
+        "flops": sum(rs[-1]["flops"] for rs in table.values()),
         "best_win_rate": max(r["win_rate"] for r in rows),
         "best_eval_ppl": min(r["eval_ppl"] for r in rows),
         "space": {n: sorted({p[n] for p in params.values()}) for n in next(iter(params.values()))},
@@ -101,10 +104,12 @@ class Trace(Callback):
         self.results: list[dict[str, Any]] = []
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.results.append({"trial_id": trial.trial_id, **{k: result[k] for k in ("epoch", "win_rate", "eval_ppl", "compute")}})
+        self.results.append({"trial_id": trial.trial_id, **{k: result[k] for k in ("epoch", "win_rate", "eval_ppl", "compute", "flops")}})
 
 
-def search(grid: dict[str, Any], objective: str, seed: int, samples: int, work: Path) -> list[dict[str, Any]]:
+def search(
+    grid: dict[str, Any], objective: str, seed: int, samples: int, work: Path, startup: int | None = None
+) -> list[dict[str, Any]]:
     """One TPE + ASHA search of the grid's space through peftsweep's Tune setup; the trace of its results."""
     from hpo.driver import make_tuner
     from hpo.spec import SweepSpec
@@ -112,7 +117,7 @@ def search(grid: dict[str, Any], objective: str, seed: int, samples: int, work: 
     spec = SweepSpec.model_validate({
         "train": {"epochs": grid["epochs"]},
         "search": {"algorithm": "tpe", "space": {n: {"grid": v} for n, v in grid["space"].items()}, "num_samples": samples,
-                   "max_concurrent_trials": 2, "seed": seed},
+                   "max_concurrent_trials": 2, "seed": seed, "startup_trials": startup},
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "objectives": [{"metric": objective, "mode": "max" if objective == "win_rate" else "min"}],
     })
@@ -125,13 +130,14 @@ def search(grid: dict[str, Any], objective: str, seed: int, samples: int, work: 
     return trace.results
 
 
-def compute_to_reach(trace: list[dict[str, Any]], reached: Any) -> tuple[float, float]:
+def compute_to_reach(trace: list[dict[str, Any]], reached: Any, unit: str = "compute") -> tuple[float, float]:
     """Compute spent (each trial's epochs as reported, in arrival order) until the first result that
-    `reached` accepts (infinite if none did), and the search's whole compute."""
+    `reached` accepts (infinite if none did), and the search's whole compute; `unit`: "compute"
+    (train + eval seconds) or "flops"."""
     spent, so_far, until = 0.0, {}, math.inf
     for r in trace:
-        spent += r["compute"] - so_far.get(r["trial_id"], 0.0)
-        so_far[r["trial_id"]] = r["compute"]
+        spent += r[unit] - so_far.get(r["trial_id"], 0.0)
+        so_far[r["trial_id"]] = r[unit]
         if until == math.inf and reached(r):
             until = spent
     return until, spent
@@ -147,19 +153,25 @@ def summarize(grid: dict[str, Any], traces: dict[str, dict[int, list[dict[str, A
     seeds, ratios = [], []
     for objective, by_seed in traces.items():
         reached, describe = targets[objective]
-        shares = []
+        shares, flop_shares = [], []
         for seed, trace in by_seed.items():
             until, total = compute_to_reach(trace, reached)
+            until_flops, _ = compute_to_reach(trace, reached, "flops")
             shares.append(until / grid["compute"])
+            flop_shares.append(until_flops / grid["flops"] if grid["flops"] else math.nan)
             seeds.append({
                 "objective": objective, "seed": seed, "trials": len({r["trial_id"] for r in trace}), "epochs": len(trace),
                 "compute_to_target": until, "search_compute": total, "share_of_grid": until / grid["compute"],
-                "search_share_of_grid": total / grid["compute"],
+                "search_share_of_grid": total / grid["compute"], "flops_share_of_grid": flop_shares[-1],
             })
         label = "win rate" if objective == "win_rate" else "perplexity"
         ratios.append(common.ratio(
             f"search efficiency, {label}", common.median(shares), "<=", 0.25,
-            f"median over {len(shares)} seeds of the compute TPE + ASHA spent to come {describe}, / the grid's compute",
+            f"median over {len(shares)} seeds of the compute TPE + ASHA spent to come {describe}, / the grid's compute (seconds)",
+        ))
+        ratios.append(common.ratio(
+            f"search efficiency, {label}, FLOPs", common.median(flop_shares), "<=", 0.25,
+            "the same in train + eval FLOPs",
         ))
     return {"ratios": ratios, "grid": grid, "seeds": seeds}
 
@@ -169,7 +181,8 @@ def render(result: dict[str, Any]) -> str:
     rows = [
         [s["objective"], s["seed"], s["trials"], s["epochs"],
          "never" if math.isinf(s["compute_to_target"]) else f"{s['compute_to_target']:.1f}", f"{s['search_compute']:.1f}",
-         "never" if math.isinf(s["share_of_grid"]) else f"{s['share_of_grid']:.3f}", f"{s['search_share_of_grid']:.3f}"]
+         "never" if math.isinf(s["share_of_grid"]) else f"{s['share_of_grid']:.3f}", f"{s['search_share_of_grid']:.3f}",
+         "never" if math.isinf(s["flops_share_of_grid"]) else f"{s['flops_share_of_grid']:.3f}"]
         for s in result["seeds"]
     ]
     space = " x ".join(f"{n} {v}" for n, v in g["space"].items())
@@ -178,11 +191,11 @@ def render(result: dict[str, Any]) -> str:
         "",
         common.ratio_table(result["ratios"]),
         "",
-        f"grid: {g['configurations']} configurations ({space}) x {g['epochs']} epochs, {g['compute']:.0f} train + eval seconds; "
+        f"grid: {g['configurations']} configurations ({space}) x {g['epochs']} epochs, {g['compute']:.0f} train + eval seconds, {g['flops']:.3g} FLOPs; "
         f"best win rate {g['best_win_rate']:.2f}, best eval perplexity {g['best_eval_ppl']:.3f} (over every epoch)",
         "",
         common.table(["objective", "seed", "trials", "epochs reported", "compute to target, s", "search's compute, s",
-                      "to target / grid", "search / grid"], rows),
+                      "to target / grid", "search / grid", "to target / grid, FLOPs"], rows),
     ])
 
 
@@ -195,6 +208,7 @@ def main() -> None:
     p.add_argument("--records", type=int, help="use the first N records of the built-in task (default: all 800)")
     p.add_argument("--keep-grid", type=Path, metavar="DIR", help="run the grid in DIR (a --runs-dir) and keep it there (default: deleted)")
     p.add_argument("--grid-store", type=Path, help="reuse a kept grid run's results.db instead of running the grid")
+    p.add_argument("--startup-trials", type=int, help="TPE's random trials before it models results (default: the sweep's default)")
     args = p.parse_args()
     space, prompts, new_tokens = SPACE, 50, 32
     if args.quick:
@@ -234,7 +248,7 @@ def main() -> None:
                 for objective in traces:
                     for seed in range(args.seeds):
                         common.log(f"search {objective} seed {seed} ...")
-                        traces[objective][seed] = search(grid, objective, seed, samples, work)
+                        traces[objective][seed] = search(grid, objective, seed, samples, work, args.startup_trials)
             finally:
                 ray.shutdown()
     finally:

@@ -80,7 +80,14 @@ def test_search_efficiency(benchmark_search_efficiency):
         assert seed["compute_to_target"] == math.inf or 0 < seed["compute_to_target"] <= seed["search_compute"]
         # 3 trials of a 2-configuration grid: at most 3 configurations trained in full (about 1.5 grids)
         assert seed["search_share_of_grid"] <= 2.0
-    assert [r["name"] for r in result["ratios"]] == ["search efficiency, win rate", "search efficiency, perplexity"]
+        # in FLOPs too, reached at the same result: a share of the grid's FLOPs (counted by the workers), or never
+        assert math.isinf(seed["flops_share_of_grid"]) == math.isinf(seed["compute_to_target"])
+        assert seed["flops_share_of_grid"] == math.inf or 0 < seed["flops_share_of_grid"] <= 2.0
+    assert grid["flops"] > 0
+    assert [r["name"] for r in result["ratios"]] == [
+        "search efficiency, win rate", "search efficiency, win rate, FLOPs",
+        "search efficiency, perplexity", "search efficiency, perplexity, FLOPs",
+    ]  # fmt: skip
 
 
 def test_epoch_folding(benchmark_epoch_folding):
