@@ -12,6 +12,8 @@ import pytest
 
 from analysis.load import load_answers, load_epochs, load_judgments, load_trials
 from analysis.report import build_report, report_data, sweet_spot, table_columns, write_report
+from analysis.report_data import recommendations, trial_names
+from analysis.style import compact
 from hpo.store import Store
 from trainers.vocabulary import TrialStatus
 from trainers.stats import wilson_interval
@@ -198,6 +200,48 @@ def test_report_data_sweet_spot_names_the_cheaper_trial_with_numbers(store):
         "(exact two-sided sign test, p = 0.5, level 0.05).",
     ]
     assert data.census == "7 trials: 3 completed, 1 early stopped, 1 error, 1 diverged, 1 out of memory."
+
+
+def test_trials_are_named_by_the_parameters_that_differ(store):
+    data = report_data(store)
+    # epochs is 3 for every trial: left out of every name.
+    assert data.names.to_dict() == {
+        "t-good": "lr 2e-4 · r 16", "t-mid": "lr 1e-4 · r 8", "t-cheap": "lr 1e-3 · r 4", "t-bad": "lr 1e-5 · r 8",
+        "t-late": "lr 5e-4 · r 32", "t-oom": "lr 3e-4 · r 64", "t-crash": "lr 3e-4 · r 4",
+    }  # fmt: skip
+
+
+def test_trial_names_drop_what_is_equal_and_tell_repeats_apart():
+    trials = pd.DataFrame({
+        "trial_id": ["t2", "t1", "t3", "t4"],
+        "method": ["lora", "lora", "lora", "prefix"],
+        "learning_rate": [1e-3, 1e-3, 2.5e-4, 1e-3],
+        "lora_r": pd.array([16, 16, 16, None], dtype="Int64"),  # prefix tuning has no rank
+        "lora_dropout": [0.05] * 4,
+    })  # fmt: skip
+    names = trial_names(trials, ["method", "learning_rate", "lora_r", "lora_dropout"])
+    # Repeated seeds of one configuration: numbered in trial_id order, so a name never stands for two trials.
+    assert names.to_dict() == {
+        "t2": "lora · lr 1e-3 · r 16 #2", "t1": "lora · lr 1e-3 · r 16 #1",
+        "t3": "lora · lr 2.5e-4 · r 16", "t4": "prefix · lr 1e-3",
+    }  # fmt: skip
+    # One trial: nothing differs, so it is named by all its parameters.
+    assert trial_names(trials.iloc[2:3], ["learning_rate", "lora_dropout"]).to_dict() == {"t3": "lr 2.5e-4 · dropout 0.05"}
+    assert [compact(v) for v in (1e-3, 3e-5, 0.05, 16, 16.0, 1234.5, True, ("q_proj", "v_proj"))] == [
+        "1e-3", "3e-5", "0.05", "16", "16", "1234", "on", "q_proj+v_proj",
+    ]  # fmt: skip
+
+
+def test_recommendations_mark_the_best_and_a_cheaper_sweet_spot(store):
+    data = report_data(store)
+    assert data.recommendation.to_dict() == {
+        "t-good": "best", "t-mid": "", "t-cheap": "sweet_spot", "t-bad": "", "t-late": "", "t-oom": "", "t-crash": "",
+    }  # fmt: skip
+    # The best is its own sweet spot, or no paired test was possible: no sweet_spot row.
+    for cheapest in ("t-good", None):
+        marks = recommendations(data.trials, data.sweet_spot._replace(cheapest=cheapest))
+        assert marks[marks != ""].to_dict() == {"t-good": "best"}
+    assert recommendations(data.trials, None).eq("").all()
 
 
 def _ranked(rows):
