@@ -173,11 +173,17 @@ class ReportData(NamedTuple):
 def trial_names(trials: pd.DataFrame, params: list[str]) -> pd.Series:
     """Each trial named by the parameters whose values differ among `trials`, by trial_id: "lr 1e-3 · r 16".
 
-    Short parameter names and compact numbers (analysis.style.PARAM_SHORT, compact); a parameter a
+    Short parameter names and compact numbers (analysis.style.PARAM_SHORT, compact), each parameter's
+    in one notation (1e-3 and 1e-2, not 0.01, when any of its values needs an exponent); a parameter a
     trial lacks (another method's) is left out of its name. When nothing differs every parameter is
     named; trials that would share a name (repeated seeds) get #1, #2, ... in trial_id order.
     """
-    texts = {p: [None if _absent(v) else compact(v) for v in trials[p]] for p in params if p in trials}
+    texts = {}
+    for p in (p for p in params if p in trials):
+        values = [v for v in trials[p] if not _absent(v)]
+        # One notation per parameter: 1e-4, 1e-3, 1e-2 rather than 1e-4, 1e-3, 0.01.
+        scientific = any("e" in compact(v) for v in values if isinstance(v, float))
+        texts[p] = [None if _absent(v) else compact(v, scientific) for v in trials[p]]
     differing = [p for p, values in texts.items() if len(set(values)) > 1] or list(texts)
     names = []
     for i, trial_id in enumerate(trials["trial_id"]):
@@ -202,6 +208,11 @@ def recommendations(trials: pd.DataFrame, spot: SweetSpot | None) -> pd.Series:
         if spot.cheapest is not None and spot.cheapest != spot.best:
             marks[spot.cheapest] = "sweet_spot"
     return marks
+
+
+def with_recommendation(trials: pd.DataFrame, spot: SweetSpot | None) -> pd.DataFrame:
+    """`trials` with the `recommendation` column last: the columns of `peftsweep export`."""
+    return trials.assign(recommendation=trials["trial_id"].map(recommendations(trials, spot)))
 
 
 def report_data(store: Store | Results) -> ReportData:

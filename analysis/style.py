@@ -63,10 +63,13 @@ def short(param: str) -> str:
     return PARAM_SHORT.get(param, param)
 
 
-def compact(value: Any) -> str:
-    """A parameter value in few characters: 1e-3, 2.5e-4, 0.05, 16, on; lists joined with "+"."""
+def compact(value: Any, scientific: bool = False) -> str:
+    """A parameter value in few characters: 1e-3, 2.5e-4, 0.05, 16, on; lists joined with "+".
+
+    `scientific` writes every float as 1e-2 (not 0.01), to match other values of the same parameter.
+    """
     if isinstance(value, (list, tuple)):
-        return "+".join(map(compact, value))
+        return "+".join(compact(v, scientific) for v in value)
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, numbers.Integral):
@@ -75,9 +78,9 @@ def compact(value: Any) -> str:
         value = float(value)
         if math.isnan(value):
             return "–"
-        if value.is_integer() and abs(value) < 1e6:
+        if value.is_integer() and abs(value) < 1e6 and not scientific:
             return str(int(value))
-        if value != 0 and (abs(value) < 0.01 or abs(value) >= 1e6):
+        if value != 0 and (scientific or abs(value) < 0.01 or abs(value) >= 1e6):
             mantissa, exponent = f"{value:.2e}".split("e")
             return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
         text = f"{value:.3g}"
