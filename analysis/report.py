@@ -34,11 +34,29 @@ from analysis.report_data import (
     ScatterPlot,
     report_data,
     sweet_spot,
+    trial_names,
+    with_recommendation,
 )
-from analysis.style import NOT_JUDGED, STATUS_STYLE, cell, flops, label, missing, num, plural, sentence_case, style, verdict_word
+from analysis.style import (
+    NOT_JUDGED,
+    RECOMMENDATION_STYLE,
+    STATUS_STYLE,
+    cell,
+    flops,
+    label,
+    missing,
+    num,
+    plural,
+    sentence_case,
+    style,
+    verdict_word,
+)
 from hpo.store import Store
 
-__all__ = ["build_report", "figure_for", "render_report", "report_data", "sweet_spot", "table_columns", "write_report"]
+__all__ = [
+    "build_report", "figure_for", "marks_for", "render_report", "report_data", "sweet_spot", "table_columns",
+    "write_report",
+]  # fmt: skip
 
 
 def build_report(store: Store) -> str:
@@ -64,26 +82,41 @@ def write_report(store: Store, path: Path) -> Path:
     return path
 
 
-def figure_for(plot: Any, data: ReportData) -> go.Figure:
-    """The plotly figure of one plot of `data` (any of data.sections' plots)."""
+def figure_for(plot: Any, data: ReportData, marks: figures.Marks | None = None) -> go.Figure:
+    """The plotly figure of one plot of `data` (any of data.sections' plots); `marks`: marks_for(data)."""
+    marks = marks_for(data) if marks is None else marks
     if isinstance(plot, FrontierPlot):
-        return figures.frontier_figure(plot, data.params)
+        return figures.frontier_figure(plot, data.params, marks)
     if isinstance(plot, CurvesPlot):
         colours = figures.trial_colours(data.trials["trial_id"].map(training_id).drop_duplicates())
-        return figures.curves_figure(plot, colours, data.best_trial)
+        return figures.curves_figure(plot, colours, marks)
     if isinstance(plot, ScatterPlot):
-        return figures.scatter_figure(plot, data.params)
+        return figures.scatter_figure(plot, data.params, marks)
     if isinstance(plot, EffectsPlot):
-        return figures.effects_figure(plot)
+        return figures.effects_figure(plot, marks)
     if isinstance(plot, ParallelPlot):
-        return figures.parallel_figure(plot)
+        return figures.parallel_figure(plot, marks)
     if isinstance(plot, ImportancePlot):
         return figures.importance_figure(plot)
     raise TypeError(f"no figure for {type(plot).__name__}")
 
 
+def marks_for(data: ReportData) -> figures.Marks:
+    """The trials' names and the recommended trials, as every figure marks them."""
+    names = data.names.to_dict()
+    trainings = data.trials["trial_id"].map(training_id)
+    if (trainings != data.trials["trial_id"]).any():  # folded epochs: one curve per training, named without epochs
+        first = data.trials.assign(trial_id=trainings).drop_duplicates("trial_id")
+        names |= trial_names(first, [p for p in data.params if p != "epochs"]).to_dict()
+    picks = {kind: trial_id for trial_id, kind in data.recommendation.items() if kind}
+    picks = {kind: picks[kind] for kind in RECOMMENDATION_STYLE if kind in picks}  # the best first
+    epochs = data.trials.set_index("trial_id")["best_epoch"]
+    return figures.Marks(names, picks, {t: int(epochs[t]) for t in picks.values()})
+
+
 def render_report(data: ReportData) -> str:
     """The HTML page for `data`; plotly.js is inlined once, in the first figure."""
+    marks = marks_for(data)
     sections, index = [], 0
     for heading, plots in data.sections:
         if not plots:
@@ -91,7 +124,7 @@ def render_report(data: ReportData) -> str:
         blocks = []
         for plot in plots:
             div = pio.to_html(
-                figure_for(plot, data),
+                figure_for(plot, data, marks),
                 include_plotlyjs=index == 0,
                 full_html=False,
                 div_id=f"figure-{index}",
@@ -137,7 +170,7 @@ def render_report(data: ReportData) -> str:
 <h2>Trials</h2>
 {_trials_table(data)}
 </section>
-{_samples_section(data.samples)}
+{_samples_section(data.samples, data.names)}
 {_methods_section(data)}
 </main>
 <script>{_SORT_JS}</script>
@@ -187,14 +220,21 @@ def table_columns(data: ReportData) -> list[str]:
 def _trials_table(data: ReportData) -> str:
     trials = data.trials
     columns = table_columns(data)
+    names, recommendation = data.names, data.recommendation
     # <wbr> lets long names like epochs_completed break after an underscore.
     head = "".join(
         f'<th scope="col"><button type="button">{escape(c).replace("_", "_<wbr>")}</button></th>'
-        for c in [*columns, "error"]
+        for c in ["name", *columns, "error"]
     )
     rows = []
     for _, trial in trials.iterrows():
-        cells = []
+        kind = recommendation[trial["trial_id"]]
+        badge = ""
+        if kind:
+            text, _, colour = RECOMMENDATION_STYLE[kind]
+            mark = "★" if kind == "best" else "◆"
+            badge = f' <span class="pick" style="color:{colour}">{mark}&nbsp;{escape(text)}</span>'
+        cells = [f'<td class="name">{escape(names[trial["trial_id"]])}{badge}</td>']
         for c in columns:
             value = trial[c]
             if c == "status":
@@ -212,13 +252,14 @@ def _trials_table(data: ReportData) -> str:
             else:
                 cells.append(f'<td data-sort="{escape(_sort_key(value))}">{escape(cell(value))}</td>')
         cells.append(f"<td>{_error_cell(trial['error'], trial['error_log'])}</td>")
-        classes = f"status-{escape(str(trial['status']))}" + (" best" if trial["trial_id"] == data.best_trial else "")
+        classes = f"status-{escape(str(trial['status']))}" + (f" {kind.replace('_', '-')}" if kind else "")
         rows.append(f'<tr class="{classes}">{"".join(cells)}</tr>')
     caption = (
-        "Finished trials first, best first; metrics are those of each trial's best epoch, costs its totals; "
-        "win rate with its 95% interval. Click a column to sort by it."
+        "Finished trials first, best first; each named by the parameters that differ between trials; metrics are "
+        "those of each trial's best epoch, costs its totals; win rate with its 95% interval. "
+        "Click a column to sort by it."
     )
-    csv = trials.to_csv(index=False)
+    csv = with_recommendation(trials, data.sweet_spot).to_csv(index=False)
     filename = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(data.sweep["name"])) + "-trials.csv"
     download = (
         f'<a class="download" download="{escape(filename)}" href="data:text/csv;charset=utf-8,{quote(csv)}">'
@@ -266,7 +307,7 @@ def _error_cell(error: Any, log: Any = None) -> str:
     return f'<details class="error"><summary>{escape(short)}</summary><pre>{escape(text)}</pre></details>{link}'
 
 
-def _samples_section(samples: Samples | None) -> str:
+def _samples_section(samples: Samples | None, names: pd.Series) -> str:
     if samples is None:
         return ""
     head = "".join(f"<th>{h}</th>" for h in ("#", "prompt", "reference", "base answer", "trial answer", "verdict"))
@@ -282,7 +323,8 @@ def _samples_section(samples: Samples | None) -> str:
             f'<td class="verdict {escape(verdict)}">{escape(verdict)}</td></tr>'
         )
     return (
-        f"<section><h2>Judged prompts: trial {escape(samples.trial_id)}, epoch {samples.epoch}</h2>"
+        f"<section><h2>Judged prompts: {escape(names[samples.trial_id])} (trial {escape(samples.trial_id)}), "
+        f"epoch {samples.epoch}</h2>"
         f'<p class="caption">{escape(samples.caption)}</p>'
         f'<div class="scroll"><table class="samples"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div></section>"
@@ -380,13 +422,16 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 a.download { white-space: nowrap; }
 tr.status-early_stopped { background: #fff7ec; }
 tr.status-error, tr.status-diverged, tr.status-oom { background: #fdeeee; }
-tr.best { font-weight: 600; box-shadow: inset 4px 0 0 #1f77b4; }
-td.status, td.id { white-space: nowrap; }
+tr.best { font-weight: 600; background: #f2f2f2; box-shadow: inset 4px 0 0 #111; }
+tr.sweet-spot { font-weight: 600; background: #fbf3df; box-shadow: inset 4px 0 0 #b8860b; }
+td.status, td.id, td.name { white-space: nowrap; }
+.pick { font-size: .8rem; }
 .error { color: #a11; font-family: ui-monospace, monospace; font-size: .8rem; }
 table.trials td:last-child { min-width: 18ch; overflow-wrap: anywhere; }
 details.error pre { white-space: pre-wrap; max-width: 60ch; }
 table.samples td { max-width: 28ch; }
-.text { white-space: pre-wrap; max-height: 11em; overflow: auto; overflow-wrap: anywhere; }
+/* Judged texts wrap whole, never clipped nor scrolled inside their cell. */
+.text { white-space: pre-wrap; overflow-wrap: anywhere; }
 td.verdict { font-weight: 600; }
 td.win { color: #2a7d2a; } td.tie { color: #8a6d00; } td.loss { color: #b22; }
 ul.methods { color: #444; font-size: .88rem; padding-left: 1.2rem; }

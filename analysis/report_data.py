@@ -39,7 +39,7 @@ from analysis.stats import (
     variance_explained,
 )
 from analysis.style import STATUS_STYLE, cell, duration, flops, label, missing, num, plural, sentence_case, style
-from analysis.style import NOT_JUDGED, verdict_word
+from analysis.style import NAME_SEPARATOR, NOT_JUDGED, compact, short, verdict_word
 from hpo.store import Store
 from trainers.vocabulary import FINISHED, TrialStatus
 
@@ -126,6 +126,12 @@ class SweetSpot(NamedTuple):
     min_saving: float = MIN_SAVING
     margin: float | None = None
 
+    @property
+    def why(self) -> list[str]:
+        """The headline but for the sentence naming the best: whether fine-tuning helped, and the sweet spot's reason."""
+        at = 1 if self.helped is False else 0
+        return self.sentences[:at] + self.sentences[at + 1 :]
+
 
 class Samples(NamedTuple):
     trial_id: str
@@ -176,10 +182,65 @@ class ReportData(NamedTuple):
     def figure_count(self) -> int:
         return sum(len(plots) for _, plots in self.sections)
 
+    @property
+    def names(self) -> pd.Series:
+        """Each trial's name by what differs ("lr 1e-3 · r 16"), by trial_id."""
+        return trial_names(self.trials, self.params)
 
-def report_data(store: Store) -> ReportData:
+    @property
+    def recommendation(self) -> pd.Series:
+        """Each trial's `recommendation` ("best", "sweet_spot" or ""), by trial_id."""
+        return recommendations(self.trials, self.sweet_spot)
+
+
+def trial_names(trials: pd.DataFrame, params: list[str]) -> pd.Series:
+    """Each trial named by the parameters whose values differ among `trials`, by trial_id: "lr 1e-3 · r 16".
+
+    Short parameter names and compact numbers (analysis.style.PARAM_SHORT, compact), each parameter's
+    in one notation (1e-3 and 1e-2, not 0.01, when any of its values needs an exponent); a parameter a
+    trial lacks (another method's) is left out of its name. When nothing differs every parameter is
+    named; trials that would share a name (repeated seeds) get #1, #2, ... in trial_id order.
+    """
+    texts = {}
+    for p in (p for p in params if p in trials):
+        values = [v for v in trials[p] if not _absent(v)]
+        # One notation per parameter: 1e-4, 1e-3, 1e-2 rather than 1e-4, 1e-3, 0.01.
+        scientific = any("e" in compact(v) for v in values if isinstance(v, float))
+        texts[p] = [None if _absent(v) else compact(v, scientific) for v in trials[p]]
+    differing = [p for p, values in texts.items() if len(set(values)) > 1] or list(texts)
+    names = []
+    for i, trial_id in enumerate(trials["trial_id"]):
+        parts = [f"{short(p)} {texts[p][i]}".strip() for p in differing if texts[p][i] is not None]
+        names.append(NAME_SEPARATOR.join(parts) or str(trial_id))
+    named = pd.Series(names, index=trials["trial_id"].to_numpy(), dtype=object)
+    for name, same in named.groupby(named, sort=False):
+        if len(same) > 1:
+            for n, trial_id in enumerate(sorted(same.index), start=1):
+                named[trial_id] = f"{name} #{n}"
+    return named
+
+
+def recommendations(trials: pd.DataFrame, spot: SweetSpot | None) -> pd.Series:
+    """Each trial's part in the report's recommendation, by trial_id: "best", "sweet_spot" or "".
+
+    From sweet_spot()'s choice: the sweet spot is marked only when it is another trial than the best.
+    """
+    marks = pd.Series("", index=trials["trial_id"].to_numpy(), dtype=object, name="recommendation")
+    if spot is not None:
+        marks[spot.best] = "best"
+        if spot.cheapest is not None and spot.cheapest != spot.best:
+            marks[spot.cheapest] = "sweet_spot"
+    return marks
+
+
+def with_recommendation(trials: pd.DataFrame, spot: SweetSpot | None) -> pd.DataFrame:
+    """`trials` with the `recommendation` column last: the columns of `peftsweep export`."""
+    return trials.assign(recommendation=trials["trial_id"].map(recommendations(trials, spot)))
+
+
+def report_data(store: Store | Results) -> ReportData:
     """Everything the report shows, as plain values, from one read of the store."""
-    results = load_results(store)
+    results = store if isinstance(store, Results) else load_results(store)
     sweep = results.sweep
     params = param_columns(results)
     epochs = load_epochs(results)
@@ -766,6 +827,11 @@ def _saving(share: float) -> str:
 
 def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
+def _absent(value: Any) -> bool:
+    """No value: None, NaN, or pandas' NA (an integer parameter another method's trials lack)."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def _is_listy(values: pd.Series) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import pandas as pd
@@ -38,6 +39,55 @@ METRIC_LABELS = {
 
 def label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
+
+
+# Searched parameters as trial names write them ("lr 1e-3 · r 16"); "" writes the value alone ("prefix · lr 1e-3").
+PARAM_SHORT = {
+    "method": "",
+    "learning_rate": "lr",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_alpha_per_rank": "alpha/r",
+    "lora_dropout": "dropout",
+    "num_virtual_tokens": "tokens",
+    "target_modules": "modules",
+    "batch_size": "batch",
+    "grad_accumulation_steps": "accum",
+    "lr_schedule": "schedule",
+    "weight_decay": "wd",
+    "warmup_steps": "warmup",
+    "max_grad_norm": "clip",
+}
+NAME_SEPARATOR = " · "
+
+
+def short(param: str) -> str:
+    return PARAM_SHORT.get(param, param)
+
+
+def compact(value: Any, scientific: bool = False) -> str:
+    """A parameter value in few characters: 1e-3, 2.5e-4, 0.05, 16, on; lists joined with "+".
+
+    `scientific` writes every float as 1e-2 (not 0.01), to match other values of the same parameter.
+    """
+    if isinstance(value, (list, tuple)):
+        return "+".join(compact(v, scientific) for v in value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isnan(value):
+            return "–"
+        if value.is_integer() and abs(value) < 1e6 and not scientific:
+            return str(int(value))
+        if value != 0 and (scientific or abs(value) < 0.01 or abs(value) >= 1e6):
+            mantissa, exponent = f"{value:.2e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        text = f"{value:.3g}"
+        return f"{value:.0f}" if "e" in text else text  # 1234.5 reads "1234", not "1.23e+03"
+    return str(value)
 
 
 def plural(n: int, word: str) -> str:
@@ -96,6 +146,14 @@ def cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
+
+
+# How the report marks the trials it recommends, on every plot and in the table: (label, marker symbol, colour).
+# The keys are the values of the `recommendation` column of `peftsweep export`.
+RECOMMENDATION_STYLE = {
+    "best": ("best", "star", "#111111"),
+    "sweet_spot": ("sweet spot", "diamond", "#b8860b"),
+}
 
 
 NOT_JUDGED = "not judged"  # a verdict or win rate the judge did not give (it was unavailable)

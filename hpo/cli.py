@@ -241,14 +241,17 @@ def export(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="file to write (default: standard output)")] = None,
     runs_dir: RunsDir = None,
 ) -> None:
-    """One row per trial: status, searched parameters, best-epoch metrics and cost."""
-    from analysis.load import load_trials
+    """One row per trial: status, searched parameters, best-epoch metrics, cost, and the report's recommendation."""
+    from analysis.load import load_results, load_trials
+    from analysis.report_data import report_data, with_recommendation
 
     try:
         if format not in ("csv", "json"):
             raise SweepError(f"--format '{format}': use csv or json")
         with _open_store(name, runs_dir) as store:
-            table = load_trials(store)
+            results = load_results(store)
+        # The report's own data step decides the recommendation, so export and report never disagree.
+        table = with_recommendation(load_trials(results), report_data(results).sweet_spot)
     except SweepError as exc:
         _fail(str(exc))
     text = table.to_csv(index=False) if format == "csv" else table.to_json(orient="records", indent=2) + "\n"
@@ -269,32 +272,42 @@ def best(
     name: Annotated[str, typer.Argument(help="run name")],
     runs_dir: RunsDir = None,
 ) -> None:
-    """The best trial: its parameters, its metrics at its best epoch, and where its adapter is."""
-    from analysis.load import cost_metric, load_epochs, load_results, load_trials, rank_trials, selection_objective, training_id
-    from trainers.vocabulary import FINISHED
+    """The best trial and the report's sweet spot: their parameters, metrics at their best epoch, and where their adapters are."""
+    from analysis.load import load_results
+    from analysis.report_data import report_data
 
     try:
         with _open_store(name, runs_dir) as store:
             results = load_results(store)
-        trials = load_trials(results)
-        epochs = results.epochs
-        objectives = results.sweep["objectives"]
-        metric, mode = selection_objective(objectives, load_epochs(results))
-        ranked = rank_trials(trials, metric, mode, cost_metric(results.spec, trials))  # the report's ranking
-        finished = ranked[ranked["status"].isin(FINISHED) & ranked[metric].notna()]
-        if finished.empty:
+        data = report_data(results)  # the report's ranking and sweet spot
+        if data.best_trial is None:
             raise SweepError(f"run '{name}' has no finished trial yet (peftsweep export {name} shows each trial's status)")
-        row = finished.iloc[0]
     except SweepError as exc:
         _fail(str(exc))
+    trials, names, spot = data.trials.set_index("trial_id", drop=False), data.names, data.sweet_spot
+    top = trials.loc[data.best_trial]
+    lines = _trial_lines(f"best trial {top['trial_id']} ({top['status']}) by {data.metric}", top, names, results)
+    if spot.cheapest is not None and spot.cheapest != spot.best:
+        cheap = trials.loc[spot.cheapest]
+        lines += _trial_lines(f"sweet spot trial {cheap['trial_id']} ({cheap['status']})", cheap, names, results)
+    lines += [f"  {sentence}" for sentence in spot.why]  # the report's words for its choice
+    typer.echo("\n".join(lines))
+
+
+def _trial_lines(heading: str, row, names, results) -> list[str]:
+    """A trial as `best` prints it: `heading`, its name, parameters, metrics at its best epoch, and its adapter."""
+    from analysis.load import training_id
+
     epoch = int(row["best_epoch"])
     checkpoint = next(
-        (e["checkpoint"] for e in epochs if e["trial_id"] == training_id(row["trial_id"]) and e["epoch"] == epoch), None
+        (e["checkpoint"] for e in results.epochs if e["trial_id"] == training_id(row["trial_id"]) and e["epoch"] == epoch),
+        None,
     )
     adapter = Path(checkpoint) / "adapter" if checkpoint else None
     params = " ".join(f"{p}={row[p]}" for p in results.sweep["searched"] if p in row and str(row[p]) != "nan")
     lines = [
-        f"best trial {row['trial_id']} ({row['status']}) by {metric}, at epoch {epoch} of {int(row['epochs_completed'])}",
+        f"{heading}, at epoch {epoch} of {int(row['epochs_completed'])}",
+        f"  name in the report: {names[row['trial_id']]}",
         f"  parameters: {params or '(none searched)'}",
         f"  win_rate {row['win_rate']:.3f} [{row['win_rate_low']:.3f}, {row['win_rate_high']:.3f}]"
         f"  eval_ppl {row['eval_ppl']:.3f}  train_seconds {row['train_seconds']:.1f}  gpu_hours {row['gpu_hours']:.4f}",
@@ -305,7 +318,7 @@ def best(
         lines.append(f"  model: {adapter}  (fully fine-tuned: AutoModelForCausalLM.from_pretrained(that path))")
     else:
         lines.append("  adapter: not kept (the method trains no adapter, or its checkpoint was removed)")
-    typer.echo("\n".join(lines))
+    return lines
 
 
 @app.command()

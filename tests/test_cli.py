@@ -118,6 +118,45 @@ def test_report_and_export_of_a_missing_run(tmp_path, command):
     assert "no run 'nope'" in proc.stderr
 
 
+def _demo_run(tmp_path):
+    """runs/demo: test_report's hand-made sweep, whose best is t-good and sweet spot t-cheap."""
+    from tests.test_report import make_store
+
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    make_store(tmp_path / "runs" / "demo" / "results.db").close()
+    return str(tmp_path / "runs")
+
+
+def test_export_has_the_reports_recommendation(tmp_path):
+    import csv
+    import io
+    import json
+
+    runs = _demo_run(tmp_path)
+    rows = list(csv.DictReader(io.StringIO(peftsweep("export", "demo", "--runs-dir", runs).stdout)))
+    assert list(rows[0])[-1] == "recommendation"
+    assert {r["trial_id"]: r["recommendation"] for r in rows if r["recommendation"]} == {"t-good": "best", "t-cheap": "sweet_spot"}
+    assert [r["trial_id"] for r in rows][:2] == ["t-good", "t-cheap"]  # the store's order, as before
+    records = json.loads(peftsweep("export", "demo", "-f", "json", "--runs-dir", runs).stdout)
+    assert {r["trial_id"]: r["recommendation"] for r in records} == {
+        "t-good": "best", "t-cheap": "sweet_spot", "t-bad": "", "t-mid": "", "t-late": "", "t-oom": "", "t-crash": "",
+    }  # fmt: skip
+
+
+def test_best_prints_the_sweet_spot(tmp_path):
+    proc = peftsweep("best", "demo", "--runs-dir", _demo_run(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "best trial t-good (completed) by win_rate, at epoch 2 of 3"
+    assert lines[1] == "  name in the report: lr 2e-4 · r 16"
+    sweet = lines.index("sweet spot trial t-cheap (early_stopped), at epoch 1 of 1")
+    assert lines[sweet + 1 : sweet + 3] == ["  name in the report: lr 1e-3 · r 4", "  parameters: learning_rate=0.001 lora_r=4"]
+    assert lines[sweet + 3].startswith("  win_rate 0.450 ") and "train_seconds 10.0" in lines[sweet + 3]
+    # Why, in the report's words: fine-tuning did not clearly help (t-good's interval includes 0.5), and the sweet spot.
+    assert lines[-2].startswith("  Fine-tuning did not clearly help: the best trial's win rate against the base model, 0.62")
+    assert lines[-1].startswith("  Sweet spot: trial t-cheap (learning_rate 0.001, lora_r 4, epochs 3) costs 76% less")
+
+
 def test_export_rejects_unknown_format(tmp_path):
     proc = peftsweep("export", "nope", "--format", "xml", "--runs-dir", str(tmp_path))
     assert proc.returncode == 2 and "--format 'xml'" in proc.stderr

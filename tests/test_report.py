@@ -11,7 +11,10 @@ import plotly.offline
 import pytest
 
 from analysis.load import load_answers, load_epochs, load_judgments, load_trials
-from analysis.report import build_report, report_data, sweet_spot, table_columns, write_report
+from analysis import figures
+from analysis.report import build_report, figure_for, marks_for, report_data, sweet_spot, table_columns, write_report
+from analysis.report_data import FrontierPlot, recommendations, trial_names
+from analysis.style import compact
 from hpo.store import Store
 from trainers.vocabulary import TrialStatus
 from trainers.stats import wilson_interval
@@ -42,7 +45,9 @@ TRIALS = {
 RETENTION = {"t-good": 3.3, "t-cheap": 3.6, "t-bad": 3.05, "t-mid": 2.9, "t-late": 4.5}
 BASELINE = {"eval_ppl": 6.0, "retention_ppl": 3.0}
 
-PROMPTS = [(i, f"prompt {i}", f"reference {i}", f"base answer {i}") for i in range(1, 8)]
+# Prompt 1, judged a win for the best trial, is long: its cell in the report wraps rather than clips.
+LONG_PROMPT = "Describe, in one sentence, " + " and ".join(f"what the creature number {i} eats" for i in range(12)) + "."
+PROMPTS = [(i, LONG_PROMPT if i == 1 else f"prompt {i}", f"reference {i}", f"base answer {i}") for i in range(1, 8)]
 # Verdicts against the base model, prompt by prompt, at each trial's best epoch. t-good beats t-cheap
 # on prompts 2 and 6 and ties it on the rest: a sign test p of 2 * (1/2)^2 = 0.5.
 VERDICTS = {
@@ -210,6 +215,122 @@ def test_report_data_sweet_spot_names_the_cheaper_trial_with_numbers(store):
         "(exact two-sided sign test, p = 0.5, level 0.05; not significantly worse is not proven equal).",
     ]
     assert data.census == "7 trials: 3 completed, 1 early stopped, 1 error, 1 diverged, 1 out of memory."
+
+
+def test_trials_are_named_by_the_parameters_that_differ(store):
+    data = report_data(store)
+    # epochs is 3 for every trial: left out of every name.
+    assert data.names.to_dict() == {
+        "t-good": "lr 2e-4 · r 16", "t-mid": "lr 1e-4 · r 8", "t-cheap": "lr 1e-3 · r 4", "t-bad": "lr 1e-5 · r 8",
+        "t-late": "lr 5e-4 · r 32", "t-oom": "lr 3e-4 · r 64", "t-crash": "lr 3e-4 · r 4",
+    }  # fmt: skip
+
+
+def test_trial_names_drop_what_is_equal_and_tell_repeats_apart():
+    trials = pd.DataFrame({
+        "trial_id": ["t2", "t1", "t3", "t4"],
+        "method": ["lora", "lora", "lora", "prefix"],
+        "learning_rate": [1e-3, 1e-3, 2.5e-4, 1e-3],
+        "lora_r": pd.array([16, 16, 16, None], dtype="Int64"),  # prefix tuning has no rank
+        "lora_dropout": [0.05] * 4,
+    })  # fmt: skip
+    names = trial_names(trials, ["method", "learning_rate", "lora_r", "lora_dropout"])
+    # Repeated seeds of one configuration: numbered in trial_id order, so a name never stands for two trials.
+    assert names.to_dict() == {
+        "t2": "lora · lr 1e-3 · r 16 #2", "t1": "lora · lr 1e-3 · r 16 #1",
+        "t3": "lora · lr 2.5e-4 · r 16", "t4": "prefix · lr 1e-3",
+    }  # fmt: skip
+    # One trial: nothing differs, so it is named by all its parameters.
+    assert trial_names(trials.iloc[2:3], ["learning_rate", "lora_dropout"]).to_dict() == {"t3": "lr 2.5e-4 · dropout 0.05"}
+    assert [compact(v) for v in (1e-3, 3e-5, 0.05, 16, 16.0, 1234.5, True, ("q_proj", "v_proj"))] == [
+        "1e-3", "3e-5", "0.05", "16", "16", "1234", "on", "q_proj+v_proj",
+    ]  # fmt: skip
+
+
+def test_recommendations_mark_the_best_and_a_cheaper_sweet_spot(store):
+    data = report_data(store)
+    assert data.recommendation.to_dict() == {
+        "t-good": "best", "t-mid": "", "t-cheap": "sweet_spot", "t-bad": "", "t-late": "", "t-oom": "", "t-crash": "",
+    }  # fmt: skip
+    # The best is its own sweet spot, or no paired test was possible: no sweet_spot row.
+    for cheapest in ("t-good", None):
+        marks = recommendations(data.trials, data.sweet_spot._replace(cheapest=cheapest))
+        assert marks[marks != ""].to_dict() == {"t-good": "best"}
+    assert recommendations(data.trials, None).eq("").all()
+
+
+BEST, SWEET = "best: lr 2e-4 · r 16", "sweet spot: lr 1e-3 · r 4"
+
+
+def legend(fig) -> list[str]:
+    return [t.name for t in fig.data if t.name and t.showlegend is not False]
+
+
+def labels(fig) -> list[str]:
+    return [a.text for a in fig.layout.annotations]
+
+
+def test_figures_name_trials_by_what_differs_and_mark_the_best_and_the_sweet_spot(store):
+    data = report_data(store)
+    marks = marks_for(data)
+    assert marks.picks == {"best": "t-good", "sweet_spot": "t-cheap"} and marks.epochs == {"t-good": 2, "t-cheap": 1}
+    plots = [plot for _, section in data.sections for plot in section if not isinstance(plot, type(data.importance))]
+    assert len(plots) == 8
+    for plot in plots:  # every plot of trials marks both, each in the legend under its name
+        entries = legend(figure_for(plot, data))
+        assert BEST in entries and SWEET in entries, (plot.title, entries)
+
+    win, ppl = (figure_for(plot, data) for plot in data.frontiers)
+    # Labelled: the frontier and the two recommended trials, nothing else (the base model's line has its own).
+    assert labels(win) == ["base model 0.5", BEST, SWEET]
+    assert labels(ppl) == ["base model 6", BEST, SWEET, "lr 1e-4 · r 8"]  # t-mid ends the perplexity frontier
+    # The hover names the trial and gives its id.
+    hover = next(text for trace in win.data for text in (trace.hovertext or ()) if "trial t-mid " in text)
+    assert hover.startswith("<b>lr 1e-4 · r 8</b><br>trial t-mid (completed)<br>learning_rate = 0.0001")
+
+    curves = figure_for(data.curves[1], data)
+    assert legend(curves) == [
+        BEST, "lr 1e-4 · r 8", SWEET, "lr 1e-5 · r 8", "lr 5e-4 · r 32 (diverged)", "best epoch",
+    ]  # fmt: skip
+    star = next(t for t in curves.data if t.name == BEST and t.mode == "markers")  # on the epoch it is read at
+    assert (list(star.x), list(star.y)) == ([2], [0.62])
+
+    paradox = figure_for(data.paradox, data)
+    assert labels(paradox) == [BEST, SWEET]  # a scatter labels the recommended trials only
+    assert not any(t.text for t in paradox.data)
+
+
+def test_labels_never_overlap_and_the_recommended_come_first():
+    """Twenty frontier points packed into a corner: labels that would overlap are left out, and the best's and the
+    sweet spot's labels are placed first. Each label's box is estimated as the figure places it."""
+    n = 20
+    points = pd.DataFrame({
+        "trial_id": [f"t{i}" for i in range(n)],
+        "status": TrialStatus.COMPLETED,
+        "train_seconds": [10.0 + i * 0.1 for i in range(n)],
+        "win_rate": [0.5 + i * 0.002 for i in range(n)],
+        "learning_rate": [1e-4 * (i + 1) for i in range(n)],
+        "best_epoch": 1.0,
+    }).assign(eligible=True, on_front=True)  # fmt: skip
+    points.loc[n - 1, ["train_seconds", "win_rate"]] = (100.0, 0.9)  # far off: the others are a tight cluster
+    plot = FrontierPlot("cost vs win rate", "train_seconds", "win_rate", "max", points, None, "")
+    names = trial_names(points, ["learning_rate"]).to_dict()
+    marks = figures.Marks(names, {"best": "t19", "sweet_spot": "t3"}, {"t19": 1, "t3": 1})
+    fig = figures.frontier_figure(plot, ["learning_rate"], marks)
+    placed = list(fig.layout.annotations)
+    assert [a.text for a in placed[:2]] == ["best: lr 2e-3", "sweet spot: lr 4e-4"]
+    assert 2 < len(placed) < n  # some of the cluster labelled, not all
+    x_range, y_range = list(fig.layout.xaxis.range), list(fig.layout.yaxis.range)
+    for area in figures.PLOT_AREAS_PX:
+        boxes = []
+        for a in placed:
+            label = figures.Label(a.x, a.y, a.text, 9)
+            spot = {"showarrow": True, "ax": a.ax, "ay": a.ay} if a.showarrow else a.to_plotly_json()
+            boxes.append(figures._spot_box(label, spot, area, x_range, y_range))
+        for i, a in enumerate(boxes):
+            assert 0 <= a[0] and a[2] <= area[0] and 0 <= a[1] and a[3] <= area[1]
+            for b in boxes[i + 1 :]:
+                assert not figures._overlap(a, b), (area, a, b)
 
 
 def _ranked(rows):
@@ -457,9 +578,18 @@ def test_trials_table_sort_keys_and_csv_download(store):
     table = page[page.index('<table class="trials sortable">') : page.index("</table>", page.index("trials sortable"))]
     headers = re.findall(r"<button type=\"button\">(.*?)</button>", table)
     assert [h.replace("<wbr>", "") for h in headers] == [
-        "trial_id", "status", "learning_rate", "lora_r", "epochs", "epochs_completed", "best_epoch", "eval_ppl",
+        "name", "trial_id", "status", "learning_rate", "lora_r", "epochs", "epochs_completed", "best_epoch", "eval_ppl",
         "win_rate", "retention_ppl", "train_seconds", "peak_memory_gb", "error",
     ]  # fmt: skip
+    # Each row named by what differs, its id beside; the best and the sweet spot highlighted and said so.
+    rows = {re.search(r'<td class="id">(.*?)</td>', row).group(1): row for row in table.split("<tr")[2:]}
+    assert rows["t-mid"].startswith(' class="status-completed"><td class="name">lr 1e-4 · r 8</td><td class="id">t-mid</td>')
+    assert rows["t-good"].startswith(' class="status-completed best"><td class="name">lr 2e-4 · r 16 <span class="pick"')
+    assert "★&nbsp;best</span>" in rows["t-good"]
+    assert rows["t-cheap"].startswith(' class="status-early_stopped sweet-spot"><td class="name">lr 1e-3 · r 4 <span')
+    assert "◆&nbsp;sweet spot</span>" in rows["t-cheap"]
+    assert '<td data-sort="1e-05">1e-05</td>' in rows["t-bad"]  # the parameters' own columns keep their values
+    assert sum("class=\"pick\"" in row for row in rows.values()) == 2
     # The win rate shows its interval, sorts by its value, and a missing one sorts last.
     assert '<td class="num" data-sort="0.62" title="6 wins, 0 ties, 4 losses">0.620 <span class="interval">[0.31, 0.83]</span></td>' in table
     assert table.count('data-sort=""') > 0
@@ -467,9 +597,10 @@ def test_trials_table_sort_keys_and_csv_download(store):
     # The CSV is every column of `peftsweep export`, in the table's order, unescaped data.
     href = re.search(r'download="lora__i_demo__i_-trials.csv" href="data:text/csv;charset=utf-8,([^"]*)"', page)
     csv = unquote(href.group(1))
-    frame = pd.read_csv(io.StringIO(csv))
-    assert list(frame.columns) == list(load_trials(store).columns)
+    frame = pd.read_csv(io.StringIO(csv), keep_default_na=False)
+    assert list(frame.columns) == [*load_trials(store).columns, "recommendation"]
     assert list(frame["trial_id"]) == list(report_data(store).trials["trial_id"])
+    assert list(frame["recommendation"]) == ["best", "", "sweet_spot", "", "", "", ""]
     assert frame.set_index("trial_id").loc["t-oom", "error"] == OOM_ERROR
 
 

@@ -1,4 +1,5 @@
-"""The report opened from disk in a real headless Chromium: every figure renders, no JS errors, the table sorts."""
+"""The report opened from disk in a real headless Chromium: every figure renders, no JS errors, the table sorts,
+labels do not overlap, judged texts wrap."""
 
 import base64
 import time
@@ -12,7 +13,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from analysis.report import report_data, write_report
-from test_report import INJECTED, make_store  # pytest puts tests/ (no __init__.py) on sys.path
+from test_report import BEST, INJECTED, LONG_PROMPT, SWEET, make_store  # pytest puts tests/ (no __init__.py) on sys.path
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -59,8 +60,23 @@ return Array.from(document.querySelectorAll('.plotly-graph-div'))
     .map(div => div.querySelectorAll('svg .scatterlayer .trace, svg .barlayer .trace').length);
 """
 TRIAL_ORDER_JS = """
-return Array.from(document.querySelectorAll('table.trials tbody tr')).map(row => row.cells[0].textContent);
+return Array.from(document.querySelectorAll('table.trials tbody tr')).map(row => row.querySelector('td.id').textContent);
 """
+# Per figure: each annotation's text and box in the page ([left, top, right, bottom]), as drawn.
+LABEL_BOXES_JS = """
+return Array.from(document.querySelectorAll('.plotly-graph-div')).map(div =>
+    Array.from(div.querySelectorAll('g.annotation')).map(g => {
+        const r = g.querySelector('rect.bg').getBoundingClientRect();
+        return [g.textContent, r.left, r.top, r.right, r.bottom];
+    }));
+"""
+
+
+def overlapping(boxes: list) -> list[tuple[str, str]]:
+    return [
+        (a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1 :]
+        if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]
+    ]  # fmt: skip
 
 
 def click_header(driver, name: str) -> list[str]:
@@ -89,6 +105,30 @@ def test_report_renders_in_chromium(tmp_path, driver):
     assert "Pareto frontier" in figures[0].text and "early stopped (1)" in figures[0].text
     assert "diverged (1)" in figures[0].text  # a failed trial with metrics is drawn, in its own style
     assert "Sweet spot: trial t-cheap" in driver.find_element(By.CSS_SELECTOR, ".summary").text
+    # Trials named by what differs in legends and labels; no two labels overlap, in two columns or one.
+    assert BEST in figures[0].text and SWEET in figures[0].text
+    for width in (1400, 1001, 1000):
+        driver.set_window_size(width, 1000)
+        time.sleep(1)  # plotly redraws a responsive figure when the window resizes
+        drawn = driver.execute_script(LABEL_BOXES_JS)
+        assert [box[0] for box in drawn[0]] == ["base model 0.5", BEST, SWEET]
+        assert [overlapping(boxes) for boxes in drawn] == [[]] * planned, width
+    driver.set_window_size(1400, 1000)
+
+    # A long judged prompt wraps over several lines, whole: not clipped, not scrolled within its cell.
+    prompt = driver.find_element(By.XPATH, f"//table[@class='samples']//td/div[text()='{LONG_PROMPT}']")
+    height, scrolled, line = driver.execute_script(
+        "const e = arguments[0]; return [e.getBoundingClientRect().height, e.scrollHeight - e.clientHeight,"
+        " parseFloat(getComputedStyle(e).lineHeight)];",
+        prompt,
+    )
+    assert height > 3 * line and scrolled == 0, (height, scrolled, line)
+    # The table names each trial and highlights the best and the sweet spot.
+    best_row = driver.find_element(By.CSS_SELECTOR, "table.trials tr.best")
+    sweet_row = driver.find_element(By.CSS_SELECTOR, "table.trials tr.sweet-spot")
+    assert best_row.find_element(By.CSS_SELECTOR, "td.name").text == "lr 2e-4 · r 16 ★ best"
+    assert sweet_row.find_element(By.CSS_SELECTOR, "td.name").text == "lr 1e-3 · r 4 ◆ sweet spot"
+    assert best_row.value_of_css_property("background-color") != sweet_row.value_of_css_property("background-color")
 
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text
