@@ -40,7 +40,7 @@ def search_alg(spec: SweepSpec, max_concurrent: int | None = None) -> Any:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = {
             "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=search.seed),
-            "tpe": lambda: optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=spec.startup_trials),
+            "tpe": lambda: optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.startup_trials or 10),
             "random": lambda: optuna.samplers.RandomSampler(seed=search.seed),
         }[search.algorithm]()
         space = _optuna_space(spec) if _define_by_run(spec) else None

@@ -90,8 +90,7 @@ class SearchSpec(_Strict):
     seed: int = Field(0, description="seed of the search algorithm")
     startup_trials: int | None = Field(
         None, ge=1,
-        description="tpe: trials proposed at random before TPE models the results (Optuna's n_startup_trials); "
-        "default a quarter of num_samples, from 2 to 10",
+        description="tpe: trials proposed at random before TPE models the results (Optuna's n_startup_trials, default 10)",
     )
     time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget of the sweep; when spent, running trials stop and no new one starts")
     gpu_hours_budget: float | None = Field(None, gt=0, description="GPU-hours budget over all trials; when spent, running trials stop and no new one starts")
@@ -233,14 +232,6 @@ class SweepSpec(_Strict):
             for combo in itertools.product(*(space[n].values for n in names)):
                 variants.append({"method": method, **dict(zip(names, combo))})
         return variants
-
-    @property
-    def startup_trials(self) -> int:
-        """TPE's random trials before it models results: search.startup_trials, else num_samples / 4 within [2, 10]
-        (Optuna's own default, 10, would leave a 12-trial search random but for 2 trials)."""
-        if self.search.startup_trials is not None:
-            return self.search.startup_trials
-        return min(10, max(2, self.search.num_samples // 4))
 
     @property
     def tune_objective(self) -> Objective:
