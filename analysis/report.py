@@ -223,7 +223,7 @@ def _trials_table(data: ReportData) -> str:
     names, recommendation = data.names, data.recommendation
     # <wbr> lets long names like epochs_completed break after an underscore.
     head = "".join(
-        f'<th scope="col"><button type="button">{escape(c).replace("_", "_<wbr>")}</button></th>'
+        f'<th scope="col"{_header_title(c)}><button type="button">{escape(c).replace("_", "_<wbr>")}</button></th>'
         for c in ["name", *columns, "error"]
     )
     rows = []
@@ -257,7 +257,8 @@ def _trials_table(data: ReportData) -> str:
     caption = (
         "Finished trials first, best first; each named by the parameters that differ between trials; metrics are "
         "those of each trial's best epoch, costs its totals; win rate with its 95% interval. "
-        "Click a column to sort by it."
+        "train_seconds is time measured on the machine that ran the sweep, and moves with its load; "
+        "train_flops is the compute itself, the same on any machine. Click a column to sort by it."
     )
     csv = with_recommendation(trials, data.sweet_spot).to_csv(index=False)
     filename = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(data.sweep["name"])) + "-trials.csv"
@@ -270,6 +271,15 @@ def _trials_table(data: ReportData) -> str:
         f'<div class="scroll"><table class="trials sortable"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
+
+
+def _header_title(column: str) -> str:
+    """A column's meaning on hover, where its name alone could mislead (measured time, compute)."""
+    titles = {
+        "train_seconds": "training time measured on the machine that ran the sweep (moves with its load)",
+        "train_flops": "training compute in FLOPs, from what was processed: the same on any machine",
+    }
+    return f' title="{escape(titles[column])}"' if column in titles else ""
 
 
 def _win_rate_cell(trial: pd.Series) -> str:

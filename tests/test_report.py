@@ -581,6 +581,9 @@ def test_trials_table_sort_keys_and_csv_download(store):
         "name", "trial_id", "status", "learning_rate", "lora_r", "epochs", "epochs_completed", "best_epoch", "eval_ppl",
         "win_rate", "retention_ppl", "train_seconds", "peak_memory_gb", "error",
     ]  # fmt: skip
+    # Measured seconds are labelled as such, on hover and in the caption.
+    assert '<th scope="col" title="training time measured on the machine that ran the sweep (moves with its load)">' in table
+    assert "train_seconds is time measured on the machine that ran the sweep, and moves with its load" in page
     # Each row named by what differs, its id beside; the best and the sweet spot highlighted and said so.
     rows = {re.search(r'<td class="id">(.*?)</td>', row).group(1): row for row in table.split("<tr")[2:]}
     assert rows["t-mid"].startswith(' class="status-completed"><td class="name">lr 1e-4 · r 8</td><td class="id">t-mid</td>')
