@@ -121,7 +121,7 @@ def frontier_figure(plot: FrontierPlot, params: list[str], marks: Marks) -> go.F
     chosen = [*_picked(points, marks), *[t for t in front["trial_id"] if marks.kind(t) is None]]
     labels = [Label(points.at[t, plot.x], points.at[t, plot.y], marks.title(t), 9) for t in chosen]
     _add_labels(fig, labels, x_range, y_range, points[[plot.x, plot.y]].to_numpy(), obstacles)
-    fig.update_xaxes(range=x_range)
+    fig.update_xaxes(range=x_range, exponentformat="SI")  # FLOPs read 665G, not plotly's default 665B
     fig.update_yaxes(range=y_range)
     better = "higher is better" if plot.y_mode == "max" else "lower is better"
     return _layout(fig, AXIS_LABELS.get(plot.x, plot.x), f"{label(plot.y)} at best epoch ({better})")
