@@ -30,23 +30,24 @@ import torch
 
 from trainers.config import TrialConfig
 from trainers.data import IGNORE_INDEX, batches
-from trainers.evaluate import generate_answers, win_rate
+from trainers.evaluate import generate_answers
 from trainers.flops import FlopModel
-from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge, parse_rate
+from trainers.judges import JudgeUnavailable, make_judge
 from trainers.methods import get_method, lora_config, pack_key, why_alone
 from trainers.model import load_base_model
-from trainers.vocabulary import VERDICT_METRICS, EpochMetrics, TrialResult, TrialStatus
+from trainers.vocabulary import EpochMetrics, TrialResult, TrialStatus
 from trainers.worker import (
     ADAPTER_DIR,
     AUTOCAST,
     STATE_FILE,
     BaseAnswers,
     Report,
-    _mean_length_diff,
     _over_constraints,
+    cost_metrics,
     estimate_inference_memory_gb,
     estimate_memory_gb,
     eval_flops,
+    judged_metrics,
     load_state,
     lr_lambda,
     peak_memory_gb,
@@ -417,8 +418,6 @@ class Pack:
         return answers, passes
 
     def _report(self, member, eval_ppl, retention_ppl, answers, verdicts, judge_error, inference_peak) -> None:
-        totals = member.totals
-        scores = [v.score for v in verdicts] if verdicts is not None else [None] * len(answers)
         epoch = member.epoch
         metrics: EpochMetrics = {
             "epoch": epoch,
@@ -426,14 +425,8 @@ class Pack:
             "train_examples_skipped": self.skipped,
             "eval_ppl": eval_ppl,
             "retention_ppl": retention_ppl,
-            **(win_rate(scores) if verdicts is not None else dict.fromkeys(VERDICT_METRICS)),
-            "order_agreement": agreement_rate(verdicts) if verdicts is not None else None,
-            "judge_parse_rate": parse_rate(verdicts) if verdicts is not None else None,
-            "judge_error": judge_error,
-            "judge": judge_label(member.config.eval) if verdicts is not None else None,
-            "answer_length_diff": _mean_length_diff(answers, member.baseline),
-            **totals,
-            "tokens_per_second": totals["tokens_trained"] / totals["train_seconds"] if totals["train_seconds"] else None,
+            **judged_metrics(answers, member.baseline, verdicts, judge_error, member.config),
+            **cost_metrics(member.totals),
             "peak_memory_gb": max(member.train_peak, inference_peak),
             "train_memory_gb": member.train_peak or None,
             "inference_memory_gb": inference_peak,
@@ -444,8 +437,6 @@ class Pack:
             "total_params": self.base_params + sum(p.numel() for p in member.named.values()),
             "resumed_from_epoch": member.first_epoch - 1,
             "pack_size": len(self.members),
-            "answers": answers,
-            "verdicts": scores,
         }
         member.metrics = metrics
         member.paused, member.reported = True, epoch  # until `proceed`; in-process callers proceed at once

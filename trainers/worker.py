@@ -261,21 +261,14 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
             totals["judge_seconds"] += time.perf_counter() - judged
             totals["eval_seconds"] += time.perf_counter() - start  # perplexities, answers and judging
 
-            scores = [v.score for v in verdicts] if verdicts is not None else [None] * len(answers)
             metrics = {
                 "epoch": epoch,
                 "train_loss": sum(losses) / len(losses) if losses else None,
                 "train_examples_skipped": skipped,  # no response token within data.max_length
                 "eval_ppl": eval_ppl,
                 "retention_ppl": retention_ppl,
-                **(win_rate(scores) if verdicts is not None else dict.fromkeys(VERDICT_METRICS)),
-                "order_agreement": agreement_rate(verdicts) if verdicts is not None else None,
-                "judge_parse_rate": parse_rate(verdicts) if verdicts is not None else None,
-                "judge_error": judge_error,
-                "judge": judge_label(config.eval) if verdicts is not None else None,
-                "answer_length_diff": _mean_length_diff(answers, baseline),
-                **totals,
-                "tokens_per_second": totals["tokens_trained"] / totals["train_seconds"] if totals["train_seconds"] else None,
+                **judged_metrics(answers, baseline, verdicts, judge_error, config),
+                **cost_metrics(totals),
                 "peak_memory_gb": max(train_peak, peak_memory_gb(device)),
                 "train_memory_gb": train_peak or None,
                 "inference_memory_gb": inference_peak,
@@ -285,8 +278,6 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
                 "trainable_params": sum(p.numel() for p in params),
                 "total_params": sum(p.numel() for p in model.parameters()),
                 "resumed_from_epoch": first_epoch - 1,
-                "answers": answers,
-                "verdicts": scores,
             }
             if lifetime_peak:
                 metrics["memory_checks_skipped"] = LIFETIME_PEAK_NOTE
@@ -309,6 +300,28 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
     if measured:
         return TrialResult(TrialStatus.INFEASIBLE, config.train.epochs, metrics, measured)
     return TrialResult(TrialStatus.COMPLETED, config.train.epochs, metrics)
+
+
+def judged_metrics(answers: list[str], baseline: list[str], verdicts: list | None, judge_error: str | None, config: TrialConfig) -> EpochMetrics:
+    """An epoch's answers and their verdicts against the base model's (all None when the judge was
+    unavailable, with `judge_error`), as solo and packed trials report them."""
+    judged = verdicts is not None
+    scores = [v.score for v in verdicts] if judged else [None] * len(answers)
+    return {
+        **(win_rate(scores) if judged else dict.fromkeys(VERDICT_METRICS)),
+        "order_agreement": agreement_rate(verdicts) if judged else None,
+        "judge_parse_rate": parse_rate(verdicts) if judged else None,
+        "judge_error": judge_error,
+        "judge": judge_label(config.eval) if judged else None,
+        "answer_length_diff": _mean_length_diff(answers, baseline),
+        "answers": answers,
+        "verdicts": scores,
+    }
+
+
+def cost_metrics(totals: dict[str, float]) -> EpochMetrics:
+    """The cumulative costs (seconds, tokens, FLOPs) and the training throughput."""
+    return {**totals, "tokens_per_second": totals["tokens_trained"] / totals["train_seconds"] if totals["train_seconds"] else None}
 
 
 def eval_flops(flops: FlopModel, data: TrialData, config: TrialConfig, pad_id: int) -> float:
