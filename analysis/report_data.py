@@ -7,6 +7,7 @@ Which points each figure draws, frontier membership, the statistics and every ca
 from __future__ import annotations
 
 import math
+import re
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -41,7 +42,7 @@ from analysis.stats import (
 from analysis.style import STATUS_STYLE, cell, duration, flops, label, missing, num, plural, sentence_case, style
 from analysis.style import NAME_SEPARATOR, NOT_JUDGED, compact, short, verdict_word
 from hpo.store import Store
-from trainers.vocabulary import FINISHED, TrialStatus
+from trainers.vocabulary import FINISHED, TrialStatus, whole_number_fields
 
 SAMPLES_PER_VERDICT = 4
 # The sign test's level: a cheaper trial whose p-value is at least this is "not significantly worse".
@@ -234,8 +235,34 @@ def recommendations(trials: pd.DataFrame, spot: SweetSpot | None) -> pd.Series:
 
 
 def with_recommendation(trials: pd.DataFrame, spot: SweetSpot | None) -> pd.DataFrame:
-    """`trials` with the `recommendation` column last: the columns of `peftsweep export`."""
-    return trials.assign(recommendation=trials["trial_id"].map(recommendations(trials, spot)))
+    """`trials` with the `recommendation` column last: the columns of `peftsweep export`, counts as integers."""
+    return whole_numbers(trials.assign(recommendation=trials["trial_id"].map(recommendations(trials, spot))))
+
+
+def whole_numbers(trials: pd.DataFrame) -> pd.DataFrame:
+    """`trials` with the columns that count things (wins, tokens, epochs) as integers: 3, not 3.0; missing stays missing.
+
+    pandas keeps such a column as floats when a value is missing (NaN), and writes 3.0.
+    """
+    out = trials.copy()
+    for column in whole_number_fields():
+        if column in out and pd.api.types.is_float_dtype(out[column]):
+            values = out[column].dropna()
+            if (values == values.round()).all():  # a count measured otherwise (a mean) keeps its fraction
+                out[column] = out[column].astype("Int64")
+    return out
+
+
+def by_trial(trials: pd.DataFrame) -> pd.DataFrame:
+    """`trials` ordered by trial id (numbers in ids by value); a folded grid's rows, <trial_id>@<epochs>, by epochs."""
+
+    def key(trial_id: str) -> tuple:
+        trained, _, epochs = str(trial_id).partition("@")
+        parts = re.split(r"(\d+)", trained)  # text and numbers alternate, so keys compare part by part
+        return (tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), int(epochs) if epochs.isdigit() else -1)
+
+    order = sorted(range(len(trials)), key=lambda i: key(trials["trial_id"].iloc[i]))
+    return trials.iloc[order].reset_index(drop=True)
 
 
 def report_data(store: Store | Results) -> ReportData:

@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand
 
 from hpo.errors import SweepError, SweepFailed, SweepInterrupted
 from trainers.vocabulary import SweepStatus
+
+
+class _Command(TyperCommand):
+    """Help as git, pip and pytest write theirs: `peftsweep run [OPTIONS] SWEEP`, each value named by
+    what it is (SWEEP, NAME, KEY=VALUE, DIR), a flag bare.
+
+    Without Rich (rich_markup_mode=None) typer writes options as click does, by their metavar; this
+    writes arguments the same way, where typer would write `{sweep}` in the usage and `SWEEP <str>`.
+    """
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+    def format_options(self, ctx: typer.Context, formatter) -> None:
+        params = self.get_params(ctx)
+        arguments = [
+            ((p.metavar or p.name.upper()) + ("..." if p.nargs != 1 else ""), p.help or "") for p in params if isinstance(p, TyperArgument)
+        ]
+        options = [record for p in params if not isinstance(p, TyperArgument) and (record := p.get_help_record(ctx))]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
 
 app = typer.Typer(
     help="Hyperparameter sweeps for parameter-efficient fine-tuning, on Ray Tune and Optuna.\n\n"
@@ -20,10 +46,18 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help, as click (and git, pip, pytest) write it; Rich boxes show every flag as <bool>
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 RunsDir = Annotated[
-    Optional[str], typer.Option("--runs-dir", help="folder holding the runs (default: $PEFTSWEEP_RUNS or ./runs)")
+    Optional[str], typer.Option("--runs-dir", metavar="DIR", help="folder holding the runs (default: $PEFTSWEEP_RUNS or ./runs)")
+]
+Address = Annotated[
+    Optional[str],
+    typer.Option(
+        "--address", metavar="HOST:PORT", envvar="RAY_ADDRESS", help="Ray cluster to attach to, or auto (default: start Ray locally)"
+    ),
 ]
 
 
@@ -69,17 +103,15 @@ def _grid_size(spec) -> str:
     return f"{spec.search.num_samples} trials ({spec.search.algorithm})"
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Run a sweep and write its report.")
 def run(
-    sweep: Annotated[str, typer.Argument(help="sweep name (sweeps/NAME.yaml) or path to a sweep file")],
-    name: Annotated[Optional[str], typer.Option("--name", help="run name (default: the sweep's name)")] = None,
+    sweep: Annotated[str, typer.Argument(metavar="SWEEP", help="sweep name (sweeps/SWEEP.yaml) or path to a sweep file")],
+    name: Annotated[Optional[str], typer.Option("--name", metavar="NAME", help="run name (default: the sweep's name)")] = None,
     set_: Annotated[
-        list[str], typer.Option("--set", help="override a value: --set train.epochs=2 (repeatable)")
+        list[str], typer.Option("--set", metavar="KEY=VALUE", help="override a value: --set train.epochs=2 (repeatable)")
     ] = [],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run of the same name")] = False,
-    address: Annotated[
-        Optional[str], typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster to attach to (default: start Ray locally)")
-    ] = None,
+    address: Address = None,
     runs_dir: RunsDir = None,
 ) -> None:
     """Run a sweep: every trial through Ray Tune, results to the store, then the report."""
@@ -159,12 +191,10 @@ def _write_report(run_dir: Path) -> Path:
         store.close()
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Continue a sweep that was interrupted or whose driver died.")
 def resume(
-    name: Annotated[str, typer.Argument(help="run name (runs/NAME)")],
-    address: Annotated[
-        Optional[str], typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster to attach to (default: start Ray locally)")
-    ] = None,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="run name (runs/NAME)")],
+    address: Address = None,
     runs_dir: RunsDir = None,
 ) -> None:
     """Continue a sweep whose driver stopped (killed, interrupted, a lost head node): finished
@@ -195,8 +225,8 @@ def _open_store(name: str, runs_dir: str | None):
     return Store.open(path)
 
 
-@app.command()
-def report(name: Annotated[str, typer.Argument(help="run name")], runs_dir: RunsDir = None) -> None:
+@app.command(cls=_Command, short_help="Rebuild runs/NAME/report.html from the store.")
+def report(name: Annotated[str, typer.Argument(metavar="NAME", help="run name (runs/NAME)")], runs_dir: RunsDir = None) -> None:
     """Rebuild runs/NAME/report.html from the store (also while the sweep is running)."""
     from analysis.report import write_report
 
@@ -211,11 +241,12 @@ def report(name: Annotated[str, typer.Argument(help="run name")], runs_dir: Runs
     typer.echo(str(path))
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Judge the stored answers again, without training.")
 def rejudge(
-    name: Annotated[str, typer.Argument(help="run name")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="run name (runs/NAME)")],
     set_: Annotated[
-        list[str], typer.Option("--set", help="another judge or its settings: --set eval.judge=openai (repeatable)")
+        list[str],
+        typer.Option("--set", metavar="KEY=VALUE", help="another judge or its settings: --set eval.judge=openai (repeatable)"),
     ] = [],
     missing: Annotated[bool, typer.Option("--missing", help="judge only epochs whose verdicts are missing")] = False,
     runs_dir: RunsDir = None,
@@ -234,16 +265,18 @@ def rejudge(
     typer.echo(str(path))
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Write one row per trial, as CSV or JSON.")
 def export(
-    name: Annotated[str, typer.Argument(help="run name")],
-    format: Annotated[str, typer.Option("--format", "-f", help="csv or json")] = "csv",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="file to write (default: standard output)")] = None,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="run name (runs/NAME)")],
+    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="csv or json")] = "csv",
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", metavar="PATH", help="file to write (default: standard output)")
+    ] = None,
     runs_dir: RunsDir = None,
 ) -> None:
-    """One row per trial: status, searched parameters, best-epoch metrics, cost, and the report's recommendation."""
+    """One row per trial, by trial id: status, searched parameters, best-epoch metrics, cost, and the report's recommendation."""
     from analysis.load import load_results, load_trials
-    from analysis.report_data import report_data, with_recommendation
+    from analysis.report_data import by_trial, report_data, with_recommendation
 
     try:
         if format not in ("csv", "json"):
@@ -251,7 +284,7 @@ def export(
         with _open_store(name, runs_dir) as store:
             results = load_results(store)
         # The report's own data step decides the recommendation, so export and report never disagree.
-        table = with_recommendation(load_trials(results), report_data(results).sweet_spot)
+        table = by_trial(with_recommendation(load_trials(results), report_data(results).sweet_spot))
     except SweepError as exc:
         _fail(str(exc))
     text = table.to_csv(index=False) if format == "csv" else table.to_json(orient="records", indent=2) + "\n"
@@ -267,9 +300,9 @@ def export(
     typer.echo(f"{len(table)} trials -> {output}", err=True)
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Show the best trial and the sweet spot, with their adapters.")
 def best(
-    name: Annotated[str, typer.Argument(help="run name")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="run name (runs/NAME)")],
     runs_dir: RunsDir = None,
 ) -> None:
     """The best trial and the report's sweet spot: their parameters, metrics at their best epoch, and where their adapters are."""
@@ -321,11 +354,14 @@ def _trial_lines(heading: str, row, names, results) -> list[str]:
     return lines
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Make every check run makes, without running.")
 def validate(
-    sweeps: Annotated[list[str], typer.Argument(help="sweep names or files")],
+    sweeps: Annotated[list[str], typer.Argument(metavar="SWEEP", help="sweep names (sweeps/SWEEP.yaml) or paths to sweep files")],
     set_: Annotated[
-        list[str], typer.Option("--set", help="override a value in each sweep, as run does: --set train.epochs=2 (repeatable)")
+        list[str],
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="override a value in each sweep, as run does: --set train.epochs=2 (repeatable)"
+        ),
     ] = [],
 ) -> None:
     """Check sweep files without running them: every check `run` makes before Ray starts (data, model, prompt lengths, judge, storage)."""
@@ -347,7 +383,7 @@ def validate(
         raise typer.Exit(2)
 
 
-@app.command("ls")
+@app.command("ls", cls=_Command, short_help="List the sweep files and the runs.")
 def ls(runs_dir: RunsDir = None) -> None:
     """List the sweep files and the runs."""
     from hpo.rundir import runs_root
@@ -375,4 +411,4 @@ def ls(runs_dir: RunsDir = None) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    app(prog_name="peftsweep")  # `python -m hpo.cli` helps and errs as the installed command does

@@ -80,10 +80,26 @@ def _data(tmp: Path) -> None:
     (tmp / "two.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
     (tmp / "a_folder.jsonl").mkdir()
     (tmp / "file").write_text("not a folder")
+    _saved_datasets(tmp, good)
     (tmp / "model").mkdir()  # a model folder whose tokenizer.json is damaged
     (tmp / "model" / "config.json").write_text('{"model_type": "llama"}')
     (tmp / "model" / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend"}')
     (tmp / "model" / "tokenizer.json").write_text('{"model": ')
+
+
+def _saved_datasets(tmp: Path, good: dict[str, str]) -> None:
+    """Folders written by datasets' save_to_disk: a DatasetDict of train and validation, one without train, one whose
+    train split is empty, and a Dataset that lost its Arrow file."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    rows = datasets.Dataset.from_list([good] * 4)
+    datasets.DatasetDict({"train": rows, "validation": rows}).save_to_disk(str(tmp / "saved"))
+    datasets.DatasetDict({"validation": rows}).save_to_disk(str(tmp / "saved_no_train"))
+    datasets.DatasetDict({"train": rows.select([])}).save_to_disk(str(tmp / "saved_empty"))
+    rows.save_to_disk(str(tmp / "saved_damaged"))
+    for arrow in (tmp / "saved_damaged").glob("*.arrow"):
+        arrow.unlink()
 
 
 def sweep_file(tmp: Path, name: str, text: str) -> str:
@@ -126,7 +142,15 @@ CASES = {  # id: (argv for a tmp folder, what the one line must contain; TMP sta
     "data_csv_without_columns": (data_sweep("columns.csv"), "columns.csv: columns question, answer match no data format"),
     "data_malformed_jsonl": (data_sweep("malformed.jsonl"), "malformed.jsonl:2: malformed JSON"),
     "data_chat_without_answer": (data_sweep("no_assistant.jsonl"), "no_assistant.jsonl:1: no assistant message"),
-    "data_a_folder": (data_sweep("a_folder.jsonl"), "TMP/a_folder.jsonl is a folder"),
+    "data_a_folder": (data_sweep("a_folder.jsonl"), "TMP/a_folder.jsonl is a folder, not a dataset saved with save_to_disk"),
+    "data_saved_damaged": (data_sweep("saved_damaged"), "data.source: TMP/saved_damaged: damaged save_to_disk folder ([Errno 2] No such file or directory"),
+    "data_saved_empty": (data_sweep("saved_empty"), "data.source TMP/saved_empty: no records"),
+    "data_saved_without_the_split": (
+        data_sweep("saved_no_train"), "data.source: TMP/saved_no_train has no split 'train' (it has validation); set data.split"
+    ),
+    "data_saved_without_the_eval_split": (
+        data_sweep("saved", ", eval_source: TMP/saved"), "data.eval_source: TMP/saved has no split 'test' (it has train, validation); set data.eval_split"
+    ),
     "data_split_left_empty": (data_sweep("two.jsonl", ", eval_fraction: 0.1"), "data.eval_fraction 0.1 of 2 records leaves an empty split"),
     "data_eval_source_missing": (data_sweep("two.jsonl", ", eval_source: TMP/nope.jsonl"), "data.eval_source: no file TMP/nope.jsonl"),
     "data_prompt_too_long": (

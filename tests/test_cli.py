@@ -27,8 +27,27 @@ def test_the_command_runs_as_a_process():
 def test_help_lists_the_commands():
     proc = peftsweep("--help")
     assert proc.returncode == 0
-    for command in ("run", "report", "export", "validate", "ls"):
-        assert command in proc.stdout
+    lines = proc.stdout.splitlines()
+    listed = lines[lines.index("Commands:") + 1 :]
+    assert [line.split()[0] for line in listed] == ["run", "resume", "report", "rejudge", "export", "best", "validate", "ls"]
+    assert not any(line.endswith("...") for line in listed)  # each says what it does in words of its own, not cut short
+    assert peftsweep("-h").stdout == proc.stdout
+
+
+def test_help_reads_like_git_and_pip():
+    """Usage names the argument (SWEEP, not {sweep}); options name their value; flags stand alone (no <bool>)."""
+    run = peftsweep("run", "--help").stdout
+    assert "[OPTIONS] SWEEP\n" in run.splitlines(keepends=True)[0]
+    options = {line.split()[0]: line.split()[1] for line in run.splitlines() if line.startswith("  --")}
+    assert options["--name"] == "NAME" and options["--set"] == "KEY=VALUE" and options["--runs-dir"] == "DIR"
+    assert options["--address"] == "HOST:PORT" and options["--overwrite"] == "replace"  # a flag: its help follows it
+    assert "\n  SWEEP  sweep name" in run
+    assert "[OPTIONS] SWEEP...\n" in peftsweep("validate", "-h").stdout.splitlines(keepends=True)[0]
+    export = peftsweep("export", "--help").stdout
+    assert "-f, --format FORMAT" in export and "-o, --output PATH" in export
+    for command in ("run", "resume", "report", "rejudge", "export", "best", "validate", "ls"):
+        text = peftsweep(command, "--help").stdout
+        assert "<" not in text and "{" not in text and "\u256d" not in text, text  # no <str>/<bool>, no {name}, no boxes
 
 
 def test_validate_shipped_sweeps():
@@ -136,11 +155,56 @@ def test_export_has_the_reports_recommendation(tmp_path):
     rows = list(csv.DictReader(io.StringIO(peftsweep("export", "demo", "--runs-dir", runs).stdout)))
     assert list(rows[0])[-1] == "recommendation"
     assert {r["trial_id"]: r["recommendation"] for r in rows if r["recommendation"]} == {"t-good": "best", "t-cheap": "sweet_spot"}
-    assert [r["trial_id"] for r in rows][:2] == ["t-good", "t-cheap"]  # the store's order, as before
+    assert [r["trial_id"] for r in rows] == ["t-bad", "t-cheap", "t-crash", "t-good", "t-late", "t-mid", "t-oom"]  # by trial id
     records = json.loads(peftsweep("export", "demo", "-f", "json", "--runs-dir", runs).stdout)
     assert {r["trial_id"]: r["recommendation"] for r in records} == {
         "t-good": "best", "t-cheap": "sweet_spot", "t-bad": "", "t-mid": "", "t-late": "", "t-oom": "", "t-crash": "",
     }  # fmt: skip
+
+
+def test_export_writes_counts_as_integers(tmp_path):
+    import csv
+    import io
+    import json
+
+    runs = _demo_run(tmp_path)
+    rows = {r["trial_id"]: r for r in csv.DictReader(io.StringIO(peftsweep("export", "demo", "--runs-dir", runs).stdout))}
+    good = rows["t-good"]
+    assert (good["epochs_completed"], good["best_epoch"], good["wins"], good["losses"], good["ties"]) == ("3", "2", "6", "4", "0")
+    assert good["lora_r"] == "16" and good["win_rate"] == "0.62" and good["train_seconds"] == "41.0"  # measurements stay floats
+    assert rows["t-crash"]["best_epoch"] == "" and rows["t-crash"]["wins"] == ""  # no epoch: missing, as before
+    records = {r["trial_id"]: r for r in json.loads(peftsweep("export", "demo", "-f", "json", "--runs-dir", runs).stdout)}
+    assert [type(records["t-good"][c]) for c in ("epochs_completed", "best_epoch", "wins", "ties")] == [int] * 4
+    assert records["t-crash"]["best_epoch"] is None
+
+
+def test_export_sorts_folded_rows_after_their_trial_by_epochs(tmp_path):
+    """Trial ids sort by their numbers' values (t2 before t10), a folded trial's rows <id>@<epochs> by epochs (2 before 10)."""
+    import csv
+    import io
+
+    from hpo.spec import SweepSpec
+    from hpo.store import Store
+    from trainers.vocabulary import TrialStatus
+
+    (tmp_path / "runs" / "folded").mkdir(parents=True)
+    spec = SweepSpec.model_validate({"search": {"space": {"epochs": {"grid": [10, 2]}, "lora_r": {"grid": [4, 8]}}}})
+    store = Store.create(
+        tmp_path / "runs" / "folded" / "results.db", name="folded", sweep_file="x.yaml", spec=spec.model_dump(mode="json"),
+        searched=["epochs", "lora_r"], objectives=[o.model_dump() for o in spec.objectives], versions={}, git_commit=None,
+    )  # fmt: skip
+    for trial_id, lora_r in (("t10", 8), ("t2", 4)):  # the store's order is not the trials'
+        store.add_trial(trial_id, {"epochs": 10, "lora_r": lora_r})
+        for epoch in range(1, 11):
+            store.add_epoch(trial_id, epoch, {"eval_ppl": 5.0 - epoch / 10, "win_rate": 0.5, "train_seconds": float(epoch), "gpu_hours": 0.0})
+        store.set_trial_status(trial_id, TrialStatus.COMPLETED)
+    store.finish("completed")
+    store.close()
+    proc = peftsweep("export", "folded", "--runs-dir", str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [r["trial_id"] for r in rows] == ["t2@2", "t2@10", "t10@2", "t10@10"]
+    assert [r["epochs_completed"] for r in rows] == ["2", "10", "2", "10"]
 
 
 def test_best_prints_the_sweet_spot(tmp_path):

@@ -211,6 +211,82 @@ def test_eval_set_from_its_own_file(tmp_path):
     assert splits.judged == splits.eval[:2]
 
 
+def save_dataset(path, splits):
+    """`splits` ({name: records}, or records for a single Dataset) written with datasets' save_to_disk, as users write them."""
+    import datasets
+
+    def dataset(records):  # every column any record has; None where a record lacks it, as Arrow stores it
+        columns = list(dict.fromkeys(k for r in records for k in r))
+        return datasets.Dataset.from_dict({c: [r.get(c) for r in records] for c in columns})
+
+    datasets.disable_progress_bars()
+    saved = datasets.DatasetDict({n: dataset(r) for n, r in splits.items()}) if isinstance(splits, dict) else dataset(splits)
+    saved.save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["Dataset", "DatasetDict"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_format_loads_from_a_save_to_disk_folder(tmp_path, fmt, kind):
+    raw, normalized = FORMATS[fmt]
+    other = FORMATS["alpaca" if fmt != "alpaca" else "text"][0]
+    splits = {"train": [raw, raw], "test": [other]} if kind == "DatasetDict" else [raw, raw]
+    path = save_dataset(tmp_path / "saved", splits)
+    assert load_records(path) == [normalized, normalized]  # detected; a DatasetDict's data.split, train by default
+    assert load_records(path, fmt) == [normalized, normalized]  # named
+
+
+def test_a_save_to_disk_folder_detects_formats_per_row(tmp_path):
+    path = save_dataset(tmp_path / "saved", [raw for raw, _ in FORMATS.values()])
+    assert load_records(path) == [normalized for _, normalized in FORMATS.values()]
+
+
+def test_train_and_eval_splits_of_one_datasetdict(tmp_path):
+    path = save_dataset(
+        tmp_path / "saved",
+        {
+            "train": [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)],
+            "validation": [{"instruction": f"e{i}", "output": i} for i in range(3)],  # an int column: read as its text
+        },
+    )
+    splits = load_splits(DataConfig(source=path, eval_source=path, eval_split="validation"), num_prompts=2)
+    assert [ex.response for ex in splits.train] == [f"a{i}" for i in range(5)]
+    assert [ex.response for ex in splits.eval] == ["0", "1", "2"]  # in saved order
+    assert splits.judged == splits.eval[:2]
+    with pytest.raises(DataError, match=re.escape(f"data.eval_source: {path} has no split 'test' (it has train, validation); set data.eval_split")):
+        load_splits(DataConfig(source=path, eval_source=path), num_prompts=2)
+    with pytest.raises(DataError, match=re.escape(f"data.source: {path} has no split 'training' (it has train, validation); set data.split")):
+        load_splits(DataConfig(source=path, split="training"), num_prompts=2)
+
+
+def test_bad_save_to_disk_folders_are_one_line(tmp_path):
+    import datasets
+
+    good = save_dataset(tmp_path / "good", [FORMATS["alpaca"][0]] * 2)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": []})}).save_to_disk(str(tmp_path / "empty"))
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "empty_dataset"))
+    cases = {
+        str(tmp_path / "empty"): "data.source {}: no records; add records with",
+        str(tmp_path / "empty_dataset"): "data.source {}: no records; add records with",
+        save_dataset(tmp_path / "qa", [{"question": "a", "answer": "b"}]): "{}: columns question, answer match no data format",
+        save_dataset(tmp_path / "lacks", [{"instruction": "a", "output": "b"}, {"instruction": "c"}]): "{}: row 2: record lacks output",
+        str(tmp_path): "data.source: {} is a folder, not a dataset saved with save_to_disk",
+    }
+    for arrow in (tmp_path / "good").glob("*.arrow"):
+        arrow.unlink()  # a copy that lost its data
+    cases[good] = "data.source: {}: damaged save_to_disk folder ([Errno 2] No such file or directory"
+    (tmp_path / "state" / "train").mkdir(parents=True)
+    (tmp_path / "state" / "dataset_dict.json").write_text('{"splits": ["train"]}')  # its split folder empty
+    cases[str(tmp_path / "state")] = "data.source: {}: damaged save_to_disk folder (Directory"
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "state.json").write_text('{"_data_files": [')
+    cases[str(tmp_path / "json")] = "data.source: {}: damaged save_to_disk folder (state.json: Expecting value"
+    for path, expected in cases.items():
+        with pytest.raises(DataError, match=re.escape(expected.format(path))) as error:
+            load_records(path)
+        assert "\n" not in str(error.value)
+
+
 def test_split_is_seeded_and_disjoint():
     first = load_splits(DataConfig(seed=3), num_prompts=10)
     again = load_splits(DataConfig(seed=3), num_prompts=10)
@@ -226,8 +302,21 @@ def test_a_fraction_that_leaves_an_empty_split(tmp_path):
         load_splits(DataConfig(source=path, eval_fraction=0.1), num_prompts=1)
 
 
+def test_a_dataset_id_offline_is_one_line(monkeypatch, capfd):
+    """No hub is reachable here; offline mode says so at once (unset, the same line comes after the hub client's retries)."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"^data.source: cannot load Hugging Face dataset tatsu-lab/alpaca \(split train\): .+") as error:
+        load_records("tatsu-lab/alpaca")
+    assert "\n" not in str(error.value)
+    assert capfd.readouterr().err == ""  # no progress bars, no warnings: the one line says it
+
+
 def test_a_dataset_id_without_the_datasets_package(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # absent here anyway; this keeps the test true where it is installed
+    monkeypatch.setitem(sys.modules, "datasets", None)  # a dependency, but a broken install still gets one line
     with pytest.raises(DataError, match=r"^data.source: tatsu-lab/alpaca is not a file, .*: pip install datasets$"):
         load_splits(DataConfig(source="tatsu-lab/alpaca"), num_prompts=1)
     path = write_records(tmp_path / "d.jsonl", [FORMATS["alpaca"][0]] * 3)
@@ -280,7 +369,7 @@ def test_missing_file_or_a_folder(tmp_path):
         load_records(str(tmp_path / "absent.jsonl"))
     with pytest.raises(DataError, match="data.eval_source: no file .*absent.csv"):
         load_records(str(tmp_path / "absent.csv"), key="data.eval_source")
-    with pytest.raises(DataError, match="is a folder"):
+    with pytest.raises(DataError, match="is a folder, not a dataset saved with save_to_disk"):
         load_records(str(tmp_path))
 
 

@@ -55,16 +55,18 @@ class ModelConfig(_Strict):
 
 class DataConfig(_Strict):
     source: str = Field(
-        "tinyworld", description="'tinyworld' (built-in), a .jsonl, .json, .csv or .parquet file, or a Hugging Face dataset id"
+        "tinyworld",
+        description="'tinyworld' (built-in), a .jsonl, .json, .csv or .parquet file, a folder written by datasets' save_to_disk, "
+        "or a Hugging Face dataset id",
     )
     format: Literal["auto", "alpaca", "dolly", "chat", "prompt_completion", "text"] = Field(
         "auto", description="record format; auto detects it per record from the field names"
     )
-    split: str = Field("train", min_length=1, description="split of a Hugging Face dataset source")
+    split: str = Field("train", min_length=1, description="split of a save_to_disk DatasetDict folder or Hugging Face dataset source")
     eval_source: str | None = Field(
         None, description="a separate eval set (same kinds as source; judged prompts are its first records); replaces eval_fraction"
     )
-    eval_split: str = Field("test", min_length=1, description="split of a Hugging Face dataset eval_source")
+    eval_split: str = Field("test", min_length=1, description="split of a save_to_disk DatasetDict folder or Hugging Face dataset eval_source")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="seeded fraction of records held out for evaluation")
     chat_template: Literal["auto", True, False] = Field(
         "auto", description="render prompts with the tokenizer's chat template: auto (when it has one), true (required) or false"

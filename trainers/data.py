@@ -1,4 +1,4 @@
-"""Fine-tuning data: load records in five formats from files or a Hugging Face dataset, split them,
+"""Fine-tuning data: load records in five formats from files, a `datasets` folder or a Hugging Face dataset, split them,
 render prompts (plain, or with the model's chat template), and tokenize with a loss mask.
 
 Formats (`data.format`, detected per record by default): Alpaca {instruction, input, output},
@@ -10,6 +10,7 @@ text records {text}.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
@@ -27,6 +28,7 @@ PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PLAIN_TURNS = {"system": "### System:\n{}\n\n", "user": "### Instruction:\n{}\n\n", "assistant": "### Response:\n{}\n\n"}
 BUILTIN_SOURCES = ("tinyworld",)
+SAVED_DATASET_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")  # what save_to_disk writes beside the Arrow files
 FILE_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 REQUIRED = {  # fields each format needs; optional ones (input, context) may be absent
     "alpaca": ("instruction", "output"),
@@ -72,7 +74,8 @@ class Splits:
 
 
 def load_records(source: str, fmt: str = "auto", split: str = "train", key: str = "data.source") -> list[dict[str, Any]]:
-    """Normalized records (format `fmt`, or detected) from a built-in set, a .jsonl/.json/.csv/.parquet file or a Hugging Face dataset id."""
+    """Normalized records (format `fmt`, or detected) from a built-in set, a .jsonl/.json/.csv/.parquet file, a folder written
+    by `datasets`' save_to_disk (split `split` of a DatasetDict) or a Hugging Face dataset id."""
     records = [_normalize(raw, fmt, where) for where, raw in _read(source, fmt, split, key)]
     if not records:
         raise DataError(f"{key} {source}: no records; add records with {ANY_FORMAT}")
@@ -89,7 +92,13 @@ def _read(source: str, fmt: str, split: str, key: str) -> Iterator[tuple[str, An
         return
     path = Path(source).expanduser()
     if path.is_dir():
-        raise DataError(f"{key}: {path} is a folder; give a .jsonl, .json, .csv or .parquet file")
+        if not any((path / name).is_file() for name in SAVED_DATASET_FILES):
+            raise DataError(
+                f"{key}: {path} is a folder, not a dataset saved with save_to_disk (it has no dataset_dict.json, dataset_info.json "
+                "or state.json); give such a folder, or a .jsonl, .json, .csv or .parquet file"
+            )
+        yield from _read_saved(path, split, fmt, key)
+        return
     if path.is_file():
         kind = FILE_TYPES.get(path.suffix.lower(), "jsonl")  # any other name is read as JSON Lines, as before
         if kind == "jsonl":
@@ -171,21 +180,88 @@ def _read_table(path: Path, kind: str, fmt: str) -> Iterator[tuple[str, Any]]:
         yield f"{path}: row {i}", record
 
 
+def _read_saved(path: Path, split: str, fmt: str, key: str) -> Iterator[tuple[str, Any]]:
+    """Rows of a folder written by `Dataset.save_to_disk`, or of split `split` of one written by `DatasetDict.save_to_disk`.
+
+    A DatasetDict is read one split at a time, as `DatasetDict.load_from_disk` reads each: from the
+    folder named after the split.
+    """
+    datasets = _import_datasets(f"{key}: reading the save_to_disk folder {path}")
+    folder, name = path, str(path)
+    if (path / "dataset_dict.json").is_file():
+        splits = _saved_json(path / "dataset_dict.json", key).get("splits")
+        if not isinstance(splits, list):
+            raise DataError(f"{key}: {path}: damaged save_to_disk folder (dataset_dict.json lists no splits); save the dataset again")
+        if split not in splits:
+            split_key = "data.eval_split" if key == "data.eval_source" else "data.split"
+            raise DataError(f"{key}: {path} has no split {split!r} (it has {', '.join(map(str, splits)) or 'none'}); set {split_key}")
+        folder, name = path / split, f"{path} [{split}]"
+    if (folder / "state.json").is_file() and _saved_json(folder / "state.json", key).get("_data_files") == []:
+        return  # an empty dataset: save_to_disk writes it no Arrow file, which load_from_disk then fails on
+    try:
+        with _quiet_datasets(datasets):
+            dataset = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # a missing or truncated Arrow file, a split folder gone, ...: one line, with the cause
+        raise DataError(f"{key}: {path}: damaged save_to_disk folder ({first_line(exc)}); save the dataset again") from None
+    if not isinstance(dataset, datasets.Dataset):  # a DatasetDict inside a DatasetDict's split folder
+        raise DataError(f"{key}: {folder} holds splits of its own, not rows; give that folder as {key}")
+    yield from _read_rows(dataset, name, fmt)
+
+
+def _saved_json(path: Path, key: str) -> dict[str, Any]:
+    """One of the JSON files save_to_disk writes, as a dict; a DataError when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{key}: {path.parent}: damaged save_to_disk folder ({path.name}: {first_line(exc)}); save the dataset again") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{key}: {path.parent}: damaged save_to_disk folder ({path.name} is not a JSON object); save the dataset again")
+    return data
+
+
 def _read_hub(source: str, split: str, fmt: str, key: str) -> Iterator[tuple[str, Any]]:
+    datasets = _import_datasets(f"{key}: {source} is not a file, and reading it as a Hugging Face dataset")
     try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f"{key}: {source} is not a file, and reading it as a Hugging Face dataset needs the datasets package: pip install datasets"
-        ) from None
-    try:
-        dataset = datasets.load_dataset(source, split=split)
+        with _quiet_datasets(datasets):
+            dataset = datasets.load_dataset(source, split=split)
     except Exception as exc:  # hub, network and split errors alike: one line, with the cause
         raise DataError(f"{key}: cannot load Hugging Face dataset {source} (split {split}): {first_line(exc)}") from None
-    name = f"{source} [{split}]"
+    yield from _read_rows(dataset, f"{source} [{split}]", fmt)
+
+
+def _read_rows(dataset: Any, name: str, fmt: str) -> Iterator[tuple[str, Any]]:
+    """A `datasets.Dataset`'s rows as records: its columns checked first, like a table's.
+
+    A column a row has no value in is dropped from that row: Arrow gives every row every column
+    (None where absent), and a file's records are detected one by one by the fields they have.
+    """
     _check_columns(name, list(dataset.column_names), fmt)
     for i, record in enumerate(dataset, 1):
-        yield f"{name}: row {i}", record
+        yield f"{name}: row {i}", {k: v for k, v in record.items() if v is not None}
+
+
+def _import_datasets(what: str) -> Any:
+    try:
+        import datasets
+    except ImportError:  # a dependency, so only in a broken install
+        raise DataError(f"{what} needs the datasets package: pip install datasets") from None
+    return datasets
+
+
+@contextlib.contextmanager
+def _quiet_datasets(datasets: Any) -> Iterator[None]:
+    """No progress bars, and no hub retry warnings on stderr: a failure is said in one DataError line."""
+    import huggingface_hub.utils.logging as hub_logging
+
+    bars, hub_level = datasets.is_progress_bar_enabled(), hub_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(hub_level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _check_columns(name: str, columns: list[str], fmt: str) -> None:

@@ -130,6 +130,17 @@ TRIAL_METRICS = (
 PEAK_METRICS = ("peak_memory_gb", "train_memory_gb", "inference_memory_gb")
 
 
+def whole_number_fields() -> tuple[str, ...]:
+    """The metrics and trial fields that count things (annotated int): written as integers, never 3.0."""
+    names = []
+    for kind in (EpochMetrics, TrialSummary):
+        for name, hint in typing.get_type_hints(kind).items():
+            types = set(typing.get_args(hint)) - {type(None)} if typing.get_origin(hint) is not None else {hint}
+            if types == {int}:
+                names.append(name)
+    return tuple(names)
+
+
 class TrialSummary(TypedDict):
     """A trial's row in `export`, `best` and the report, besides its searched parameters and the
     BEST_EPOCH_METRICS and TRIAL_METRICS above."""
