@@ -12,7 +12,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from hpo.errors import SweepError
-from hpo.spec import load_sweep
+from hpo.spec import SweepSpec, load_sweep
+from hpo.store import Store
+from hpo.teacher import resolve_teacher
 from trainers.config import EvalConfig, TrainConfig, TrialConfig
 from trainers.data import batches, load_splits, tokenize
 from trainers.distill import Distiller, distill_loss
@@ -126,3 +128,28 @@ def test_distill_parameters_belong_to_distill(tmp_path):
     with pytest.raises(SweepError, match="lora does not use distill_alpha"):
         load_sweep(str(sweep))
     assert "teacher" in why_alone(TrialConfig(train=TrainConfig(method="distill", teacher="tiny")))
+
+
+def test_a_teacher_named_by_an_earlier_sweep_is_its_best_kept_checkpoint(tmp_path):
+    """best:<name> and <run folder>:<trial_id> resolve through a real store to the best epoch's `adapter` folder."""
+    spec = SweepSpec()  # objectives: win_rate (max) first
+    (tmp_path / "full").mkdir()
+    store = Store.create(
+        tmp_path / "full" / "results.db", name="full", sweep_file="sweeps/x.yaml", spec={**spec.model_dump(mode="json"), "overrides": []},
+        searched=["learning_rate"], objectives=[o.model_dump() for o in spec.objectives], versions={}, git_commit=None,
+    )  # fmt: skip
+    for trial, rates in {"a": [0.4, 0.7, 0.6], "b": [0.5, 0.65, 0.9], "c": [0.95]}.items():
+        store.add_trial(trial, {"learning_rate": 0.001})
+        for epoch, rate in enumerate(rates, 1):
+            store.add_epoch(trial, epoch, {"win_rate": rate, "eval_ppl": 2.0})
+            checkpoint = tmp_path / "tune" / trial / str(epoch)
+            (checkpoint / "adapter").mkdir(parents=True)
+            store.set_checkpoint(trial, epoch, str(checkpoint))
+        store.set_trial_status(trial, TrialStatus.COMPLETED if trial != "c" else TrialStatus.ERROR)  # c failed: never a teacher
+    store.set_checkpoint("b", 3, None)  # b's best epoch was not kept: its next best that was
+    store.close()
+
+    assert resolve_teacher("best:full", str(tmp_path)).location == str(tmp_path / "tune" / "a" / "2" / "adapter")
+    assert resolve_teacher(f"{tmp_path / 'full'}:b", None).location == str(tmp_path / "tune" / "b" / "2" / "adapter")
+    assert resolve_teacher("best:full", str(tmp_path)).tokenizer_of == spec.model
+    assert resolve_teacher("tiny").location == "tiny"
