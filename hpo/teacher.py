@@ -75,7 +75,7 @@ def _run_folder(name: str, runs_dir: str | None, ref: str) -> Path:
         if (folder / "results.db").is_file():
             return folder
     raise SweepError(
-        f"train.teacher '{ref}': no finished sweep '{name}' (no {runs_root(runs_dir) / name / 'results.db'}); run the teacher's sweep first"
+        f"train.teacher '{ref}': no finished sweep '{name}' (no {runs_root(runs_dir) / name / 'results.db'}); run the teacher's sweep first (peftsweep run {name})"
     )
 
 

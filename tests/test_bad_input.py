@@ -202,7 +202,7 @@ CASES = {  # id: (argv for a tmp folder, what the one line must contain; TMP sta
         "train.teacher 'TMP/other_tokenizer': its tokenizer is not model.name 'tiny''s (3 tokens against 1024; ",
     ),
     "teacher_missing_folder": (distill_sweep("TMP/nope"), "train.teacher 'TMP/nope': no folder TMP/nope"),
-    "teacher_unknown_run": (distill_sweep("best:nope"), "train.teacher 'best:nope': no finished sweep 'nope' (no TMP/runs/nope/results.db)"),
+    "teacher_unknown_run": (distill_sweep("best:nope"), "train.teacher 'best:nope': no finished sweep 'nope' (no TMP/runs/nope/results.db); run the teacher's sweep first (peftsweep run nope)"),
     "teacher_without_checkpoint": (
         distill_sweep("best:done", store=True), "train.teacher 'best:done': no finished trial of TMP/runs/done kept no checkpoint of a trained model"
     ),
