@@ -154,3 +154,20 @@ def test_a_teacher_named_by_an_earlier_sweep_is_its_best_kept_checkpoint(tmp_pat
     assert resolve_teacher(f"{tmp_path / 'full'}:b", None).location == str(tmp_path / "tune" / "b" / "2" / "adapter")
     assert resolve_teacher("best:full", str(tmp_path)).tokenizer_of == spec.model
     assert resolve_teacher("tiny").location == "tiny"
+
+
+def test_an_adapter_teacher_loads_merged_into_its_base_model(tiny_model_dir, tmp_path):
+    """An earlier LoRA trial's checkpoint (an adapter folder) teaches as its base model with the adapter merged."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainers.distill import load_teacher
+
+    torch.manual_seed(0)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    teacher = load_teacher(str(tmp_path / "adapter"), torch.device("cpu"))
+    with torch.no_grad():
+        expected = adapted.eval()(input_ids=ids).logits
+        assert not torch.allclose(expected, AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits, atol=1e-3)
+        assert torch.allclose(teacher(input_ids=ids).logits, expected, atol=1e-4)
