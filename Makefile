@@ -30,6 +30,10 @@ model: $(STAMP)  ## build the built-in tiny model into the cache (once, about a 
 	@$(BIN)/python -c "from trainers.tiny_model import ensure_tiny_model; ensure_tiny_model()"
 
 sweep: $(STAMP)  ## run sweep SPACE (default lora_rank_lr); ARGS="--set train.epochs=2" passes options
+	@# distill learns from the best trial of distill_teacher: that sweep runs first when it has no finished trial
+	@if [ "$(SPACE)" = distill ] && ! $(BIN)/peftsweep best distill_teacher >/dev/null 2>&1; then \
+	  $(BIN)/peftsweep run distill_teacher --overwrite; \
+	fi
 	$(BIN)/peftsweep run $(SPACE) $(ARGS)
 
 browser:  ## headless Chromium + chromedriver for the report's browser test (Debian packages)

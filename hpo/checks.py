@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hpo.errors import SweepError
 from hpo.spec import NAME_RE, SweepSpec
+from hpo.teacher import distills, resolve_teacher, tokenizer_mismatch
 from trainers.config import ModelConfig
 
 MAX_NAME_LENGTH = 100  # a run name is a folder name: well under any filesystem's limit, with room for Ray's paths
@@ -26,8 +27,8 @@ def check_run_name(name: str, *, from_option: bool) -> None:
         raise SweepError(f"{what}: use letters, digits, '.', '_' and '-' only, starting with a letter or digit; {fix}")
 
 
-def check_inputs(spec: SweepSpec) -> None:
-    """Storage, data, model, prompt lengths, retention text and judge: each problem as one SweepError line.
+def check_inputs(spec: SweepSpec, runs_dir: str | None = None) -> None:
+    """Storage, data, model, prompt lengths, a distillation teacher, retention text and judge: each problem as one SweepError line.
 
     Loads the model's tokenizer (never its weights) to measure prompts; the built-in tiny model is
     built first if it is not in the cache yet.
@@ -42,7 +43,10 @@ def check_inputs(spec: SweepSpec) -> None:
         # The tiny model is built (a GGUF converted) here, before Ray starts: its progress lines reach
         # the terminal, which a Ray worker's output does not; the trials then load it from the cache.
         location = prepare_model(spec.model, log=_say)
-        check_lengths(spec.data, _tokenizer(location, spec.model))  # also the chat template
+        tokenizer = _tokenizer(location, spec.model)
+        check_lengths(spec.data, tokenizer)  # also the chat template
+        if distills(spec):
+            _check_teacher(spec, runs_dir, tokenizer)
         if spec.eval.retention_data is not None:  # without a file, the tiny model's held-out text is generated: nothing to check
             load_retention_texts(spec.model.name, spec.eval.retention_data, 1)
         if spec.eval.judge == "hf":
@@ -51,6 +55,25 @@ def check_inputs(spec: SweepSpec) -> None:
             make_judge(spec.eval).check()
     except (DataError, ModelError, JudgeError) as exc:
         raise SweepError(str(exc)) from None
+
+
+def _check_teacher(spec: SweepSpec, runs_dir: str | None, tokenizer) -> None:
+    """train.teacher names a model or finished trial that shares the student's tokenizer (hpo.teacher)."""
+    from trainers.model import ModelError, prepare_model
+
+    ref = spec.train.teacher
+    teacher = resolve_teacher(ref, runs_dir)
+    try:
+        if not (Path(teacher.location) / "adapter_config.json").is_file():  # an adapter's base model is tokenizer_of
+            prepare_model(ModelConfig(name=teacher.location), log=_say)
+        theirs = _tokenizer(prepare_model(teacher.tokenizer_of, log=_say), teacher.tokenizer_of)
+    except ModelError as exc:
+        raise SweepError(f"train.teacher '{ref}': {str(exc).removeprefix('model.name: ')}") from None
+    mismatch = tokenizer_mismatch(tokenizer, theirs)
+    if mismatch:
+        raise SweepError(
+            f"train.teacher '{ref}': its tokenizer is not model.name '{spec.model.name}''s ({mismatch}); a teacher must share the student's tokenizer"
+        )
 
 
 def _say(line: str) -> None:

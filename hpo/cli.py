@@ -126,7 +126,7 @@ def run(
         if name is None:
             run_name = loaded.name
             check_run_name(run_name, from_option=False)
-        check_inputs(loaded.spec)  # before the first line of output: bad input gets one line, the error
+        check_inputs(loaded.spec, runs_dir)  # before the first line of output: bad input gets one line, the error
         typer.echo(f"Sweep {loaded.path}: {_grid_size(loaded.spec)}, scheduler {loaded.spec.scheduler.name}", err=True)
         _say_packing(loaded.spec, err=True)
         from hpo.driver import run_sweep
@@ -363,8 +363,9 @@ def validate(
             "--set", metavar="KEY=VALUE", help="override a value in each sweep, as run does: --set train.epochs=2 (repeatable)"
         ),
     ] = [],
+    runs_dir: RunsDir = None,
 ) -> None:
-    """Check sweep files without running them: every check `run` makes before Ray starts (data, model, prompt lengths, judge, storage)."""
+    """Check sweep files without running them: every check `run` makes before Ray starts (data, model, prompt lengths, teacher, judge, storage)."""
     from hpo.checks import check_inputs
     from hpo.spec import load_sweep
 
@@ -372,7 +373,7 @@ def validate(
     for ref in sweeps:
         try:
             loaded = load_sweep(ref, set_)
-            check_inputs(loaded.spec)
+            check_inputs(loaded.spec, runs_dir)
         except SweepError as exc:
             typer.echo(f"peftsweep: error: {exc}", err=True)
             failed += 1

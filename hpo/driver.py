@@ -27,6 +27,7 @@ from hpo.runtime import Signals, check_address, git_commit, init_ray, resources,
 from hpo.space import param_space, scheduler, search_alg
 from hpo.spec import Sweep, SweepSpec
 from hpo.store import Store
+from hpo.teacher import with_teacher
 from hpo.trial import SCORE_KEY, PendingBaseline, base_model_answers, trainable
 from trainers.vocabulary import FINISHED, SweepStatus, TrialStatus
 
@@ -60,8 +61,8 @@ def run_sweep(
     run_dir = runs_root(runs_dir) / name
     check_address(address)
     if not checked:
-        check_inputs(sweep.spec)  # builds the tiny model (or converts a GGUF) first, with progress lines
-    spec = _absolute_paths(sweep.spec)
+        check_inputs(sweep.spec, runs_dir)  # builds the tiny model (or converts a GGUF) first, with progress lines
+    spec = with_teacher(_absolute_paths(sweep.spec), runs_dir)  # the teacher's folder, as the trials load it
     created = make_run_dir(run_dir)
     with DriverLock(run_dir):  # before anything is removed: --overwrite must not wipe a live sweep
         try:

@@ -30,7 +30,7 @@ from trainers.config import (
     TrialConfig,
     numbers_not_booleans,
 )
-from trainers.methods import METHODS
+from trainers.methods import METHOD_PARAMS, METHODS
 from trainers.vocabulary import COST_METRICS, QUALITY_METRICS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -415,6 +415,13 @@ def _check_space(spec: SweepSpec, path: Path) -> None:
     """Every searched name is a train field and every value it can take is a valid one."""
     _check_dimensions(spec, spec.search.space, f"{path}: search.space", spec.train.model_dump())
     tried = spec.methods_tried()
+    for name in spec.search.space:
+        if name in METHOD_PARAMS and not any(METHODS[m].uses(name) for m in tried if m in METHODS):
+            users = ", ".join(m for m, method in METHODS.items() if method.uses(name))
+            verb = "does" if len(tried) == 1 else "do"
+            raise SweepError(f"{path}: search.space.{name}: {' and '.join(tried)} {verb} not use {name} (it belongs to {users}); search it with a method that does")
+    if "teacher" in spec.searched:
+        raise SweepError(f"{path}: search: train.teacher is one per sweep (checked and resolved before Ray starts); set it in train")
     for method, space in spec.search.conditional.items():
         where = f"{path}: search.conditional.{method}"
         if method not in METHODS:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 from typer.testing import CliRunner
 
 from hpo.cli import app
@@ -85,6 +87,10 @@ def _data(tmp: Path) -> None:
     (tmp / "model" / "config.json").write_text('{"model_type": "llama"}')
     (tmp / "model" / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend"}')
     (tmp / "model" / "tokenizer.json").write_text('{"model": ')
+    (tmp / "other_tokenizer").mkdir()  # a model folder whose tokenizer is not the tiny model's
+    (tmp / "other_tokenizer" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp / "other_tokenizer" / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend", "eos_token": "</s>"}')
+    Tokenizer(WordLevel({"<unk>": 0, "</s>": 1, "hello": 2}, unk_token="<unk>")).save(str(tmp / "other_tokenizer" / "tokenizer.json"))
 
 
 def _saved_datasets(tmp: Path, good: dict[str, str]) -> None:
@@ -114,6 +120,17 @@ def data_sweep(source: str, extra: str = "") -> Argv:
 
 def run_smoke(*args: str) -> Argv:
     return lambda tmp: ["run", SMOKE, *args, "--runs-dir", str(tmp / "runs")]
+
+
+def distill_sweep(teacher: str, store: bool = False) -> Argv:
+    """A distillation sweep on the tiny model with `teacher`; `store`: a finished run 'done' (one trial, no checkpoint) exists."""
+
+    def argv(tmp: Path) -> list[str]:
+        if store:
+            make_store(tmp / "runs")
+        return ["run", sweep_file(tmp, "s", f"train: {{method: distill, teacher: '{teacher}'}}\n"), "--runs-dir", str(tmp / "runs")]
+
+    return argv
 
 
 def store_command(command: str, damage_kind: str | None, *args: str) -> Argv:
@@ -203,6 +220,21 @@ CASES = {  # id: (argv for a tmp folder, what the one line must contain; TMP sta
     "set_without_equals": (run_smoke("--set", "train.epochs"), "--set 'train.epochs': expected KEY=VALUE"),
     "set_value_as_section": (run_smoke("--set", "train.epochs.max=2"), "'train.epochs' is a value, not a section"),
     "set_unknown_objective": (run_smoke("--set", "objectives=[{metric: accuracy, mode: max}]"), "objectives.0.metric (from --set)"),
+    # distillation
+    "teacher_other_tokenizer": (
+        distill_sweep("TMP/other_tokenizer"),
+        "train.teacher 'TMP/other_tokenizer': its tokenizer is not model.name 'tiny''s (3 tokens against 1024; ",
+    ),
+    "teacher_missing_folder": (distill_sweep("TMP/nope"), "train.teacher 'TMP/nope': no folder TMP/nope"),
+    "teacher_unknown_run": (distill_sweep("best:nope"), "train.teacher 'best:nope': no finished sweep 'nope' (no TMP/runs/nope/results.db); run the teacher's sweep first (peftsweep run nope)"),
+    "teacher_without_checkpoint": (
+        distill_sweep("best:done", store=True), "train.teacher 'best:done': no finished trial of TMP/runs/done kept no checkpoint of a trained model"
+    ),
+    "teacher_unknown_trial": (distill_sweep("TMP/runs/done:t9", store=True), "train.teacher 'TMP/runs/done:t9': TMP/runs/done has no trial t9"),
+    "distill_alpha_searched_for_lora": (
+        run_smoke("--set", "search.space.distill_alpha={grid: [0.5]}"), "search.space.distill_alpha: lora does not use distill_alpha (it belongs to distill)"
+    ),
+    "distill_without_teacher": (run_smoke("--set", "train.method=distill"), "method distill needs train.teacher"),
     # storage
     "storage_in_proc": (run_smoke("--set", "storage=/proc/nope"), "storage /proc/nope: cannot create a folder in /proc"),
     "storage_under_a_file": (run_smoke("--set", "storage=TMP/file/tune"), "storage TMP/file/tune: TMP/file is a file, not a folder"),

@@ -20,7 +20,7 @@ from trainers.worker import baseline_answers, lr_lambda, train
 def _config(data: DataConfig, **train: object) -> TrialConfig:
     return TrialConfig(
         data=data,
-        train=TrainConfig(**{"epochs": 1, "learning_rate": 3e-3, "lora_r": 4, "num_virtual_tokens": 4, **train}),
+        train=TrainConfig(**{"epochs": 1, "learning_rate": 3e-3, "lora_r": 4, "num_virtual_tokens": 4, "teacher": "tiny", **train}),
         eval=EvalConfig(num_prompts=2, max_new_tokens=4),
     )
 
@@ -32,9 +32,11 @@ def baseline(data, tiny_model_dir) -> list[str]:
 
 def test_the_registry_names_the_methods_a_config_takes():
     for name in METHODS:
-        assert TrainConfig(method=name).method == name
+        assert TrainConfig(method=name, teacher="tiny").method == name  # distill needs a teacher; the others ignore it
     with pytest.raises(ValueError, match="not a method; did you mean 'lora'"):
         TrainConfig(method="lroa")
+    with pytest.raises(ValueError, match="method distill needs train.teacher"):
+        TrainConfig(method="distill")
 
 
 def test_the_registry_owns_each_methods_parameters():

@@ -95,6 +95,16 @@ class TrainConfig(_Strict):
     qlora_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="qlora: dtype the 4-bit weights are de-quantized to for each matmul"
     )
+    teacher: str | None = Field(
+        None,
+        description="distill: the teacher, a model ('tiny', a hub id, a local folder) or a finished trial of an earlier "
+        "sweep: best:<name> (its best trial) or runs/<name>:<trial_id>; it must share the student's tokenizer",
+    )
+    distill_alpha: float = Field(
+        0.5, ge=0, le=1, description="distill: weight of the KL to the teacher; 1 - this weights the cross-entropy on the data"
+    )
+    distill_temperature: float = Field(2.0, gt=0, description="distill: softmax temperature of teacher and student in the KL term")
+    distill_top_k: int = Field(16, ge=1, le=1024, description="distill: teacher logits kept per token (cached once per example)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="mixed precision of training (autocast); fp16 also scales the loss"
     )
@@ -121,6 +131,14 @@ class TrainConfig(_Strict):
     def _packing_needs_real_tokens(self) -> "TrainConfig":
         if self.packing and self.method in ("prefix", "prompt"):
             raise ValueError(f"packing does not work with {self.method} tuning (its virtual tokens would join every packed example)")
+        if self.packing and self.method == "distill":
+            raise ValueError("packing does not work with distill yet (its teacher's logits are cached per example, not per packed row)")
+        return self
+
+    @model_validator(mode="after")
+    def _distill_needs_a_teacher(self) -> "TrainConfig":
+        if self.method == "distill" and not self.teacher:
+            raise ValueError("method distill needs train.teacher: a model ('tiny', a folder, a hub id) or best:<name> of an earlier sweep")
         return self
 
     @model_validator(mode="before")

@@ -24,7 +24,8 @@ LoadOptionsFn = Callable[["TrainConfig"], dict[str, Any]]
 LORA_PARAMS = ("lora_r", "lora_alpha", "lora_alpha_per_rank", "lora_dropout", "target_modules")
 VIRTUAL_TOKEN_PARAMS = ("num_virtual_tokens",)
 QLORA_PARAMS = (*LORA_PARAMS, "qlora_compute_dtype")
-METHOD_PARAMS = frozenset({*QLORA_PARAMS, *VIRTUAL_TOKEN_PARAMS})
+DISTILL_PARAMS = (*LORA_PARAMS, "teacher", "distill_alpha", "distill_temperature", "distill_top_k")
+METHOD_PARAMS = frozenset({*QLORA_PARAMS, *VIRTUAL_TOKEN_PARAMS, *DISTILL_PARAMS})
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Method:
     trains: bool = True  # `none` evaluates the base model without training
     params: tuple[str, ...] = ()  # its own train fields (of METHOD_PARAMS)
     packable: bool = False  # its configurations can share one base model (resources.pack; trainers.packed)
+    alone: str | None = None  # why its configurations never share a pack, where "not of the LoRA family" would mislead
 
     def uses(self, field: str) -> bool:
         """Whether this method reads the train field `field`: its own, or one every training method shares."""
@@ -61,11 +63,12 @@ def register_method(
     load_options: LoadOptionsFn = _no_options,
     trains: bool = True,
     packable: bool = False,
+    alone: str | None = None,
 ) -> Callable[[AttachFn], AttachFn]:
     """Register `attach(base_model, train_config) -> trainable model` under `name`, with the train fields it reads besides the shared ones."""
 
     def decorator(attach: AttachFn) -> AttachFn:
-        METHODS[name] = Method(name, attach, load_options, trains, params, packable)
+        METHODS[name] = Method(name, attach, load_options, trains, params, packable, alone)
         return attach
 
     return decorator
@@ -77,7 +80,10 @@ def get_method(name: str) -> Method:
 
 def why_alone(config: TrialConfig) -> str | None:
     """Why this configuration cannot share a pack (resources.pack), or None when it can."""
-    if not METHODS[config.train.method].packable:
+    method = METHODS[config.train.method]
+    if method.alone:
+        return f"method {method.name} {method.alone}"
+    if not method.packable:
         packable = ", ".join(name for name, method in METHODS.items() if method.packable)
         return f"method {config.train.method} is not of the LoRA family ({packable})"
     if config.train.packing:
@@ -125,6 +131,16 @@ def lora_config(train: TrainConfig, **extra: Any) -> Any:
 
 @register_method("lora", params=LORA_PARAMS, packable=True)
 def attach_lora(model: Any, train: TrainConfig) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(train))
+
+
+@register_method(
+    "distill", params=DISTILL_PARAMS, alone="trains against a teacher model of its own, which a pack's shared base model does not hold"
+)
+def attach_distill(model: Any, train: TrainConfig) -> Any:
+    """Distillation: a LoRA student trained to match train.teacher's top-k distribution (trainers.distill)."""
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(train))

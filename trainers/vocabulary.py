@@ -88,6 +88,7 @@ class EpochMetrics(TypedDict, total=False):
     trainable_params: Annotated[int, Metric("parameters the method trains")]
     total_params: Annotated[int, Metric("parameters of the adapted model")]
     resumed_from_epoch: Annotated[int, Metric("the checkpoint's epoch this run of the trial started from (0: from scratch)")]
+    teacher_cache_gb: Annotated[float, Metric("distill: memory the teacher's cached top-k logits hold (present only then; in peak_memory_gb too)")]
     pack_size: Annotated[int, Metric("packed trials: configurations in the trial's pack at the epoch's end (present only then)")]
     answers: Annotated[list[str], Metric("the answers to the judged prompts (stored in the answers table)")]
     verdicts: Annotated[list[float | None], Metric("each answer's verdict: 1 win, 0.5 tie, 0 loss, None not judged")]

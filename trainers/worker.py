@@ -27,6 +27,7 @@ from trainers.data import (
     tokenize,
     tokenize_text,
 )
+from trainers.distill import Distiller
 from trainers.evaluate import generate_answers, perplexity, win_rate
 from trainers.flops import FlopModel
 from trainers.judges import JudgeUnavailable, agreement_rate, judge_label, make_judge, parse_rate
@@ -152,6 +153,8 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(config.train.seed)  # an adapter's first weights depend on its seed alone (as in trainers.packed)
     model = attach_adapter(model, config.train)
+    # distill: the teacher, and its top-k logits cached per training example (trainers.distill)
+    distiller = Distiller.for_trial(config.train, config.model, device) if config.train.method == "distill" else None
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     flops = FlopModel.of(model, gradient_checkpointing=config.train.gradient_checkpointing and method.trains)
@@ -196,7 +199,7 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
 
     metrics: EpochMetrics = {}
     epochs_done = first_epoch - 1
-    estimate = estimate_memory_gb(model, config)
+    estimate = estimate_memory_gb(model, config) + (distiller.weights_gb if distiller else 0.0)
     inference_estimate = estimate_inference_memory_gb(model, config)
     over = _over_constraints(config, estimate, inference_estimate, "estimated")
     if over:
@@ -219,7 +222,10 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
             for i, batch in enumerate(micro_batches, 1):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                    loss = model(**batch, use_cache=False).loss  # no cache: training needs none, and packing needs its absence
+                    if distiller is None:
+                        loss = model(**batch, use_cache=False).loss  # no cache: training needs none, and packing needs its absence
+                    else:
+                        loss = distiller.loss(model, batch)
                 if not math.isfinite(loss.item()):  # the divergence guard
                     return TrialResult(TrialStatus.DIVERGED, epochs_done, metrics, f"training loss is {loss.item()} at epoch {epoch}")
                 scaler.scale(loss / accumulate).backward()
@@ -232,7 +238,7 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 totals["tokens_trained"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                totals["train_flops"] += flops.train_step(*batch["input_ids"].shape)
+                totals["train_flops"] += flops.train_step(*batch["input_ids"].shape) + (distiller.take_flops() if distiller else 0.0)
                 if cap and epoch_peak and peak_memory_gb(device) > cap:
                     raise MemoryCapExceeded(f"peak resident memory {peak_memory_gb(device):.2f} GB > resources.max_memory_gb {cap:g}")
             totals["train_seconds"] += time.perf_counter() - start
@@ -279,6 +285,8 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
                 "total_params": sum(p.numel() for p in model.parameters()),
                 "resumed_from_epoch": first_epoch - 1,
             }
+            if distiller:
+                metrics["teacher_cache_gb"] = distiller.cache_bytes / 1024**3
             if lifetime_peak:
                 metrics["memory_checks_skipped"] = LIFETIME_PEAK_NOTE
             epochs_done = epoch
