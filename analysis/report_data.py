@@ -49,6 +49,8 @@ SAMPLES_PER_VERDICT = 4
 ALPHA = 0.05
 # A cheaper trial is recommended only if it saves at least this share of the best's cost (report.min_saving).
 MIN_SAVING = 0.2
+# report.margin: a claim of "as good as" needs at least this many prompts both trials were judged on.
+MIN_PAIRS = 10
 # Fewer finished trials than this give no parameter importances.
 MIN_TRIALS_FOR_IMPORTANCE = 3
 
@@ -371,7 +373,8 @@ def sweet_spot(
 ) -> SweetSpot:
     """The best trial, and the cheapest finished trial worth taking instead: one that saves at least
     `min_saving` of the best's cost and whose win rate is not significantly worse (or, with `margin`,
-    provably as good: the 95% interval of their paired difference lies within ±margin).
+    provably at most `margin` worse: the 95% interval of their paired difference lies above -margin,
+    over at least MIN_PAIRS shared prompts).
 
     `trials` is ranked (finished first, best first); `judgments` is load_judgments: each trial's
     verdicts against the base model at its best epoch. Candidates are compared with the best, cheapest
@@ -394,6 +397,10 @@ def sweet_spot(
     if best["trial_id"] not in verdicts:
         sentences.append("No per-prompt verdicts are stored for it, so there is no paired test of cheaper trials.")
         return spot(None, None, None, sentences)
+    if not best[cost] > 0:  # unknown (NaN: not measured), or nothing on this axis: no share of it can be saved
+        what = "unknown (not measured)" if pd.isna(best[cost]) else "zero"
+        sentences.append(f"No cheaper trial can be recommended: {best['trial_id']}'s {label(cost)} is {what}.")
+        return spot(None, None, None, sentences)
 
     worth = finished[(finished[cost] <= (1 - min_saving) * best[cost]) & finished["trial_id"].isin(verdicts)]
     worth = worth.sort_values(cost, kind="stable")  # stable: the better one first among equal costs
@@ -414,13 +421,14 @@ def sweet_spot(
                 f"(exact two-sided sign test, {_p(test.p_value)}, level {alpha:g}; not significantly worse is not proven equal)"
             )
         else:
-            if not (-margin <= difference.low and difference.high <= margin):
+            if difference.n < MIN_PAIRS or not difference.low >= -margin:
                 continue
             why = (
-                f"is as good as {best['trial_id']} within ±{margin:g} win rate: over {difference.n} shared prompts the "
-                f"95% interval of their paired difference in win rate is {difference.low:+.3f} to {difference.high:+.3f}"
+                f"is as good as {best['trial_id']} within a margin of {margin:g} win rate: over {difference.n} shared prompts "
+                f"the 95% interval of their paired difference in win rate, {difference.low:+.3f} to {difference.high:+.3f}, "
+                f"lies above -{margin:g}"
             )
-        saving = 1 - candidate[cost] / best[cost] if best[cost] > 0 else 0.0
+        saving = 1 - candidate[cost] / best[cost]
         sentences.append(
             f"Sweet spot: trial {candidate['trial_id']} ({_config(candidate, params)}) costs {_saving(saving)} less: "
             f"{_cost(cost, candidate[cost])}, against {_amount(cost, best[cost])}; with {_qualities(candidate, metric)}, it {why}."
@@ -444,14 +452,14 @@ def sweet_spot(
     elif margin is None:
         which = "the one trial that saves" if tested == 1 else f"each of the {tested} trials that save"
         sentences.append(
-            none + f"{which} {share} is significantly worse "
+            none + f"{which} {share} and shares judged prompts with it is significantly worse "
             f"(exact two-sided sign test over shared prompts, p < {alpha:g})."
         )
     else:
         which = "the one trial that saves" if tested == 1 else f"any of the {tested} trials that save"
         sentences.append(
-            none + f"for {which} {share}, the 95% interval of the paired difference in win rate does not "
-            f"lie within ±{margin:g}."
+            none + f"for {which} {share} and shares judged prompts with it, the 95% interval of the paired "
+            f"difference in win rate does not lie above -{margin:g} over at least {MIN_PAIRS} shared prompts."
         )
     return spot(best["trial_id"], None, 1.0, sentences)
 
@@ -848,7 +856,7 @@ def _cost(metric: str, value: float) -> str:
 def _saving(share: float) -> str:
     """A share of a cost: "35%", "2.5%", "99.7%" (never rounded to 0% or 100%)."""
     if share >= 0.995:
-        return f"{share:.1%}"
+        return f"{min(share, 0.999):.1%}" if share < 1 else "100%"
     return f"{share:.0%}" if share >= 0.1 else f"{share * 100:.2g}%"
 
 

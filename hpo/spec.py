@@ -136,7 +136,7 @@ class ReportSpec(_Strict):
         gt=0,
         lt=0.5,
         description="win rate: call a cheaper trial 'as good as' the best only if the 95% interval of their paired difference "
-        "lies within ±margin; default: recommend it when it is not significantly worse (sign test)",
+        "lies above -margin (at least 10 shared prompts); default: recommend it when it is not significantly worse (sign test)",
     )
 
 

@@ -20,13 +20,13 @@ from trainers.model import load_base_model
 ROWS, LENGTH = 4, 96
 
 
-def _model(method: str, gradient_checkpointing: bool = False):
+def _model(method: str, gradient_checkpointing: bool = False, **train):
     model, tokenizer = load_base_model(ModelConfig(), torch.device("cpu"))
     model.set_attn_implementation("eager")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(0)
-    model = attach_adapter(model, TrainConfig(method=method, gradient_checkpointing=gradient_checkpointing))
+    model = attach_adapter(model, TrainConfig(method=method, gradient_checkpointing=gradient_checkpointing, **train))
     return model, tokenizer, FlopModel.of(model, gradient_checkpointing=gradient_checkpointing)
 
 
@@ -37,20 +37,24 @@ def _counted(fn) -> int:
 
 
 @pytest.mark.parametrize(
-    "method, gradient_checkpointing, tolerance",
+    "method, gradient_checkpointing, tolerance, train",
     [
-        ("full", False, 0.10),
-        ("lora", False, 0.10),
-        ("prefix", False, 0.10),
-        ("full", True, 0.10),
-        ("lora", True, 0.10),
-        ("prompt", False, 0.10),
-        ("ia3", False, 0.10),
-        ("dora", False, 0.10),  # its weight norm is element-wise work, left out
+        ("full", False, 1e-12, {}),  # every matmul has its weight gradient: exact
+        ("prompt", False, 1e-12, {}),  # the virtual tokens go through every layer, input gradients included: exact
+        ("lora", False, 0.05, {}),  # the first layer's frozen projections need no input gradient: 4 % over
+        ("prefix", False, 0.05, {}),
+        ("ia3", False, 0.05, {}),
+        # dropout 0.05: peft redoes each base matmul, counted with its input gradient, which the first layer's q and v
+        # (half of them here) do not need: 6 % over
+        ("dora", False, 0.08, {}),
+        ("dora", False, 0.05, {"target_modules": ["all-linear"]}),
+        ("dora", False, 0.05, {"target_modules": ["all-linear"], "lora_dropout": 0.0}),  # ... and without dropout, not
+        ("full", True, 0.08, {}),
+        ("lora", True, 0.08, {}),
     ],
 )
-def test_a_training_step_costs_what_torch_counts_within_10_percent(tiny_model_dir, method, gradient_checkpointing, tolerance):
-    model, _, flops = _model(method, gradient_checkpointing)
+def test_a_training_step_costs_what_torch_counts(tiny_model_dir, method, gradient_checkpointing, tolerance, train):
+    model, _, flops = _model(method, gradient_checkpointing, **train)
     model.train()
     ids = torch.randint(5, 200, (ROWS, LENGTH))
 

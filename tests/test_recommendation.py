@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.report_data import fine_tuning_helped, report_data, sweet_spot
+from analysis.report_data import _saving, fine_tuning_helped, report_data, sweet_spot
 from hpo.store import Store
 from trainers.stats import wilson_interval
 from trainers.vocabulary import TrialStatus
@@ -106,22 +106,48 @@ def test_a_cheaper_trial_must_save_at_least_min_saving_of_the_best_trials_cost()
     assert spot.cheapest == "C" and spot.saving == pytest.approx(0.2)
     assert "costs 20% less: 80 FLOPs of training compute, against 100 FLOPs" in spot.sentences[-1]
     assert not any("×" in sentence for sentence in spot.sentences)  # a ratio near 1 ("1.0× cheaper") is never printed
+    assert [_saving(x) for x in (0.2, 0.025, 0.9996, 1.0)] == ["20%", "2.5%", "99.9%", "100%"]  # never rounded to 100%
 
 
-def test_with_a_margin_only_a_trial_proven_as_good_is_recommended():
+def test_with_a_margin_only_a_trial_proven_at_most_that_much_worse_is_recommended():
     best = [1.0] * 40
     trials = _trials([("A", 1.0, 100.0), ("B", 0.925, 50.0), ("C", 1.0, 70.0)])
     judged = _judged({"A": best, "B": [0.0] * 3 + [1.0] * 37, "C": best})
     # B loses 3 prompts A wins: a sign test cannot tell (p = 0.25), so without a margin B is the sweet spot ...
     assert sweet_spot(trials, judged, [], "win_rate", "train_flops").cheapest == "B"
-    # ... but the 95% interval of its paired difference, -0.075 ± 0.086, is not within ±0.05; C's (0 to 0) is.
+    # ... but the 95% interval of its paired difference, -0.075 ± 0.086, reaches below -0.05; C's (0 to 0) does not.
     spot = sweet_spot(trials, judged, [], "win_rate", "train_flops", margin=0.05)
     assert spot.cheapest == "C" and (spot.difference.low, spot.difference.high) == (0.0, 0.0)
-    assert "is as good as A within ±0.05 win rate: over 40 shared prompts the 95% interval" in spot.sentences[-1]
+    assert spot.sentences[-1].endswith(
+        "it is as good as A within a margin of 0.05 win rate: over 40 shared prompts the 95% interval of their paired "
+        "difference in win rate, +0.000 to +0.000, lies above -0.05."
+    )
     assert sweet_spot(trials.iloc[:2], judged, [], "win_rate", "train_flops", margin=0.05).sentences[-1] == (
         "No configuration is meaningfully cheaper at the same quality: for the one trial that saves at least 20% of "
-        "A's training compute (FLOPs), the 95% interval of the paired difference in win rate does not lie within ±0.05."
+        "A's training compute (FLOPs) and shares judged prompts with it, the 95% interval of the paired difference in "
+        "win rate does not lie above -0.05 over at least 10 shared prompts."
     )
+
+
+def test_a_margin_accepts_a_cheaper_trial_that_is_better_but_never_one_judged_on_few_prompts():
+    # The best by perplexity need not have the best win rate: a cheaper trial that wins more is at most 0.05 worse.
+    trials = _trials([("A", 0.75, 100.0), ("B", 1.0, 50.0)])
+    assert sweet_spot(trials, _judged({"A": [1.0] * 30 + [0.0] * 10, "B": [1.0] * 40}), [], "win_rate", "train_flops",
+                      margin=0.05).cheapest == "B"  # fmt: skip
+    # Two prompts alike are no proof: an interval needs at least 10 shared prompts.
+    few = sweet_spot(trials, _judged({"A": [1.0, 1.0], "B": [1.0, 1.0]}), [], "win_rate", "train_flops", margin=0.05)
+    assert few.cheapest == "A" and few.sentences[-1].startswith("No configuration is meaningfully cheaper")
+    # ... while the sign test, which claims less, takes it.
+    assert sweet_spot(trials, _judged({"A": [1.0, 1.0], "B": [1.0, 1.0]}), [], "win_rate", "train_flops").cheapest == "B"
+
+
+def test_no_cheaper_trial_against_a_best_whose_cost_is_zero_or_unknown():
+    judged = _judged({"A": [1.0] * 20, "B": [1.0] * 20})
+    for cost, what in ((0.0, "zero"), (float("nan"), "unknown (not measured)")):
+        spot = sweet_spot(_trials([("A", 1.0, cost), ("B", 1.0, 0.0)]), judged, [], "win_rate", "train_flops")
+        assert spot.cheapest is None and spot.sentences[-1] == (
+            f"No cheaper trial can be recommended: A's training compute (FLOPs) is {what}."
+        )
 
 
 def test_the_report_says_first_when_fine_tuning_did_not_help():

@@ -52,7 +52,10 @@ def test_a_version_2_store_is_migrated_in_place_and_keeps_its_rows(tmp_path):
     _store(path).close()
     conn = sqlite3.connect(path, isolation_level=None)  # rebuild it as version 2 wrote it
     rows = conn.execute("SELECT * FROM answers WHERE verdict IS NOT NULL").fetchall()
-    conn.executescript(f"DROP TABLE answers; {V2_ANSWERS}; UPDATE meta SET value = '2' WHERE key = 'schema_version';")
+    conn.executescript(
+        f"DROP TABLE answers; {V2_ANSWERS}; UPDATE meta SET value = '2' WHERE key = 'schema_version'; "
+        "ALTER TABLE epochs DROP COLUMN train_flops; ALTER TABLE epochs DROP COLUMN eval_flops;"  # added in version 4
+    )
     conn.executemany("INSERT INTO answers VALUES (?, ?, ?, ?, ?)", rows)
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute("INSERT INTO answers VALUES ('t1', 9, 0, 'x', NULL)")
@@ -62,6 +65,7 @@ def test_a_version_2_store_is_migrated_in_place_and_keeps_its_rows(tmp_path):
         assert store.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "4"
         assert [tuple(r.values()) for r in store.answers()] == [tuple(r) for r in rows]
         assert store.sweep()["name"] == "s" and len(store.epochs()) == 2
+        assert [e["train_flops"] for e in store.epochs()] == [None, None]  # 2 -> 3 -> 4: the FLOPs columns, empty
         store.add_answers("t1", 2, [(0, "x", None)])  # a missing verdict fits now
         assert store.answers()[-1]["verdict"] is None
     with Store.open(path) as store:  # opened again: already version 4

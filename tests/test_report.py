@@ -376,7 +376,8 @@ def test_sweet_spot_when_every_cheaper_trial_is_worse_or_the_best_is_cheapest():
     assert (spot.cheapest, spot.test, spot.cost_ratio) == ("A", None, 1.0)
     assert spot.sentences[1] == (
         "No configuration is meaningfully cheaper at the same quality: the one trial that saves at least 20% of A's "
-        "training time (measured) is significantly worse (exact two-sided sign test over shared prompts, p < 0.05)."
+        "training time (measured) and shares judged prompts with it is significantly worse (exact two-sided sign test "
+        "over shared prompts, p < 0.05)."
     )
 
     trials = _ranked([("A", TrialStatus.COMPLETED, 0.9, 10.0), ("B", TrialStatus.COMPLETED, 0.6, 100.0)])

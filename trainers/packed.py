@@ -194,7 +194,7 @@ class Pack:
             member.schedule.load_state_dict(state["schedule"])
             member.scaler.load_state_dict(state["scaler"])
             member.rng.setstate(state["rng"])  # torch's generator is the pack's: dropout masks are not restored
-            member.totals = {**member.totals, **state["totals"]}
+            member.totals = {**dict.fromkeys(("train_flops", "eval_flops"), math.nan), **state["totals"]}  # as trainers.worker
             member.first_epoch = state["epoch"] + 1
         member.epoch = member.first_epoch - 1
         # Training memory grows with the pack: the base once, each member's adapter state and activations.

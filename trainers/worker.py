@@ -179,7 +179,8 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         restore_rng_state(state, rng)
-        totals = {**totals, **state["totals"]}  # a checkpoint of an older version has no FLOPs: counted from here
+        # A checkpoint of an older version has no FLOPs: unknown (NaN, stored as NULL), not counted from here as if all.
+        totals = {**dict.fromkeys(("train_flops", "eval_flops"), math.nan), **state["totals"]}
         first_epoch = state["epoch"] + 1
 
     def save(folder: Path, epoch: int) -> None:
