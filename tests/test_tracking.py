@@ -151,6 +151,16 @@ def test_the_mlflow_runs_are_the_store_and_mirroring_again_adds_nothing(tmp_path
         assert rebuilt["a"] != runs["a"] and client.get_run(runs["a"]).info.lifecycle_stage == "deleted"
         assert {k: v for k, v in rebuilt.items() if k != "a"} == {k: v for k, v in runs.items() if k != "a"}
 
+        # `resume` finds the parent run again and marks it running; one deleted in MLflow meanwhile is made anew.
+        spec, run_dir = SweepSpec.model_validate(SPEC), store.path.parent
+        assert start_tracking(spec, run_dir, store.tracking(), print).records["mlflow"] == record
+        assert client.get_run(record["parent_run_id"]).info.status == "RUNNING"
+        client.delete_run(record["parent_run_id"])
+        store.set_tracking("mlflow", start_tracking(spec, run_dir, store.tracking(), print).records["mlflow"])
+        assert store.tracking()["mlflow"]["parent_run_id"] != record["parent_run_id"]
+        finish_tracking(store, print)
+        assert sorted(assert_mlflow_is_the_store(store)) == sorted(TRIALS)
+
 
 def test_mlflow_going_away_mid_sweep_is_one_warning_and_the_store_keeps_everything(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -168,10 +168,17 @@ class MlflowRuns:
 
     @classmethod
     def _start(cls, uri: str, settings: MlflowTracking, spec: SweepSpec, run_dir: Path, known: dict[str, str] | None) -> "MlflowRuns":
+        from mlflow.exceptions import MlflowException
+
         if known and known.get("uri") == uri:
             runs = cls(uri, known["experiment_id"], known["parent_run_id"])
-            parent = runs.client.get_run(runs.parent_run_id)
-            if parent.info.lifecycle_stage == "active":  # else deleted in MLflow meanwhile: a new parent
+            try:
+                active = runs.client.get_run(runs.parent_run_id).info.lifecycle_stage == "active"
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                active = False
+            if active:  # else deleted in MLflow meanwhile: a new parent, and the trials' runs under it
                 runs.client.update_run(runs.parent_run_id, status="RUNNING")
                 return runs
         return cls._new(uri, settings.experiment or run_dir.name, spec, run_dir)
