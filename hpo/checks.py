@@ -10,6 +10,7 @@ from pathlib import Path
 from hpo.errors import SweepError
 from hpo.spec import NAME_RE, SweepSpec
 from hpo.teacher import distills, resolve_teacher, tokenizer_mismatch
+from tracking.hooks import check_tracking
 from trainers.config import ModelConfig
 
 MAX_NAME_LENGTH = 100  # a run name is a folder name: well under any filesystem's limit, with room for Ray's paths
@@ -38,6 +39,7 @@ def check_inputs(spec: SweepSpec, runs_dir: str | None = None) -> None:
     from trainers.model import ModelError, prepare_model
 
     check_storage(spec.storage)
+    check_tracking(spec)  # MLflow's server, W&B's key: before the data and the model
     try:
         load_splits(spec.data, spec.eval.num_prompts)  # files, formats, split sizes: before any model is needed
         # The tiny model is built (a GGUF converted) here, before Ray starts: its progress lines reach

@@ -29,6 +29,8 @@ from hpo.spec import Sweep, SweepSpec
 from hpo.store import Store
 from hpo.teacher import with_teacher
 from hpo.trial import SCORE_KEY, PendingBaseline, base_model_answers, trainable
+from tracking.hooks import finish_tracking, start_tracking
+from tracking.mlflow_runs import absolute_uri
 from trainers.vocabulary import FINISHED, SweepStatus, TrialStatus
 
 
@@ -64,6 +66,7 @@ def run_sweep(
         check_inputs(sweep.spec, runs_dir)  # builds the tiny model (or converts a GGUF) first, with progress lines
     spec = with_teacher(_absolute_paths(sweep.spec), runs_dir)  # the teacher's folder, as the trials load it
     created = make_run_dir(run_dir)
+    progress = ProgressCallback(spec, name)
     with DriverLock(run_dir):  # before anything is removed: --overwrite must not wipe a live sweep
         try:
             clear_run_dir(run_dir, overwrite)
@@ -71,6 +74,14 @@ def run_sweep(
         except SweepError:
             if created:
                 shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        try:  # before the store: a tracker that refuses leaves no run behind
+            trackers = start_tracking(spec, run_dir, {}, progress.say)
+        except SweepError:
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                clear_run_dir(run_dir, overwrite=True)  # what the tracker left (the folder held nothing else)
             raise
         store = Store.create(
             run_dir / "results.db",
@@ -82,13 +93,15 @@ def run_sweep(
             versions=versions(),
             git_commit=git_commit(),
         )
-        progress = ProgressCallback(spec, name)
+        for tracker, record in trackers.records.items():
+            store.set_tracking(tracker, record)
 
         def tuner() -> Any:
             # The base model answers while the first trials start; they wait for its answers at their first judging.
             task = _start_baseline(spec, progress)
             recorder = BaselineCallback(task, lambda base: _record_baseline(store, progress, base))
-            return make_tuner(spec, PendingBaseline(task), run_dir, [recorder, StoreCallback(store, spec), progress])
+            callbacks = [recorder, StoreCallback(store, spec), progress, *trackers.callbacks]  # the trackers read what the store wrote
+            return make_tuner(spec, PendingBaseline(task), run_dir, callbacks)
 
         return _drive(tuner, store, spec, progress, run_dir, address)
 
@@ -106,13 +119,16 @@ def resume_sweep(name: str, *, runs_dir: str | None = None, address: str | None 
         store = Store.open(run_dir / "results.db")
         try:
             spec, baseline = _resumable(store, run_dir)
+            experiment = experiment_path(spec, run_dir)
+            progress = ProgressCallback(spec, name)
+            progress.say(f"Resuming sweep {name} ({len(store.trials())} trials so far) from {experiment}")
+            trackers = start_tracking(spec, run_dir, store.tracking(), progress.say)  # Tune restores their callbacks
         except SweepError:
             store.close()
             raise
-        experiment = experiment_path(spec, run_dir)
+        for tracker, record in trackers.records.items():
+            store.set_tracking(tracker, record)
         store.reopen()
-        progress = ProgressCallback(spec, name)
-        progress.say(f"Resuming sweep {name} ({len(store.trials())} trials so far) from {experiment}")
 
         def tuner() -> Any:
             # Tune restores the searcher, the scheduler and the callbacks (they reopen the store) with the trials.
@@ -167,6 +183,7 @@ def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCal
         outcome = _record_end(store, spec, run_dir, time.monotonic() - started)
         if outcome.note:
             progress.say(f"Note: {outcome.note}")
+        finish_tracking(store, progress.say)  # optuna.db and MLflow from the store as it ended
     except SweepInterrupted:
         _finish_quietly(store, SweepStatus.INTERRUPTED, None)
         raise
@@ -310,7 +327,8 @@ def _finish_quietly(store: Store, status: SweepStatus, note: str | None) -> None
 
 
 def _absolute_paths(spec: SweepSpec) -> SweepSpec:
-    """Local data and model paths made absolute: Ray Tune runs each trial in its own working directory."""
+    """Local data and model paths made absolute: Ray Tune runs each trial in its own working directory
+    (and an MLflow database's path: `resume` may run from another folder)."""
 
     def absolute(value: str | None) -> str | None:
         return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
@@ -323,7 +341,11 @@ def _absolute_paths(spec: SweepSpec) -> SweepSpec:
     storage = spec.storage
     if storage and "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
-    return spec.model_copy(update={"data": data, "model": model, "eval": evaluation, "storage": storage})
+    tracking = spec.tracking
+    if tracking.mlflow is not None and tracking.mlflow.uri:
+        mlflow = tracking.mlflow.model_copy(update={"uri": absolute_uri(tracking.mlflow.uri)})
+        tracking = tracking.model_copy(update={"mlflow": mlflow})
+    return spec.model_copy(update={"data": data, "model": model, "eval": evaluation, "storage": storage, "tracking": tracking})
 
 
 def _budget_note(spec: SweepSpec, store: Store, seconds: float) -> str | None:

@@ -17,6 +17,7 @@ from hpo.rundir import DriverLock, runs_root
 from hpo.errors import SweepError
 from hpo.spec import apply_override, describe_error
 from hpo.store import Store
+from tracking.hooks import finish_tracking
 from trainers.config import EvalConfig, _Strict
 from trainers.evaluate import win_rate
 from trainers.judges import JudgeError, agreement_rate, judge_label, make_judge, parse_rate
@@ -97,6 +98,7 @@ def rejudge(
                 done = f"{len(epochs)} epoch{'s' if len(epochs) != 1 else ''} judged"
                 say(f"trial {trial['trial_id']}: {done}" + (f", win_rate {' '.join(rates)}" if rates else ""))
             store.add_rejudge({"at": time.time(), "judge": label, "eval": settings.model_dump(mode="json"), "epochs": judged_epochs})
+            finish_tracking(store, say)  # new win rates: optuna.db rebuilt, MLflow's histories replaced
             return run_dir
         finally:
             store.close()

@@ -140,6 +140,31 @@ class ReportSpec(_Strict):
     )
 
 
+class MlflowTracking(_Strict):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: a server (http://host:5000), a database (sqlite:///path/mlflow.db) or databricks; "
+        "default sqlite:///runs/<name>/mlflow.db in the run folder",
+    )
+    experiment: str | None = Field(None, min_length=1, description="the MLflow experiment, created when missing; default the run's name")
+
+
+class WandbTracking(_Strict):
+    project: str = Field(min_length=1, description="the Weights & Biases project; WANDB_MODE=offline keeps the runs in runs/<name>/wandb")
+    entity: str | None = Field(None, min_length=1, description="the W&B team or user; default the API key's own")
+
+
+class TrackingSpec(_Strict):
+    mlflow: MlflowTracking | None = Field(
+        None,
+        description="mirror the sweep into MLflow: a parent run, and a child run per trial with its parameters, per-epoch metrics, "
+        "status and best adapter's path (`mlflow: {}` for the defaults); off when absent",
+    )
+    wandb: WandbTracking | None = Field(
+        None, description="log every trial to Weights & Biases through Ray Tune's integration (pip install 'peftsweep[wandb]'); off when absent"
+    )
+
+
 class SweepSpec(_Strict):
     description: str = Field("", description="one line on what the sweep asks")
     model: ModelConfig = ModelConfig()
@@ -157,6 +182,9 @@ class SweepSpec(_Strict):
     constraints: ConstraintConfig = ConstraintConfig()
     cost: CostSpec = CostSpec()
     report: ReportSpec = ReportSpec()
+    tracking: TrackingSpec = Field(
+        TrackingSpec(), description="experiment trackers the sweep also writes to (an Optuna study, runs/<name>/optuna.db, is always kept)"
+    )
     storage: str | None = Field(
         None,
         description="where Ray Tune keeps checkpoints (adapters) and experiment state: a path every node sees, or an "

@@ -314,6 +314,16 @@ class Store:
                 "INSERT OR REPLACE INTO meta VALUES ('rejudged', ?)", (json.dumps([*self.rejudged(), record]),)
             )
 
+    def set_tracking(self, tracker: str, record: dict[str, Any]) -> None:
+        """Where an experiment tracker mirrors this sweep (MLflow: its URI, experiment and parent run), for `resume`."""
+        with _tx(self.conn):
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('tracking', ?)", (json.dumps({**self.tracking(), tracker: record}),))
+
+    def tracking(self) -> dict[str, dict[str, Any]]:
+        """Each tracker's record (set_tracking), by tracker."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'tracking'").fetchone()
+        return json.loads(row["value"]) if row else {}
+
     def rejudged(self) -> list[dict[str, Any]]:
         """Every `peftsweep rejudge` of this sweep, oldest first."""
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'rejudged'").fetchone()
@@ -339,8 +349,12 @@ class Store:
             row[key] = json.loads(row.pop(f"{key}_json"))
         return row
 
-    def trials(self) -> list[dict[str, Any]]:
-        rows = self.conn.execute("SELECT * FROM trials ORDER BY started_at, trial_id").fetchall()
+    def trials(self, trial_id: str | None = None) -> list[dict[str, Any]]:
+        """Every trial (or the one named), in the order they started."""
+        query, args = "SELECT * FROM trials", ()
+        if trial_id is not None:
+            query, args = query + " WHERE trial_id = ?", (trial_id,)
+        rows = self.conn.execute(query + " ORDER BY started_at, trial_id", args).fetchall()
         out = []
         for row in rows:
             trial = dict(row)
@@ -348,8 +362,12 @@ class Store:
             out.append(trial)
         return out
 
-    def epochs(self) -> list[dict[str, Any]]:
-        rows = self.conn.execute("SELECT * FROM epochs ORDER BY trial_id, epoch").fetchall()
+    def epochs(self, trial_id: str | None = None) -> list[dict[str, Any]]:
+        """Every trial's epochs (or one trial's), each row's metrics_json spread into it."""
+        query, args = "SELECT * FROM epochs", ()
+        if trial_id is not None:
+            query, args = query + " WHERE trial_id = ?", (trial_id,)
+        rows = self.conn.execute(query + " ORDER BY trial_id, epoch", args).fetchall()
         out = []
         for row in rows:
             epoch = dict(row)

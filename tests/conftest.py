@@ -9,6 +9,7 @@ with a core to spare. A test that reads one waits for it. Only the ones a select
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -262,9 +263,11 @@ atexit.register(_driver_imports)
 
 # The shipped smoke sweep, on the small task, 3 epochs: learning rate 3e-3 learns; 1e-9 changes no
 # answer, so each of its epochs ties the base model (win rate 0.5). Checkpoints go to a `storage`
-# folder. (The whole built-in task trains in `make sweep`; here it would triple this sweep's time.)
+# folder; each trial is also logged to W&B, offline, where wandb installs. (The whole built-in task
+# trains in `make sweep`; here it would triple this sweep's time.)
 SMOKE_EPOCHS = 3
 SMOKE_LEARNING_RATES = (1e-9, 3e-3)
+WANDB_PROJECT = "peftsweep-tests"
 
 
 @dataclass(frozen=True)
@@ -284,9 +287,12 @@ def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRu
         "GENERATIONS_LOG": str(log), "DRIVER_IMPORTS_LOG": str(imports),
     }  # fmt: skip
     runs, storage = work / "runs", work / "storage"
+    wandb = []  # W&B, offline, where it installs: tests/test_tracking.py reads its run files
+    if importlib.util.find_spec("wandb") is not None:
+        wandb, env = ["--set", f"tracking.wandb.project={WANDB_PROJECT}"], {**env, "WANDB_MODE": "offline"}
     proc = peftsweep(
         "run", "smoke", "--runs-dir", str(runs), "--set", f"storage={storage}", "--set", f"train.epochs={SMOKE_EPOCHS}",
-        "--set", "search.space.learning_rate.grid=[1e-9, 3e-3]", "--set", f"data.source={small_task}", env=env, base=environ,
+        "--set", "search.space.learning_rate.grid=[1e-9, 3e-3]", "--set", f"data.source={small_task}", *wandb, env=env, base=environ,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return SmokeRun(runs, runs / "smoke", proc, storage, log.read_text().split(), imports.read_text().split())

@@ -22,7 +22,7 @@ from trainers.vocabulary import (
     metric_docs,
 )
 
-PACKAGES = ("trainers", "hpo", "analysis", "benchmarks")
+PACKAGES = ("trainers", "hpo", "analysis", "tracking", "benchmarks")
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -51,13 +51,21 @@ def _violations(package: str, forbidden: tuple[str, ...], allowed_files: tuple[s
 
 
 def test_the_trainers_know_nothing_of_ray_optuna_the_store_or_analysis():
-    assert _violations("trainers", ("ray", "optuna", "sqlite3", "hpo", "analysis", "benchmarks")) == []
+    assert _violations("trainers", ("ray", "optuna", "sqlite3", "hpo", "analysis", "tracking", "benchmarks")) == []
+
+
+DRIVER_SIDE = ("hpo.driver", "hpo.cli", "hpo.trial", "hpo.callbacks", "hpo.runtime", "hpo.rundir", "hpo.space",
+               "hpo.progress", "hpo.searchers", "hpo.rejudge", "hpo.checks", "hpo.packs", "benchmarks")  # fmt: skip
 
 
 def test_analysis_reads_the_store_and_never_the_driver():
-    driver_side = ("hpo.driver", "hpo.cli", "hpo.trial", "hpo.callbacks", "hpo.runtime", "hpo.rundir", "hpo.space",
-                   "hpo.progress", "hpo.searchers", "hpo.rejudge", "hpo.checks", "ray", "optuna", "benchmarks")  # fmt: skip
-    assert _violations("analysis", driver_side) == []
+    assert _violations("analysis", (*DRIVER_SIDE, "ray", "optuna", "tracking")) == []
+
+
+def test_the_trackers_mirror_the_store_and_never_drive_the_sweep():
+    """tracking reads the store (through analysis, for a trial's result) and writes to the trackers;
+    the driver calls it, never the other way round."""
+    assert _violations("tracking", DRIVER_SIDE) == []
 
 
 def test_only_the_cli_writes_reports():
@@ -93,6 +101,7 @@ def test_the_import_checks_see_what_they_forbid(tmp_path, monkeypatch):
     (tmp_path / "trainers" / "bad.py").write_text("def f():\n    from hpo.store import Store\n")
     (tmp_path / "hpo" / "driver.py").write_text("from analysis.report import write_report\n")
     (tmp_path / "benchmarks" / "b.py").write_text("from hpo.driver import _tuner\nimport hpo.driver as driver\ndriver.run_trial = None\n")
+    (tmp_path / "tracking" / "t.py").write_text("def f():\n    from hpo.driver import run_sweep\n")
     monkeypatch.setattr(checks, "REPO", tmp_path)
     with pytest.raises(AssertionError):
         checks.test_the_trainers_know_nothing_of_ray_optuna_the_store_or_analysis()
@@ -100,6 +109,8 @@ def test_the_import_checks_see_what_they_forbid(tmp_path, monkeypatch):
         checks.test_only_the_cli_writes_reports()
     with pytest.raises(AssertionError):
         checks.test_the_benchmarks_use_public_functions_only()
+    with pytest.raises(AssertionError):
+        checks.test_the_trackers_mirror_the_store_and_never_drive_the_sweep()
 
 
 def test_every_metric_is_declared_once_and_documented():

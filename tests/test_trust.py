@@ -30,6 +30,7 @@ from hpo.store import Store, epoch_score
 from tests.conftest import JUDGE_KEY_ENV, REPO, JudgeGate, invoke, peftsweep, query, start, sweep_file, wait_for
 from tests.test_judges import KEY, chat_server, prefers_good
 from tests.test_report import make_store
+from tests.test_tracking import assert_mlflow_is_the_store, assert_study_is_the_store
 
 
 def test_equal_values_rank_the_earliest_epoch_first_and_distinct_values_by_value():
@@ -70,13 +71,14 @@ TIED = {  # equal win rates; t-mid costs fewer seconds, t-late fewer GPU-hours (
 
 
 def test_best_names_the_reports_best_trial_when_trials_tie(tmp_path):
-    """The report ranks ties by its cost axis (here the sweep's gpu_hours objective); `best` too."""
+    """The report ranks ties by its cost axis (here gpu_hours: its trials held GPUs); `best` too."""
     runs = tmp_path / "runs"
     (runs / "demo").mkdir(parents=True)
     store = make_store(
         runs / "demo" / "results.db",
         [{"metric": "win_rate", "mode": "max"}, {"metric": "gpu_hours", "mode": "min"}],
         trials=TIED,
+        report={},  # the default axis
     )
     with sqlite3.connect(store.path) as conn:  # t-late held fewer GPU-hours for its longer run
         conn.execute("UPDATE epochs SET gpu_hours = 0.001 WHERE trial_id = 't-late'")
@@ -215,6 +217,8 @@ def test_a_sweep_stopped_every_way_resumes_and_finishes_every_epoch_once(tmp_pat
     4. The store's disk fills up: exit 1, one line naming the file and saying resume continues.
     5. Space freed, the last resume finishes: every epoch once, the trial finished before kill -9
        never run again, the trial it interrupted continued from its checkpoint; resume again is refused.
+       Its MLflow runs, written by each driver as the trials reported, are the store's: one run per
+       trial, every epoch's metrics once (tests/test_tracking.py reads them back).
 
     The trials are judged by a test server the test can hold (JudgeGate): each kill and the full disk
     come while a trial is held inside an epoch's judging, so it cannot move on first.
@@ -224,7 +228,7 @@ def test_a_sweep_stopped_every_way_resumes_and_finishes_every_epoch_once(tmp_pat
     runs, filler = small_disk / "runs", small_disk / "filler"
     db = runs / "sweep" / "results.db"
     env = {JUDGE_KEY_ENV: KEY, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
-    storage = ["--set", f"storage={tmp_path / 'shared'}"]
+    storage = ["--set", f"storage={tmp_path / 'shared'}", "--set", f"tracking.mlflow.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     epochs = lambda: query(db, "SELECT count(*) FROM epochs")[0][0]  # noqa: E731
     copies = lambda: set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))  # noqa: E731
     copies_before = copies()
@@ -326,6 +330,9 @@ def test_a_sweep_stopped_every_way_resumes_and_finishes_every_epoch_once(tmp_pat
 
     again = invoke("resume", "sweep", "--runs-dir", str(runs))
     assert again.returncode == 2 and "has completed; nothing to resume" in again.stderr
+    with Store.open(db) as store:
+        assert_mlflow_is_the_store(store)
+        assert_study_is_the_store(store)
 
 
 def _cmdline(pid: int) -> bytes:
