@@ -52,7 +52,7 @@ def test_the_judge_waits_judge_wait_s_for_its_endpoint_to_come_back(monkeypatch)
             time.sleep(10)
 
     threading.Thread(target=start_later, daemon=True).start()
-    assert judge.judge([QUESTION], ["good answer"], ["bad answer"], [""]) == [Verdict(WIN, True)]
+    assert judge.judge([QUESTION], ["good answer"], ["bad answer"], [""]) == [Verdict(WIN, True, parsed=2)]
     assert came_back.is_set()  # it did wait: the server it got its answer from started a second later
 
     quick = OpenAIJudge(f"http://127.0.0.1:{_free_port()}/v1", "m", max_retries=0, backoff_s=0.05, wait_s=0.3)

@@ -213,10 +213,13 @@ def test_validate_falls_back_to_transformers(tmp_path, tiny_model_dir):
     assert invoke("validate", str(sweep)).returncode == 0
 
 
-def test_the_model_types_match_transformers():
+def test_the_model_types_cover_those_of_transformers():
+    """Every model type the installed transformers loads with its own class is left to it. Our copy may
+    hold more (transformers 5.25 dropped camembertv2-base, which 5.24 listed): leaving one more type to
+    transformers costs only speed, while one missing would load a wrong tokenizer."""
     from transformers.models.auto.tokenization_auto import MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
 
-    assert MODEL_TYPES_WITH_OWN_CLASS == set(MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+    assert set(MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS) <= MODEL_TYPES_WITH_OWN_CLASS
 
 
 VALIDATE = """

@@ -70,9 +70,14 @@ def _recommendation(path: Path, seed: int, report: dict | None = None) -> tuple[
 def test_the_recommendation_on_the_flops_axis_never_moves_with_measured_time(tmp_path):
     on_flops = {_recommendation(tmp_path / f"flops{seed}.db", seed) for seed in range(20)}
     assert on_flops == {("t10", "t05", "train_flops")}  # 1e-3 for 3 epochs; the first of the two 2-epoch twins
-    # The same stores on measured time: the twins' order, and so the recommendation, is the noise's.
-    on_seconds = {_recommendation(tmp_path / f"seconds{seed}.db", seed, {"cost_axis": "train_seconds"}) for seed in range(20)}
-    assert {spot for _, spot, _ in on_seconds} == {"t05", "t06"}
+    # The same stores on measured time: the twins' order, and so the recommendation, is the noise's (the first
+    # draws that show both will do).
+    on_seconds: set[str | None] = set()
+    for seed in range(20):
+        on_seconds.add(_recommendation(tmp_path / f"seconds{seed}.db", seed, {"cost_axis": "train_seconds"})[1])
+        if len(on_seconds) > 1:
+            break
+    assert on_seconds == {"t05", "t06"}
 
 
 def _trials(rows: list[tuple[str, float, float]]) -> pd.DataFrame:
