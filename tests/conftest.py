@@ -463,23 +463,22 @@ def _benchmark(name: str, *options: str) -> Callable[[Path, Path, dict[str, str]
     return run
 
 
-# name -> the job; started in this order, two at a time: the longest first (seconds in a fresh-clone
-# `make test` of 2026-12-03, with the tests beside them), so that no long job starts last
+# name -> the job; started in this order (the longest first), two at a time
 JOBS: dict[str, Callable[[Path, Path, dict[str, str]], Any]] = {
-    "packed_run": _packed_run,  # 171 s
-    "benchmark_epoch_folding": _benchmark("epoch_folding"),  # 151 s
-    "cluster_run": _cluster_run,  # 113 s
-    "smoke_run": _smoke_run,  # 86 s
-    "variants_run": _variants_run,  # 77 s
-    "benchmark_packing": _benchmark("packing"),  # 76 s
-    "benchmark_search_efficiency": _benchmark("search_efficiency"),  # 73 s
-    "asha_run": _asha_run,  # 65 s
-    "benchmark_overhead": _benchmark("overhead"),  # 58 s
-    "failing_run": _failing_run,  # 33 s
-    "benchmark_cluster_sim": _benchmark("cluster_sim"),  # 21 s
-    "benchmark_throughput": _benchmark("throughput"),  # 11 s
-    "benchmark_packing_gpu": _benchmark("packing", "--gpu"),  # 9 s
-    "benchmark_gpu_throughput": _benchmark("gpu_throughput"),  # 7 s
+    "smoke_run": _smoke_run,
+    "benchmark_epoch_folding": _benchmark("epoch_folding"),
+    "cluster_run": _cluster_run,
+    "asha_run": _asha_run,
+    "benchmark_search_efficiency": _benchmark("search_efficiency"),
+    "variants_run": _variants_run,
+    "packed_run": _packed_run,
+    "benchmark_overhead": _benchmark("overhead"),
+    "failing_run": _failing_run,
+    "benchmark_throughput": _benchmark("throughput"),
+    "benchmark_cluster_sim": _benchmark("cluster_sim"),
+    "benchmark_gpu_throughput": _benchmark("gpu_throughput"),
+    "benchmark_packing": _benchmark("packing"),
+    "benchmark_packing_gpu": _benchmark("packing", "--gpu"),
 }
 BACKGROUND_WORKERS = 2
 _needed = pytest.StashKey[set]()
