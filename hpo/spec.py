@@ -499,5 +499,8 @@ def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def coerce_value(name: str, value: Any) -> Any:
-    """A searched value as the train field holds it (e.g. '1e-3' -> 0.001)."""
+    """A searched value as the train field holds it (e.g. '1e-3' -> 0.001). A method stays its name: what
+    it needs besides (distill: a teacher) is checked with the whole configuration, not the value alone."""
+    if name == "method":
+        return str(value)
     return getattr(TrainConfig(**{name: value}), name)

@@ -126,6 +126,39 @@ def test_a_folded_grid_is_one_optuna_trial_per_training(tmp_path):
     assert trial.intermediate_values == {1: 4.0, 2: 3.0, 3: 3.5}
 
 
+def test_a_grid_over_methods_with_distill_keeps_its_optuna_study(tmp_path, monkeypatch):
+    """A method searched beside distill (which needs a teacher, checked with the whole configuration): the study is
+    written with the methods as choices, not a warning."""
+    from hpo.spec import load_sweep
+
+    spec = load_sweep(str(REPO / "sweeps" / "distill.yaml")).spec
+    (tmp_path / "d").mkdir()
+    lines: list[str] = []
+    with Store.create(tmp_path / "d" / "results.db", name="d", sweep_file="d.yaml", spec=spec.model_dump(mode="json"),
+                      searched=spec.searched, objectives=[o.model_dump() for o in spec.objectives], versions={}, git_commit=None) as store:  # fmt: skip
+        for trial_id, method in (("a", "lora"), ("b", "distill")):
+            store.add_trial(trial_id, {"method": method, "lora_r": 4})
+            store.add_epoch(trial_id, 1, {"win_rate": 0.6, "eval_ppl": 3.0, "train_flops": 1e12})
+            store.set_trial_status(trial_id, "completed")
+        store.finish("completed")
+        finish_tracking(store, lines.append)
+        trials = load_study(store).trials
+    assert not lines and [t.params["method"] for t in trials] == ["lora", "distill"]
+
+    # A study that fails halfway is one warning and leaves nothing beside the store (no optuna.db.partial).
+    import tracking.optuna_study
+
+    def broken(spec, trials):
+        raise ValueError("no distributions today")
+
+    monkeypatch.setattr(tracking.optuna_study, "_distributions", broken)
+    (tmp_path / "d" / "optuna.db").unlink()
+    with Store.open(tmp_path / "d" / "results.db") as store:
+        finish_tracking(store, lines.append)
+    assert lines == [f"Warning: cannot write the Optuna study {tmp_path / 'd' / 'optuna.db'}: no distributions today (the store keeps every result)"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["results.db"]
+
+
 def test_the_mlflow_runs_are_the_store_and_mirroring_again_adds_nothing(tmp_path):
     from mlflow import MlflowClient
 

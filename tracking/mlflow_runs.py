@@ -113,6 +113,11 @@ def _client(uri: str) -> Any:
 
 
 def reason(exc: BaseException) -> str:
+    """An exception in one line: its last, but a pydantic error's first error (its last line is a link)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        first = exc.errors()[0]
+        return f"{'.'.join(map(str, first['loc'])) or type(exc).__name__}: {first['msg']}"[:300]
     return last_line(str(exc) or type(exc).__name__)[:300]
 
 

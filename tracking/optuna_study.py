@@ -49,6 +49,10 @@ def write_study(outcomes: SweepOutcomes, spec: SweepSpec, path: Path) -> None:
         study.set_user_attr("peftsweep_intermediate_metric", outcomes.selection[0])
         distributions = _distributions(spec, outcomes.trials)
         study.add_trials([_frozen_trial(trial, outcomes, distributions) for trial in outcomes.trials])
+    except BaseException:
+        storage.engine.dispose()
+        partial.unlink(missing_ok=True)  # a study that failed halfway is no study: nothing left beside the store
+        raise
     finally:
         storage.engine.dispose()
         optuna.logging.set_verbosity(verbosity)
