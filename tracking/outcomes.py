@@ -57,14 +57,9 @@ def sweep_outcomes(results: Results) -> SweepOutcomes:
         best = None if math.isnan(row["best_epoch"]) else int(row["best_epoch"])
         checkpoint = next((e["checkpoint"] for e in own if e["epoch"] == best), None)
         trials.append(
-            TrialOutcome(
-                trial_id=trial["trial_id"],
-                status=TrialStatus(trial["status"]),
-                params=trial["params"],
-                started_at=trial["started_at"],
-                ended_at=trial["ended_at"],
-                error=trial["error"],
-                epochs=own,
+            store_outcome(
+                trial,
+                own,
                 best_epoch=best,
                 values={o.metric: float(row[o.metric]) for o in spec.objectives},
                 adapter=f"{checkpoint.rstrip('/')}/adapter" if checkpoint else None,
@@ -73,9 +68,16 @@ def sweep_outcomes(results: Results) -> SweepOutcomes:
     return SweepOutcomes(results.sweep["name"], results.sweep["status"], list(spec.objectives), selection, trials)
 
 
-def store_outcome(trial: dict[str, Any], epochs: list[dict[str, Any]]) -> TrialOutcome:
-    """A trial as the store holds it (Store.trials and Store.epochs rows) while the sweep runs, before
-    analysis reads its result: no best epoch or values yet."""
+def store_outcome(
+    trial: dict[str, Any],
+    epochs: list[dict[str, Any]],
+    *,
+    best_epoch: int | None = None,
+    values: dict[str, float] | None = None,
+    adapter: str | None = None,
+) -> TrialOutcome:
+    """A trial as the store holds it (Store.trials and Store.epochs rows); while the sweep runs, before
+    analysis reads its result, with no best epoch or values yet."""
     return TrialOutcome(
         trial_id=trial["trial_id"],
         status=TrialStatus(trial["status"]),
@@ -84,7 +86,7 @@ def store_outcome(trial: dict[str, Any], epochs: list[dict[str, Any]]) -> TrialO
         ended_at=trial["ended_at"],
         error=trial["error"],
         epochs=epochs,
-        best_epoch=None,
-        values={},
-        adapter=None,
+        best_epoch=best_epoch,
+        values=values or {},
+        adapter=adapter,
     )
