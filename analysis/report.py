@@ -24,6 +24,8 @@ from analysis import figures
 from analysis.load import training_id
 from analysis.report_data import (
     ALPHA,
+    MIN_PAIRS,
+    MIN_SAVING,
     CurvesPlot,
     EffectsPlot,
     FrontierPlot,
@@ -341,18 +343,37 @@ def _samples_section(samples: Samples | None, names: pd.Series) -> str:
     )
 
 
+def _sweet_spot_method(data: ReportData) -> str:
+    """How the sweet spot is chosen, with this sweep's report.min_saving and report.margin."""
+    min_saving = data.sweet_spot.min_saving if data.sweet_spot else MIN_SAVING
+    margin = data.sweet_spot.margin if data.sweet_spot else None
+    text = (
+        f"Sweet spot: every finished trial that saves at least {min_saving:.0%} of the best's {label(data.cost)} "
+        "(report.min_saving) is compared with it, cheapest first, on the prompts both were judged on at their best "
+        "epochs. "
+    )
+    if margin is None:
+        return text + (
+            "A prompt counts for the trial whose verdict against the base model is higher, equal verdicts are "
+            "dropped, and an exact two-sided binomial (sign) test with p = 1/2 gives the p-value. The first trial "
+            f"with p ≥ {ALPHA:g} (or judged better more often) is the sweet spot. Not significantly worse is not "
+            "proven equal: with few prompts only large differences are detected, and several cheaper trials are "
+            "tested without correction. When none qualifies, no configuration is meaningfully cheaper."
+        )
+    return text + (
+        f"The first whose paired difference in win rate has a 95% t interval above -{margin:g} (report.margin), over "
+        f"at least {MIN_PAIRS} shared prompts, is the sweet spot: proven at most {margin:g} worse. When none "
+        "qualifies, no configuration is meaningfully cheaper."
+    )
+
+
 def _methods_section(data: ReportData) -> str:
     items = [
         f"Best trial: the finished (completed or early-stopped) trial with the best {label(data.metric)} at its "
         f"best epoch, the sweep's first per-epoch objective; the cost axis is {label(data.cost)} ({data.cost}), "
         "the trial's total.",
         "Win-rate intervals: Wilson's 95% score interval, a tie counting half a win.",
-        "Sweet spot: every finished trial cheaper than the best is compared with it, cheapest first, on the prompts "
-        "both were judged on at their best epochs; a prompt counts for the trial whose verdict against the base model "
-        "is higher, equal verdicts are dropped, and an exact two-sided binomial (sign) test with p = 1/2 gives the "
-        f"p-value. The first trial with p ≥ {ALPHA:g} (or judged better more often) is the sweet spot. Not "
-        "significantly worse is not proven equal: with few prompts only large differences are detected, and "
-        "several cheaper trials are tested without correction.",
+        _sweet_spot_method(data),
         "Rank correlations: Spearman's ρ over finished trials, with a 95% interval from Fisher's z using Bonett "
         "and Wright's standard error √((1 + ρ²/2)/(n − 3)); approximate with few trials.",
         "Parameter importance: ω² of a one-way ANOVA of the metric on each parameter alone, over finished "

@@ -627,3 +627,13 @@ def test_write_report_replaces_the_file_atomically(store, tmp_path):
     assert write_report(store, target) == target
     assert target.read_text(encoding="utf-8") == build_report(store)
     assert [p.name for p in target.parent.iterdir()] == ["report.html"]
+
+
+def test_the_methods_say_the_sweeps_own_sweet_spot_rule(store, tmp_path):
+    page = build_report(store)
+    assert "Sweet spot: every finished trial that saves at least 20% of the best&#x27;s training time (measured)" in page
+    assert "exact two-sided binomial (sign) test" in page and "95% t interval" not in page
+    with make_store(tmp_path / "margin.db", report={"cost_axis": "train_seconds", "min_saving": 0.3, "margin": 0.05}) as other:
+        page = build_report(other)
+    assert "saves at least 30% of the best&#x27;s" in page
+    assert "a 95% t interval above -0.05 (report.margin), over at least 10 shared prompts" in page
