@@ -161,6 +161,8 @@ class ReportData(NamedTuple):
     importance: ImportancePlot | None
     notes: list[str]  # why a figure is missing
     samples: Samples | None
+    names: pd.Series  # each trial's name by what differs ("lr 1e-3 · r 16"), by trial_id
+    recommendation: pd.Series  # each trial's part in the recommendation ("best", "sweet_spot" or ""), by trial_id
 
     @property
     def headline(self) -> list[str]:
@@ -185,15 +187,6 @@ class ReportData(NamedTuple):
     def figure_count(self) -> int:
         return sum(len(plots) for _, plots in self.sections)
 
-    @property
-    def names(self) -> pd.Series:
-        """Each trial's name by what differs ("lr 1e-3 · r 16"), by trial_id."""
-        return trial_names(self.trials, self.params)
-
-    @property
-    def recommendation(self) -> pd.Series:
-        """Each trial's `recommendation` ("best", "sweet_spot" or ""), by trial_id."""
-        return recommendations(self.trials, self.sweet_spot)
 
 
 def trial_names(trials: pd.DataFrame, params: list[str]) -> pd.Series:
@@ -335,16 +328,17 @@ def report_data(store: Store | Results) -> ReportData:
             f"{quality}; there {'is' if n == 1 else 'are'} {n}."
         )
 
+    spot = None if best is None else sweet_spot(
+        trials, load_judgments(results, trials), params, metric, cost,
+        min_saving=results.spec.report.min_saving, margin=results.spec.report.margin, baseline=baseline,
+    )  # fmt: skip
     return ReportData(
         sweep=sweep,
         params=params,
         metric=metric,
         cost=cost,
         census=_census(trials),
-        sweet_spot=None if best is None else sweet_spot(
-            trials, load_judgments(results, trials), params, metric, cost,
-            min_saving=results.spec.report.min_saving, margin=results.spec.report.margin, baseline=baseline,
-        ),  # fmt: skip
+        sweet_spot=spot,
         trials=trials,
         best_trial=None if best is None else best["trial_id"],
         frontiers=frontiers,
@@ -356,6 +350,8 @@ def report_data(store: Store | Results) -> ReportData:
         importance=importance,
         notes=notes,
         samples=None if best is None else _samples(results, best),
+        names=trial_names(trials, params),
+        recommendation=recommendations(trials, spot),
     )
 
 
@@ -837,20 +833,13 @@ def _amount(metric: str, value: float) -> str:
 
 
 def _cost(metric: str, value: float) -> str:
-    """A cost as words: "41 s of training", "0.25 GPU-hours", "$1.2", "6.5 GB peak memory"."""
+    """A cost as words: "41 s of measured training time", "0.25 GPU-hours", "$1.2", "6.5 GB peak memory"."""
     if pd.isna(value):
         return f"unknown {label(metric)}"
-    if metric == "train_flops":
-        return f"{flops(value)} of training compute"
-    if metric == "train_seconds":
-        return f"{duration(value)} of measured training time"
-    if metric == "gpu_hours":
-        return f"{num(value)} GPU-hours"
-    if metric == "cost_usd":
-        return f"${num(value)}"
-    if metric == "peak_memory_gb":
-        return f"{num(value)} GB peak memory"
-    return f"{label(metric)} {num(value)}"
+    if metric not in ("train_flops", "train_seconds", "gpu_hours", "cost_usd", "peak_memory_gb"):
+        return f"{label(metric)} {num(value)}"
+    what = {"train_flops": " of training compute", "train_seconds": " of measured training time", "peak_memory_gb": " peak memory"}
+    return _amount(metric, value) + what.get(metric, "")
 
 
 def _saving(share: float) -> str:

@@ -275,7 +275,7 @@ def export(
     runs_dir: RunsDir = None,
 ) -> None:
     """One row per trial, by trial id: status, searched parameters, best-epoch metrics, cost, and the report's recommendation."""
-    from analysis.load import load_results, load_trials
+    from analysis.load import load_results
     from analysis.report_data import by_trial, report_data, with_recommendation
 
     try:
@@ -284,7 +284,8 @@ def export(
         with _open_store(name, runs_dir) as store:
             results = load_results(store)
         # The report's own data step decides the recommendation, so export and report never disagree.
-        table = by_trial(with_recommendation(load_trials(results), report_data(results).sweet_spot))
+        data = report_data(results)
+        table = by_trial(with_recommendation(data.trials, data.sweet_spot))
     except SweepError as exc:
         _fail(str(exc))
     text = table.to_csv(index=False) if format == "csv" else table.to_json(orient="records", indent=2) + "\n"

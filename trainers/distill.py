@@ -108,7 +108,8 @@ class Distiller:
     def teacher_top_k(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's top-k values and ids at the batch's loss positions, row by row: from the cache,
         the teacher running on the rows it has not seen."""
-        keys = [self._key(*row) for row in zip(batch["input_ids"], batch["attention_mask"], batch["labels"])]
+        rows_on_cpu = (batch[k].cpu() for k in ("input_ids", "attention_mask", "labels"))  # one copy, not one sync per row
+        keys = [self._key(*row) for row in zip(*rows_on_cpu)]
         missing = [row for row, key in enumerate(keys) if key not in self.cache]
         fresh = {}
         if missing:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from trainers.config import TrialConfig
-from trainers.data import IGNORE_INDEX, batches
+from trainers.data import IGNORE_INDEX, batches, first_line
 from trainers.evaluate import generate_answers
 from trainers.flops import FlopModel
 from trainers.judges import JudgeUnavailable, make_judge
@@ -50,8 +50,10 @@ from trainers.worker import (
     judged_metrics,
     load_state,
     lr_lambda,
+    new_totals,
     peak_memory_gb,
     reset_peak_memory,
+    resumed_totals,
     setup,
     trial_data,
 )
@@ -180,7 +182,7 @@ class Pack:
             member.optimizer, lr_lambda(train.lr_schedule, train.warmup_steps, steps_per_epoch * train.epochs)
         )
         member.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
-        member.totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0, "train_flops": 0.0, "eval_flops": 0.0}
+        member.totals = new_totals()
         member.flops = dataclasses.replace(  # the base was read before peft froze it: LoRA trains only the adapter
             self.base_flops, adapter_params=sum(p.numel() for n, p in named.items() if ".lora_" in n), base_trains=False
         )
@@ -194,7 +196,7 @@ class Pack:
             member.schedule.load_state_dict(state["schedule"])
             member.scaler.load_state_dict(state["scaler"])
             member.rng.setstate(state["rng"])  # torch's generator is the pack's: dropout masks are not restored
-            member.totals = {**dict.fromkeys(("train_flops", "eval_flops"), math.nan), **state["totals"]}  # as trainers.worker
+            member.totals = resumed_totals(state)
             member.first_epoch = state["epoch"] + 1
         member.epoch = member.first_epoch - 1
         # Training memory grows with the pack: the base once, each member's adapter state and activations.
@@ -329,7 +331,7 @@ class Pack:
                 del member.losses[len(member.losses) - done :]
         sizes = [int(p["attention_mask"].sum()) for p in parts]
         member = members[max(range(len(members)), key=sizes.__getitem__)]
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         self._end(member, self._oom_result(member, f"in a pack of {len(members)}", detail))
 
     def _oom_result(self, member: Member, where: str, detail: str) -> TrialResult:
@@ -351,7 +353,7 @@ class Pack:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(members) == 1:
-                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                detail = first_line(exc)
                 self._end(members[0], self._oom_result(members[0], "while evaluating", detail))
                 return
             for member in members:

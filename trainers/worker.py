@@ -21,6 +21,7 @@ from trainers.data import (
     DataError,
     batches,
     carries_loss,
+    first_line,
     load_retention_texts,
     load_splits,
     packed_batches,
@@ -168,7 +169,7 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
     precision = AUTOCAST[config.train.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
     rng = random.Random(config.train.seed)
-    totals = {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0, "train_flops": 0.0, "eval_flops": 0.0}
+    totals = new_totals()
     first_epoch = 1
     if resume_from is not None:
         state = load_state(Path(resume_from) / STATE_FILE)
@@ -179,8 +180,7 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         restore_rng_state(state, rng)
-        # A checkpoint of an older version has no FLOPs: unknown (NaN, stored as NULL), not counted from here as if all.
-        totals = {**dict.fromkeys(("train_flops", "eval_flops"), math.nan), **state["totals"]}
+        totals = resumed_totals(state)
         first_epoch = state["epoch"] + 1
 
     def save(folder: Path, epoch: int) -> None:
@@ -295,7 +295,7 @@ def train(config: TrialConfig, baseline: BaseAnswers, report: Report, resume_fro
     except (torch.OutOfMemoryError, MemoryError) as exc:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # what this trial's tensors held is freed as it returns
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         return TrialResult(
             TrialStatus.OOM,
             epochs_done,
@@ -326,6 +326,17 @@ def judged_metrics(answers: list[str], baseline: list[str], verdicts: list | Non
         "answers": answers,
         "verdicts": scores,
     }
+
+
+def new_totals() -> dict[str, float]:
+    """A trial's cumulative costs before its first epoch."""
+    return {"train_seconds": 0.0, "eval_seconds": 0.0, "judge_seconds": 0.0, "tokens_trained": 0, "train_flops": 0.0, "eval_flops": 0.0}
+
+
+def resumed_totals(state: dict[str, Any]) -> dict[str, float]:
+    """A checkpoint's cumulative costs. One of an older version has no FLOPs: unknown (NaN, stored as NULL),
+    not counted from the resume as if they were all."""
+    return {**dict.fromkeys(("train_flops", "eval_flops"), math.nan), **state["totals"]}
 
 
 def cost_metrics(totals: dict[str, float]) -> EpochMetrics:
