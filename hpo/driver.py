@@ -23,7 +23,7 @@ from hpo.errors import SweepError, SweepFailed, SweepInterrupted, last_line
 from hpo.packs import concurrent_trials, start_registry
 from hpo.progress import ProgressCallback
 from hpo.rundir import DriverLock, clear_run_dir, experiment_name, experiment_path, make_run_dir, prepare_storage, runs_root
-from hpo.runtime import Signals, check_address, git_commit, init_ray, resources, start_reaper, stop_ray_later, versions
+from hpo.runtime import Signals, check_address, git_commit, init_ray, resources, skip_callback_census, start_reaper, stop_ray_later, versions
 from hpo.space import param_space, scheduler, search_alg
 from hpo.spec import Sweep, SweepSpec
 from hpo.store import Store
@@ -242,7 +242,7 @@ def _start_baseline(spec: SweepSpec, progress: ProgressCallback) -> Any:
         num_gpus=spec.resources.gpus_per_trial,
         max_retries=0,
     )
-    return task.remote(spec.trial_config({}))
+    return task.remote(spec.trial_config({}), spec.quantizes)
 
 
 def _record_baseline(store: Store, progress: ProgressCallback, base: Any) -> None:
@@ -263,6 +263,7 @@ def make_tuner(spec: SweepSpec, baseline: list[str] | PendingBaseline, run_dir: 
     import ray
     from ray import tune
 
+    skip_callback_census()
     budget = spec.search.gpu_hours_budget
     at_once = concurrent_trials(spec, ray.cluster_resources())  # with packing, K members per pack that can run
     if spec.resources.pack > 1:

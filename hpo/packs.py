@@ -164,6 +164,10 @@ class PackWorker:
         folder = None
         try:
             if self.pack is None:
+                from trainers.methods import METHODS, without_bitsandbytes
+
+                if not METHODS[config.train.method].quantized:  # this actor's process hosts this one pack only
+                    without_bitsandbytes()
                 from trainers.packed import Pack
 
                 self.pack = Pack(config, self.pack_size)

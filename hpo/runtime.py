@@ -95,6 +95,17 @@ def init_ray(address: str | None) -> None:
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
 
 
+def skip_callback_census() -> None:
+    """Ray Tune counts a run's callbacks by class for its usage statistics (ray.air._internal.usage.
+    tag_callbacks), importing its MLflow, W&B, Comet and Aim integrations to compare against, and
+    with them mlflow and wandb wherever they are installed: about 2 s before a sweep's first trial
+    here, for a tag. The count is skipped; peftsweep's trackers import their package when a sweep
+    asks for it (tests/test_sweep_e2e.py checks that the driver imports neither otherwise)."""
+    from ray.air._internal import usage
+
+    usage.tag_callbacks = lambda callbacks: False
+
+
 def resources() -> str:
     import ray
 

@@ -249,6 +249,11 @@ class SweepSpec(_Strict):
         dim = self.search.space.get("method")
         return [str(v) for v in dim.values] if dim is not None and dim.kind in ("grid", "choice") else [self.train.method]
 
+    @property
+    def quantizes(self) -> bool:
+        """Whether some trial of this sweep loads its base model quantized (qlora): its workers need bitsandbytes."""
+        return any(METHODS[method].quantized for method in self.methods_tried())
+
     def method_variants(self) -> list[dict[str, Any]]:
         """Grid search with conditional parameters: every method with every combination of its own grids."""
         if not self.search.conditional:

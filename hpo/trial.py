@@ -41,9 +41,15 @@ class PendingBaseline:
     task: Any  # ray.ObjectRef of base_model_answers (a trainers.vocabulary.Baseline)
 
 
-def base_model_answers(config: TrialConfig) -> Baseline:
-    """trainers.worker.baseline_answers, as a Ray task: the driver does not import the worker (torch, peft) itself."""
+def base_model_answers(config: TrialConfig, quantizes: bool) -> Baseline:
+    """trainers.worker.baseline_answers, as a Ray task: the driver does not import the worker (torch, peft)
+    itself. `quantizes`: whether the sweep has QLoRA trials (SweepSpec.quantizes), which a pack may
+    start later in this same process."""
+    from trainers.methods import without_bitsandbytes
     from trainers.worker import baseline_answers
+
+    if not quantizes:
+        without_bitsandbytes()
 
     return baseline_answers(config)
 
@@ -86,7 +92,10 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str] | Pen
     from ray import tune
 
     from hpo.packs import PackLost, placement
+    from trainers.methods import without_bitsandbytes
 
+    if not spec.quantizes:  # the whole sweep's, as this process may run several of its trials
+        without_bitsandbytes()
     config = spec.trial_config(params)
     in_pack = packed(spec, config)  # its training runs in a pack worker (hpo.packs): this process imports no torch
     where = placement()

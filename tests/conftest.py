@@ -216,8 +216,9 @@ class Run:
 
 
 # Counts, in every process of the sweep (Ray workers included: each runs `sitecustomize` at start),
-# the calls of trainers.evaluate.generate_answers, one line per call: whether the model had an adapter;
-# and writes which of torch, transformers and peft the driver (`python -m hpo.cli`) had imported at its exit.
+# the calls of trainers.evaluate.generate_answers, one line per call: whether the model had an adapter,
+# and whether bitsandbytes was imported in that process; and writes which of torch, transformers, peft
+# and mlflow the driver (`python -m hpo.cli`) had imported at its exit.
 COUNT_GENERATIONS = '''
 import atexit
 import importlib.abc
@@ -240,6 +241,8 @@ class _CountGenerations(importlib.abc.MetaPathFinder):
             def counted(model, *args, **kwargs):
                 with open(os.environ["GENERATIONS_LOG"], "a") as log:
                     log.write(("trial" if hasattr(model, "peft_config") else "base") + "\\n")
+                with open(os.environ["BITSANDBYTES_LOG"], "a") as log:
+                    log.write(("imported" if sys.modules.get("bitsandbytes") else "absent") + "\\n")
                 return real(model, *args, **kwargs)
 
             module.generate_answers = counted
@@ -255,7 +258,7 @@ def _driver_imports():
     main = sys.modules.get("__main__")
     if getattr(getattr(main, "__spec__", None), "name", None) == "hpo.cli":  # the driver, not a Ray worker
         with open(os.environ["DRIVER_IMPORTS_LOG"], "w") as log:
-            log.write(" ".join(m for m in ("torch", "transformers", "peft") if m in sys.modules))
+            log.write(" ".join(m for m in ("torch", "transformers", "peft", "mlflow") if m in sys.modules))
 
 
 atexit.register(_driver_imports)
@@ -274,17 +277,18 @@ WANDB_PROJECT = "peftsweep-tests"
 class SmokeRun(Run):
     storage: Path  # storage=: Tune's checkpoints and experiment state, in storage/smoke
     generations: list[str]  # "base" or "trial", one per generate_answers call, in every process
-    driver_imports: list[str]  # which of torch, transformers and peft the driver process imported
+    bitsandbytes: list[str]  # "imported" or "absent" in that call's process, one per generate_answers call
+    driver_imports: list[str]  # which of torch, transformers, peft and mlflow the driver process imported
 
 
 def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRun:
     hook = work / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(COUNT_GENERATIONS)
-    log, imports = work / "generations.log", work / "driver_imports.log"
+    log, bnb, imports = work / "generations.log", work / "bitsandbytes.log", work / "driver_imports.log"
     env = {
         "PYTHONPATH": os.pathsep.join([str(hook), environ.get("PYTHONPATH", "")]),
-        "GENERATIONS_LOG": str(log), "DRIVER_IMPORTS_LOG": str(imports),
+        "GENERATIONS_LOG": str(log), "BITSANDBYTES_LOG": str(bnb), "DRIVER_IMPORTS_LOG": str(imports),
     }  # fmt: skip
     runs, storage = work / "runs", work / "storage"
     wandb = []  # W&B, offline, where it installs: tests/test_tracking.py reads its run files
@@ -295,7 +299,7 @@ def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRu
         "--set", "search.space.learning_rate.grid=[1e-9, 3e-3]", "--set", f"data.source={small_task}", *wandb, env=env, base=environ,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return SmokeRun(runs, runs / "smoke", proc, storage, log.read_text().split(), imports.read_text().split())
+    return SmokeRun(runs, runs / "smoke", proc, storage, log.read_text().split(), bnb.read_text().split(), imports.read_text().split())
 
 
 def _variants_run(work: Path, small_task: Path, environ: dict[str, str]) -> Run:

@@ -38,6 +38,14 @@ def test_defaults_fill_a_minimal_file(tmp_path):
     assert spec.tune_objective.metric == "win_rate"
 
 
+def test_a_sweep_quantizes_where_some_method_it_tries_loads_a_4_bit_base(tmp_path):
+    """Its workers then keep bitsandbytes (trainers.methods.without_bitsandbytes skips it otherwise)."""
+    assert not load_sweep(write(tmp_path, "train: {method: lora}\n")).spec.quantizes
+    assert load_sweep(write(tmp_path, "train: {method: qlora}\n")).spec.quantizes
+    assert load_sweep(write(tmp_path, "search:\n  space:\n    method: {grid: [lora, qlora]}\n")).spec.quantizes
+    assert not load_sweep(write(tmp_path, "search:\n  space:\n    method: {grid: [lora, dora, none]}\n")).spec.quantizes
+
+
 def test_scientific_notation_is_a_float(tmp_path):
     spec = load_sweep(write(tmp_path, "train: {learning_rate: 5e-5}\nsearch:\n  space:\n    learning_rate: {grid: [1e-4, 2e-3]}\n")).spec
     assert spec.train.learning_rate == pytest.approx(5e-5)

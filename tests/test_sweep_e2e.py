@@ -78,9 +78,16 @@ def test_the_base_model_answers_once_per_sweep(smoke_run):
 
 def test_the_driver_never_imports_torch(smoke_run):
     """The driver only schedules: the trials and the base model's task import torch, transformers and
-    peft in Ray's workers. (Each costs the driver seconds to import and again at exit.)"""
+    peft in Ray's workers. (Each costs the driver seconds to import and again at exit.) Nor mlflow,
+    which this sweep does not track to: Ray Tune's census of callbacks would (hpo.runtime.skip_callback_census)."""
     assert smoke_run.driver_imports == []
     assert smoke_run.generations  # the hook ran: the same sitecustomize wrote both logs
+
+
+def test_a_sweep_without_qlora_never_imports_bitsandbytes(smoke_run):
+    """peft would import it in every worker (about 1.5 s of CPU each): trainers.methods.without_bitsandbytes.
+    (tests/test_methods.py trains QLoRA, in a process where it stays importable.)"""
+    assert smoke_run.bitsandbytes == ["absent"] * len(smoke_run.generations)
 
 
 def test_export_csv_has_one_row_per_trial(smoke_run):

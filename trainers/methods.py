@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -38,6 +39,11 @@ class Method:
     packable: bool = False  # its configurations can share one base model (resources.pack; trainers.packed)
     alone: str | None = None  # why its configurations never share a pack, where "not of the LoRA family" would mislead
 
+    @property
+    def quantized(self) -> bool:
+        """Whether its base model loads quantized (bitsandbytes)."""
+        return self.load_options is _four_bit
+
     def uses(self, field: str) -> bool:
         """Whether this method reads the train field `field`: its own, or one every training method shares."""
         if field in METHOD_PARAMS:
@@ -54,6 +60,16 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 def _no_options(train: TrainConfig) -> dict[str, Any]:
     return {}
+
+
+def without_bitsandbytes() -> None:
+    """For a process whose trials never quantize, called before peft is imported: peft imports
+    bitsandbytes at its own import wherever it is installed, which costs about 1.5 s of CPU (it
+    loads torch's inductor) in every worker. Marked absent in `sys.modules`, it is skipped:
+    `importlib.util.find_spec` then answers None, so peft and transformers see no bitsandbytes, as
+    on a machine without it. Once peft or bitsandbytes is imported, this does nothing."""
+    if "peft" not in sys.modules and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None
 
 
 def register_method(
