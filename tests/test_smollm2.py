@@ -200,12 +200,19 @@ writer.close()
 
 RESOLVE = """
 import sys
+import gguf
 from trainers import progress
 from trainers.config import ModelConfig
 from trainers.model import prepare_model
 progress.EVERY_SECONDS = 0.0  # a progress line after every tensor
+reader, read = gguf.GGUFReader, gguf.GGUFReader.__init__
+def reading(self, *args, **kwargs):
+    print("gguf reader made", flush=True)
+    read(self, *args, **kwargs)
+reader.__init__ = reading
 # as `peftsweep run` prepares a model before Ray starts: our progress lines, no transformers bars between them
 print("resolved", prepare_model(ModelConfig(name=sys.argv[1], gguf_file="one-layer.gguf")), flush=True)
+print("reader restored", gguf.GGUFReader is reader)
 """
 
 
@@ -230,6 +237,8 @@ def test_a_local_gguf_file_is_converted_once_by_concurrent_processes_and_says_ho
     resolved = {re.search(r"^resolved (.*)$", out, re.M).group(1) for out in outputs}
     assert len(resolved) == 1, outputs
     [converting] = [out for out in outputs if "converting one-layer.gguf to safetensors" in out]  # one conversion
+    # the file read once for its config, weights and tokenizer (trainers.model._gguf_read_once), not three times
+    assert converting.count("gguf reader made") == 1 and all("reader restored True" in out for out in outputs), outputs
     converted = Path(resolved.pop())
     assert converted.parent == tmp_path / "cache" / "gguf"
     assert json.loads((converted / "config.json").read_text())["num_hidden_layers"] == 1
@@ -240,6 +249,6 @@ def test_a_local_gguf_file_is_converted_once_by_concurrent_processes_and_says_ho
     assert len(tensors) == total > 1
     assert re.fullmatch(rf"converting one-layer.gguf: tensor 1/{total} \(\d+%\), \d+s elapsed, about \d+s left", tensors[0])
     assert re.fullmatch(rf"converting one-layer.gguf: tensor {total}/{total} \(100%\), \d+s elapsed", tensors[-1])
-    later = [line for line in lines[lines.index(tensors[-1]) + 1 :] if not line.startswith("resolved ")]
+    later = [line for line in lines[lines.index(tensors[-1]) + 1 :] if not line.startswith(("resolved ", "reader restored"))]
     assert later[:2] == ["converting one-layer.gguf: reading its tokenizer", "converting one-layer.gguf: saving the de-quantized weights"]
     assert re.fullmatch(r"converted one-layer.gguf in \d+s", later[-1])

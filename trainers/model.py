@@ -166,11 +166,12 @@ def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key
     except ImportError:
         pass  # older transformers always de-quantize
     try:
-        with _tensor_progress(gguf_path.name, log), no_progress_bars():  # our lines, not transformers' bars
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **options)
-        log(f"converting {gguf_path.name}: reading its tokenizer")
-        with no_progress_bars():
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        with _gguf_read_once():
+            with _tensor_progress(gguf_path.name, log), no_progress_bars():  # our lines, not transformers' bars
+                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **options)
+            log(f"converting {gguf_path.name}: reading its tokenizer")
+            with no_progress_bars():
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{key}: cannot read {gguf_path}: {(str(exc).strip() or type(exc).__name__).splitlines()[0]}") from None
     quantizer = getattr(model, "hf_quantizer", None)
@@ -191,6 +192,34 @@ def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key
     }
     (folder / "conversion.json").write_text(json.dumps(conversion, indent=2) + "\n")
     log(f"converted {gguf_path.name} in {duration(conversion['convert_seconds'])}")
+
+
+@contextlib.contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """transformers reads a GGUF file three times to load it (its config, its weights, its tokenizer),
+    each time with a new `gguf.GGUFReader`, which parses every metadata field element by element (the
+    whole vocabulary), and it builds gguf's tensor-name map once per module of the model: about half
+    of converting SmolLM2 here. While this runs, each file gets one reader and each map is built
+    once (both are only read: the same bytes come out). transformers imports both names from `gguf`
+    at each call, where they are swapped."""
+    import functools
+
+    import gguf
+
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, Any] = {}
+
+    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(original_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
 
 
 @contextlib.contextmanager
