@@ -265,7 +265,8 @@ atexit.register(_driver_imports)
 '''
 
 # The shipped smoke sweep, on the small task, 3 epochs: learning rate 3e-3 learns; 1e-9 changes no
-# answer, so each of its epochs ties the base model (win rate 0.5). Checkpoints go to a `storage`
+# answer, so each of its epochs ties the base model (win rate 0.5). One trial at a time (a worker
+# process fewer; other sweeps here run trials at once). Checkpoints go to a `storage`
 # folder; each trial is also logged to W&B, offline, where wandb installs. (The whole built-in task
 # trains in `make sweep`; here it would triple this sweep's time.)
 SMOKE_EPOCHS = 3
@@ -296,6 +297,7 @@ def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRu
         wandb, env = ["--set", f"tracking.wandb.project={WANDB_PROJECT}"], {**env, "WANDB_MODE": "offline"}
     proc = peftsweep(
         "run", "smoke", "--runs-dir", str(runs), "--set", f"storage={storage}", "--set", f"train.epochs={SMOKE_EPOCHS}",
+        "--set", "search.max_concurrent_trials=1",
         "--set", "search.space.learning_rate.grid=[1e-9, 3e-3]", "--set", f"data.source={small_task}", *wandb, env=env, base=environ,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
