@@ -44,6 +44,15 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """One torch thread in this process, as in each trial's worker (trainers.worker.setup): sweeps run
+    beside these tests on 2 cores, where two threads of one process mostly spin waiting for each other."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(model_cache: Path, background) -> Path:
     """The built-in tiny model in this session's cache (in the background: see `_build_tiny_model`)."""
@@ -410,8 +419,9 @@ def _cluster_run(work: Path, small_task: Path, environ: dict[str, str]) -> Clust
     return ClusterRun(runs, runs / "on_cluster", done, info["gpu_nodes"])
 
 
-# sweeps/packed_lora.yaml on the small task: three learning rates in one pack (2 CPUs for it, so one
-# pack runs), dropout 0, ASHA by eval_ppl. In grid order, so in trial order: each rung's reports come
+# sweeps/packed_lora.yaml on the small task: three learning rates in one pack (at most 4 trials at
+# once, so one pack of 4 runs; its worker has one CPU and one torch thread, as two threads spin
+# waiting for each other on a busy machine), dropout 0, ASHA by eval_ppl. In grid order, so in trial order: each rung's reports come
 # in trial order (trainers.packed), and 1e-9, which learns nothing, reports last.
 PACKED_LEARNING_RATES = (1e-2, 3e-3, 1e-9)
 PACKED_EPOCHS = 6
@@ -432,7 +442,7 @@ def _packed_run(work: Path, small_task: Path, environ: dict[str, str]) -> Packed
         "--set", f"data.source={small_task}", "--set", "eval.num_prompts=4", "--set", "eval.max_new_tokens=8",
         "--set", f"train.epochs={PACKED_EPOCHS}", "--set", "train.lora_dropout=0", "--set", "search.space.lora_r.grid=[4]",
         "--set", f"search.space.learning_rate.grid={list(PACKED_LEARNING_RATES)}",
-        "--set", "resources.pack=4", "--set", "resources.cpus_per_trial=2",
+        "--set", "resources.pack=4", "--set", "search.max_concurrent_trials=4",
         "--set", "objectives=[{metric: eval_ppl, mode: min}]",
         "--set", "scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
         base=environ,

@@ -37,22 +37,13 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread: on 2 shared cores, two threads per process mostly wait for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
 def smol_dir(model_cache: Path) -> Path:
     """The converted folder (converted here on a fresh cache); a missing package fails with the install command."""
     return Path(resolve_model(ModelConfig(name=ALIAS)))
 
 
 @pytest.fixture(scope="module")
-def smol(smol_dir: Path, one_thread):
+def smol(smol_dir: Path):
     return load_base_model(ModelConfig(name=ALIAS), CPU)
 
 
@@ -119,7 +110,7 @@ def test_generation_stops_at_the_end_of_turn_token(smol_dir, smol):
     assert generate_answers(model, other, [prompt], max_new_tokens=24, batch_size=1, device=CPU) == answer
 
 
-def test_lora_trial_trains_and_is_judged(smol_dir, tmp_path, one_thread):
+def test_lora_trial_trains_and_is_judged(smol_dir, tmp_path):
     data = tmp_path / "support.jsonl"
     data.write_text("".join(SUPPORT_QA.read_text().splitlines(keepends=True)[:12]))
     config = TrialConfig(
@@ -150,7 +141,7 @@ def test_lora_trial_trains_and_is_judged(smol_dir, tmp_path, one_thread):
     assert (tmp_path / "checkpoint" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_hf_judge_with_smollm2_judges_both_orders(smol_dir, one_thread):
+def test_hf_judge_with_smollm2_judges_both_orders(smol_dir):
     judge = make_judge(EvalConfig(judge="hf", judge_model=ALIAS, batch_size=4), device=CPU)
     judge.check()
     records = [json.loads(line) for line in SUPPORT_QA.read_text().splitlines()[:2]]
