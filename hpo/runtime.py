@@ -93,6 +93,19 @@ def init_ray(address: str | None) -> None:
     except ConnectionError as exc:
         raise SweepError(f"Ray cluster at {address} does not answer ({exc}); check --address / RAY_ADDRESS") from None
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(_state_copy_in_one_line)
+
+
+def _state_copy_in_one_line(record: logging.LogRecord) -> bool:
+    """Ray Tune logs a failed copy of its experiment state to `storage` with a traceback. It is not
+    fatal: Tune copies the state again at its next save (the copy can race a file Tune is replacing
+    at that moment: "Failed to open local file ...-tmp-basic-variant-state-..."). One line, then."""
+    if record.exc_info and record.getMessage().startswith("Saving experiment state"):
+        exc = record.exc_info[1]
+        text = (str(exc).strip().splitlines() or [""])[0]
+        record.msg = f"{record.getMessage()}{type(exc).__name__}: {text} (Ray Tune copies it again at its next save)"
+        record.args, record.exc_info, record.exc_text = None, None, None
+    return True
 
 
 def skip_callback_census() -> None:

@@ -121,6 +121,35 @@ def _alive(processes: dict[int, str]) -> list[int]:
     return [pid for pid, started in processes.items() if (_stat(pid) or (0, None))[1] == started]
 
 
+def test_a_failed_copy_of_tunes_experiment_state_is_one_line():
+    """Seen once in the five-stop sweep below, at Ctrl-C: Ray Tune's copy of its experiment state to
+    `storage` raced a file Tune was replacing and logged the error with a traceback. Not fatal (the
+    next save copies again), so hpo.runtime gives it one line."""
+    import io
+    import logging
+
+    from ray.tune.execution import experiment_state
+
+    from hpo.runtime import _state_copy_in_one_line
+
+    assert experiment_state.logger.name == "ray.tune.execution.experiment_state"  # where hpo.runtime.init_ray filters
+    logger, out = logging.getLogger("ray.tune.execution.experiment_state.test"), io.StringIO()
+    logger.addHandler(logging.StreamHandler(out))
+    logger.addFilter(_state_copy_in_one_line)
+    logger.propagate = False
+    try:
+        raise FileNotFoundError(2, "Failed to open local file '/tmp/ray/x/.0c-tmp-basic-variant-state-y.json'")
+    except FileNotFoundError:
+        logger.error("Saving experiment state to storage at '/s/sweep' failed with exception: ", exc_info=True)
+        logger.error("another error", exc_info=True)  # not this one: its traceback stays
+    first, *rest = out.getvalue().splitlines()
+    assert first == (
+        "Saving experiment state to storage at '/s/sweep' failed with exception: FileNotFoundError: [Errno 2] "
+        "Failed to open local file '/tmp/ray/x/.0c-tmp-basic-variant-state-y.json' (Ray Tune copies it again at its next save)"
+    )
+    assert rest[0] == "another error" and rest[1] == "Traceback (most recent call last):"
+
+
 def test_the_reaper_ends_a_killed_drivers_processes(tmp_path):
     """A stand-in driver (a real process) starts children and grandchildren, then is killed with -9."""
     script = (
