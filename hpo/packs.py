@@ -166,7 +166,7 @@ class PackWorker:
             if self.pack is None:
                 from trainers.methods import METHODS, without_bitsandbytes
 
-                if not METHODS[config.train.method].quantized:  # this actor's process hosts this one pack only
+                if not METHODS[config.train.method].quantized:  # this actor only ever hosts packs of this one key
                     without_bitsandbytes()
                 from trainers.packed import Pack
 

@@ -98,12 +98,12 @@ def init_ray(address: str | None) -> None:
 
 def _state_copy_in_one_line(record: logging.LogRecord) -> bool:
     """Ray Tune logs a failed copy of its experiment state to `storage` with a traceback. It is not
-    fatal: Tune copies the state again at its next save (the copy can race a file Tune is replacing
-    at that moment: "Failed to open local file ...-tmp-basic-variant-state-..."). One line, then."""
+    fatal: Tune tries again at its next save, if any (the copy can race a file Tune is replacing at
+    that moment: "Failed to open local file ...-tmp-basic-variant-state-..."). One line, then."""
     if record.exc_info and record.getMessage().startswith("Saving experiment state"):
         exc = record.exc_info[1]
         text = (str(exc).strip().splitlines() or [""])[0]
-        record.msg = f"{record.getMessage()}{type(exc).__name__}: {text} (Ray Tune copies it again at its next save)"
+        record.msg = f"{record.getMessage()}{type(exc).__name__}: {text} (not fatal: Ray Tune tries again at its next save, if any)"
         record.args, record.exc_info, record.exc_text = None, None, None
     return True
 
@@ -113,7 +113,8 @@ def skip_callback_census() -> None:
     tag_callbacks), importing its MLflow, W&B, Comet and Aim integrations to compare against, and
     with them mlflow and wandb wherever they are installed: about 2 s before a sweep's first trial
     here, for a tag. The count is skipped; peftsweep's trackers import their package when a sweep
-    asks for it (tests/test_sweep_e2e.py checks that the driver imports neither otherwise)."""
+    asks for it (tests/test_sweep_e2e.py checks that the smoke sweep's driver, which tracks to W&B
+    where it is installed, imports no mlflow)."""
     from ray.air._internal import usage
 
     usage.tag_callbacks = lambda callbacks: False

@@ -46,10 +46,10 @@ def base_model_answers(config: TrialConfig, quantizes: bool) -> Baseline:
     itself. `quantizes`: whether the sweep has QLoRA trials (SweepSpec.quantizes), which a pack may
     start later in this same process."""
     from trainers.methods import without_bitsandbytes
-    from trainers.worker import baseline_answers
 
     if not quantizes:
         without_bitsandbytes()
+    from trainers.worker import baseline_answers
 
     return baseline_answers(config)
 

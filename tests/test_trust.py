@@ -145,7 +145,7 @@ def test_a_failed_copy_of_tunes_experiment_state_is_one_line():
     first, *rest = out.getvalue().splitlines()
     assert first == (
         "Saving experiment state to storage at '/s/sweep' failed with exception: FileNotFoundError: [Errno 2] "
-        "Failed to open local file '/tmp/ray/x/.0c-tmp-basic-variant-state-y.json' (Ray Tune copies it again at its next save)"
+        "Failed to open local file '/tmp/ray/x/.0c-tmp-basic-variant-state-y.json' (not fatal: Ray Tune tries again at its next save, if any)"
     )
     assert rest[0] == "another error" and rest[1] == "Traceback (most recent call last):"
 

@@ -41,8 +41,8 @@ class Method:
 
     @property
     def quantized(self) -> bool:
-        """Whether its base model loads quantized (bitsandbytes)."""
-        return self.load_options is _four_bit
+        """Whether its base model loads with options of its own: quantized, through bitsandbytes (QLoRA's 4 bits)."""
+        return self.load_options is not _no_options
 
     def uses(self, field: str) -> bool:
         """Whether this method reads the train field `field`: its own, or one every training method shares."""
@@ -117,7 +117,7 @@ def pack_key(config: TrialConfig) -> str:
         "data": config.data.model_dump(mode="json"),
         "eval": config.eval.model_dump(mode="json"),
         "resources": config.resources.model_dump(mode="json"),
-        "base": METHODS[train.method].load_options is not _no_options and (train.method, train.qlora_compute_dtype),
+        "base": METHODS[train.method].quantized and (train.method, train.qlora_compute_dtype),
         "target_modules": list(train.target_modules),
         "precision": train.precision,
         "gradient_checkpointing": train.gradient_checkpointing,

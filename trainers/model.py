@@ -196,12 +196,12 @@ def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key
 
 @contextlib.contextmanager
 def _gguf_read_once() -> Iterator[None]:
-    """transformers reads a GGUF file three times to load it (its config, its weights, its tokenizer),
-    each time with a new `gguf.GGUFReader`, which parses every metadata field element by element (the
-    whole vocabulary), and it builds gguf's tensor-name map once per module of the model: about half
-    of converting SmolLM2 here. While this runs, each file gets one reader and each map is built
-    once (both are only read: the same bytes come out). transformers imports both names from `gguf`
-    at each call, where they are swapped."""
+    """transformers reads a GGUF file three times to load it (the model's config, its weights, the
+    tokenizer's config), each time with a new `gguf.GGUFReader`, which parses every metadata field
+    element by element (the whole vocabulary), and it builds gguf's tensor-name map once per module
+    of the model: about half of converting SmolLM2 here. While this runs, each file gets one reader
+    and each map is built once (both are only read: the same bytes come out). transformers imports
+    both names from `gguf` at each call, where they are swapped."""
     import functools
 
     import gguf
