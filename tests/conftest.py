@@ -251,7 +251,8 @@ class _CountGenerations(importlib.abc.MetaPathFinder):
                 with open(os.environ["GENERATIONS_LOG"], "a") as log:
                     log.write(("trial" if hasattr(model, "peft_config") else "base") + "\\n")
                 with open(os.environ["BITSANDBYTES_LOG"], "a") as log:
-                    log.write(("imported" if sys.modules.get("bitsandbytes") else "absent") + "\\n")
+                    kind = "trial" if hasattr(model, "peft_config") else "base"
+                    log.write(kind + (":imported" if sys.modules.get("bitsandbytes") else ":absent") + "\\n")
                 return real(model, *args, **kwargs)
 
             module.generate_answers = counted
@@ -287,11 +288,13 @@ WANDB_PROJECT = "peftsweep-tests"
 class SmokeRun(Run):
     storage: Path  # storage=: Tune's checkpoints and experiment state, in storage/smoke
     generations: list[str]  # "base" or "trial", one per generate_answers call, in every process
-    bitsandbytes: list[str]  # "imported" or "absent" in that call's process, one per generate_answers call
+    bitsandbytes: list[str]  # "trial:absent", "base:imported", ...: bitsandbytes in that call's process, one per call
     driver_imports: list[str]  # which of torch, transformers, peft and mlflow the driver process imported
 
 
-def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRun:
+def _counting(work: Path, environ: dict[str, str]) -> tuple[dict[str, str], Path, Path, Path]:
+    """COUNT_GENERATIONS in every process of a sweep: its environment, and the generations,
+    bitsandbytes and driver-imports logs it writes."""
     hook = work / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(COUNT_GENERATIONS)
@@ -300,6 +303,11 @@ def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRu
         "PYTHONPATH": os.pathsep.join([str(hook), environ.get("PYTHONPATH", "")]),
         "GENERATIONS_LOG": str(log), "BITSANDBYTES_LOG": str(bnb), "DRIVER_IMPORTS_LOG": str(imports),
     }  # fmt: skip
+    return env, log, bnb, imports
+
+
+def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRun:
+    env, log, bnb, imports = _counting(work, environ)
     runs, storage = work / "runs", work / "storage"
     wandb = []  # W&B, offline, where it installs: tests/test_tracking.py reads its run files
     if importlib.util.find_spec("wandb") is not None:
@@ -430,6 +438,7 @@ PACKED_EPOCHS = 6
 @dataclass(frozen=True)
 class PackedRun(Run):
     killed_pid: int  # the pack worker, killed with -9 once a trial had two epochs in the store
+    bitsandbytes: list[str]  # as SmokeRun's: bitsandbytes in the process of each generate_answers call
 
 
 def _packed_run(work: Path, small_task: Path, environ: dict[str, str]) -> PackedRun:
@@ -437,6 +446,7 @@ def _packed_run(work: Path, small_task: Path, environ: dict[str, str]) -> Packed
     it), so that Ray Tune restarts its members, each from its own last checkpoint, in a new pack."""
     runs = work / "runs"
     db = runs / "packed_lora" / "results.db"
+    env, _, bnb, _ = _counting(work, environ)
     proc = start(
         "run", "packed_lora", "--runs-dir", str(runs),
         "--set", f"data.source={small_task}", "--set", "eval.num_prompts=4", "--set", "eval.max_new_tokens=8",
@@ -445,7 +455,7 @@ def _packed_run(work: Path, small_task: Path, environ: dict[str, str]) -> Packed
         "--set", "resources.pack=4", "--set", "search.max_concurrent_trials=4",
         "--set", "objectives=[{metric: eval_ppl, mode: min}]",
         "--set", "scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
-        base=environ,
+        env=env, base=environ,
     )  # fmt: skip
     wait_for(lambda: query(db, "SELECT count(*) FROM epochs WHERE epoch = 2")[0][0] > 0, proc)
     pid = json.loads(query(db, "SELECT metrics_json FROM epochs WHERE epoch = 2")[0][0])["worker_pid"]
@@ -453,7 +463,7 @@ def _packed_run(work: Path, small_task: Path, environ: dict[str, str]) -> Packed
     stdout, stderr = proc.communicate(timeout=600)
     done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert done.returncode == 0, stderr[-3000:]
-    return PackedRun(runs, runs / "packed_lora", done, pid)
+    return PackedRun(runs, runs / "packed_lora", done, pid, bnb.read_text().split())
 
 
 BENCHMARKS = ["epoch_folding", "search_efficiency", "overhead", "throughput", "cluster_sim", "gpu_throughput", "packing"]

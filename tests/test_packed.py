@@ -232,6 +232,13 @@ def test_a_packed_sweep_keeps_each_configuration_its_own_trial(packed_run):
     assert "packed trials: up to 4 configurations" in packed_run.proc.stderr
 
 
+def test_a_pack_worker_without_qlora_never_imports_bitsandbytes(packed_run):
+    """Its members' answers are generated in the pack worker, whose process skipped bitsandbytes
+    (hpo.packs: trainers.methods.without_bitsandbytes), as the base model's task did."""
+    assert "trial:absent" in packed_run.bitsandbytes and "base:absent" in packed_run.bitsandbytes
+    assert not [line for line in packed_run.bitsandbytes if line.endswith(":imported")], packed_run.bitsandbytes
+
+
 def test_a_killed_pack_worker_resumes_each_member_from_its_own_checkpoint(packed_run, tiny_model_dir):
     """After kill -9 of the pack worker, Tune restarted the members from their checkpoints in a new
     pack: later epochs ran in another process and say which epoch they resumed from; each epoch's
