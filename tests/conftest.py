@@ -507,11 +507,6 @@ JOBS: dict[str, Callable[[Path, Path, dict[str, str]], Any]] = {
     "benchmark_packing_gpu": _benchmark("packing", "--gpu"),
 }
 BACKGROUND_WORKERS = 2
-# The two tests that drive sweeps of their own, minutes each, one step after another (test_trust.py, test_judge_sweep.py)
-LONGEST_FIRST = {
-    "test_a_sweep_stopped_every_way_resumes_and_finishes_every_epoch_once",
-    "test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_verdicts_and_the_key_stays_secret",
-}
 _needed = pytest.StashKey[set]()
 _timings = pytest.StashKey[dict]()  # job name -> (start, end) in seconds since the session started
 _needs_model = pytest.StashKey[bool]()
@@ -519,16 +514,12 @@ _needs_model = pytest.StashKey[bool]()
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected
 def pytest_collection_modifyitems(config, items):
-    """Notes what the selected tests need, and orders them so that they wait least: first the longest
-    serial tests (LONGEST_FIRST: started late, they ran on alone after the background jobs had
-    ended, one core idle), then the tests that need no model (they run while it is copied), then
-    those that do, then the readers of the background jobs, in the order the jobs start (they run
-    while the jobs do)."""
+    """Notes what the selected tests need, and orders them so that they wait least: first the tests
+    that need no model (they run while it is built), then those that do, then the readers of the
+    background jobs, in the order the jobs start (they run while the jobs do)."""
     order = {name: rank for rank, name in enumerate(JOBS, start=2)}
 
     def waits_for(item) -> int:
-        if item.name in LONGEST_FIRST:
-            return -1
         names = getattr(item, "fixturenames", ())
         return min((order[name] for name in names if name in order), default=1 if "tiny_model_dir" in names else 0)
 
