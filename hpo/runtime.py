@@ -101,9 +101,10 @@ def _state_copy_in_one_line(record: logging.LogRecord) -> bool:
     fatal: Tune tries again at its next save, if any (the copy can race a file Tune is replacing at
     that moment: "Failed to open local file ...-tmp-basic-variant-state-..."). One line, then."""
     if record.exc_info and record.getMessage().startswith("Saving experiment state"):
+        from trainers.data import first_line
+
         exc = record.exc_info[1]
-        text = (str(exc).strip().splitlines() or [""])[0]
-        record.msg = f"{record.getMessage()}{type(exc).__name__}: {text} (not fatal: Ray Tune tries again at its next save, if any)"
+        record.msg = f"{record.getMessage()}{type(exc).__name__}: {first_line(exc)} (not fatal: Ray Tune tries again at its next save, if any)"
         record.args, record.exc_info, record.exc_text = None, None, None
     return True
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from trainers.config import ModelConfig
+from trainers.data import first_line
 from trainers.progress import Progress, duration, no_progress_bars
 
 if TYPE_CHECKING:  # torch loads with a model: finding or converting one (the checks before a sweep) never needs it
@@ -173,7 +174,7 @@ def _convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None], key
             with no_progress_bars():
                 tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{key}: cannot read {gguf_path}: {(str(exc).strip() or type(exc).__name__).splitlines()[0]}") from None
+        raise ModelError(f"{key}: cannot read {gguf_path}: {first_line(exc)}") from None
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # the weights are dense now; drop the GGUF marker that makes save_pretrained refuse
         quantizer.remove_quantization_config(model)
