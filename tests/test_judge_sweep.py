@@ -51,8 +51,9 @@ def test_an_unreachable_judge_fails_the_sweep_before_training(tmp_path, tiny_mod
 def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_verdicts_and_the_key_stays_secret(
     tmp_path, small_task, tiny_model_dir
 ):
-    """smoke on the small task, one trial at a time, each in a fresh worker process
-    (resources.reuse_workers: false). After the first trial's first epoch is judged and stored, the
+    """smoke on the small task at learning rates high enough that the first trial's answers differ
+    from the base model's from its first epoch on (identical answers are not asked), one trial at a
+    time, each in a fresh worker process (resources.reuse_workers: false). After the first trial's first epoch is judged and stored, the
     server goes away while that trial's second epoch is being judged (JudgeGate.drop: the requests
     lose their connection, then nothing answers): every epoch is kept, without verdicts.
     `rejudge --missing`, with the server back on another port, fills them."""
@@ -65,7 +66,7 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_ve
     gate = JudgeGate(longer_is_better)
     args = [
         "run", "smoke", "--runs-dir", str(runs), "--set", "search.max_concurrent_trials=1", "--set", "resources.reuse_workers=false",
-        "--set", f"data.source={small_task}",
+        "--set", f"data.source={small_task}", "--set", "search.space.learning_rate.grid=[3e-3, 1e-2]",
     ]  # fmt: skip
     judged = lambda: query(db, "SELECT count(*) FROM epochs WHERE win_rate IS NOT NULL")[0][0]  # noqa: E731
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's logs of this sweep alone (short: socket paths)
@@ -139,8 +140,10 @@ def test_a_judge_that_goes_away_mid_sweep_costs_no_training_rejudge_fills_the_ve
     export = invoke("export", "smoke", "--runs-dir", str(runs))
     rows = list(csv.DictReader(io.StringIO(export.stdout)))
     assert len(rows) == 2
-    for row in rows:
-        assert row["judge"] == f"openai (judge-model at {server.base_url})"
+    judged_first = {(e["trial_id"], e["epoch"]) for e in epochs if e["win_rate"] is not None}  # by the trial's worker
+    for row in rows:  # the judge of the trial's best epoch: the first server's, or rejudge's
+        judge_url = first_url if (row["trial_id"], int(row["best_epoch"])) in judged_first else server.base_url
+        assert row["judge"] == f"openai (judge-model at {judge_url})"
         assert float(row["wins"]) + float(row["losses"]) + float(row["ties"]) == PROMPTS
         assert float(row["retention_ppl"]) > 1 and float(row["judge_seconds"]) > 0
 
