@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Callable
 
 from ray.tune import Callback, Stopper
@@ -13,7 +14,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from hpo.errors import SweepError, last_line
 from hpo.spec import SweepSpec, flatten_params
 from hpo.store import Store
-from hpo.trial import SCORE_KEY, SPENT_KEY, STATUS_KEY
+from hpo.trial import BASELINE_FAILED, SCORE_KEY, SPENT_KEY, STATUS_KEY, FirstTrialBaseline, PendingBaseline
 from trainers.vocabulary import TrialStatus
 
 _RAY_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", SCORE_KEY}  # not stored
@@ -113,44 +114,57 @@ def _drop_answers(report: dict[str, Any]) -> None:
 
 
 class BaselineCallback(Callback):
-    """Records the base model's answers (a Ray task started with the first trials) through `record`
-    as soon as they come, and before any epoch is stored, since judging an epoch needs them.
+    """Records the base model's answers (hpo.trial: computed by the first trial to start, or by a Ray
+    task beside the first trials) through `record` as soon as they come, and before any epoch is
+    stored, since judging an epoch needs them.
 
-    If the task failed, the sweep stops: SweepError, raised out of Tuner.fit (the trials waiting
-    for the answers fail with it).
+    If they failed, or the trial computing them lost its process for good, the sweep stops:
+    SweepError, raised out of Tuner.fit (the trials waiting for the answers fail with it).
     """
 
-    def __init__(self, task: Any, record: Callable[[Any], None]):
-        self.task, self.record = task, record
+    LOOK_EVERY_S = 0.2  # between looks for the answers, while Tune's loop turns
+
+    def __init__(self, pending: PendingBaseline | FirstTrialBaseline, record: Callable[[Any], None]):
+        self.pending: PendingBaseline | FirstTrialBaseline | None = pending  # None once recorded
+        self.record = record
+        self.posted = pending if isinstance(pending, FirstTrialBaseline) else None  # removed from Ray's store at the end
+        self._next_look = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         # In Tune's experiment state: a resumed sweep reads the answers from the store.
-        return {"task": None, "record": None}
+        return {"pending": None, "record": None, "posted": None, "_next_look": 0.0}
 
     def on_step_begin(self, iteration, trials, **info):
-        import ray
-
-        if self.task is not None and ray.wait([self.task], timeout=0)[0]:
-            self.wait()
+        if self.pending is not None and time.monotonic() >= self._next_look:
+            self._next_look = time.monotonic() + self.LOOK_EVERY_S
+            if self.pending.ready():
+                self.wait()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.wait()  # an epoch was judged: the answers are there
+        # A trial waits for the answers before its first report (hpo.trial.run_trial); a task's the driver may wait for here too.
+        if self.pending is not None and (self.pending.blocks or self.pending.ready()):
+            self.wait()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self.pending is not None and self.pending.lost(trial.trial_id):
+            self.pending = None
+            raise SweepError(BASELINE_FAILED.format(f"trial {trial.trial_id}, which was computing them, lost its process"))
 
     def on_experiment_end(self, trials, **info):
-        self.wait()  # every trial failed before its first judging, or the sweep was interrupted
+        # every trial failed before its first judging, or the sweep was interrupted (a resumed sweep computes missing answers)
+        try:
+            if self.pending is not None and (self.pending.blocks or self.pending.ready()):
+                self.wait()
+        finally:
+            if self.posted is not None:
+                self.posted.forget()
 
     def wait(self) -> None:
-        import ray
-
-        if self.task is None:
+        """Records the answers, waiting for them if they are not there yet; SweepError if they failed."""
+        if self.pending is None:
             return
-        task, self.task = self.task, None
-        try:
-            base = ray.get(task)
-        except ray.exceptions.RayError as exc:
-            cause = getattr(exc, "cause", None) or exc
-            raise SweepError(f"the base model could not answer the judged prompts: {last_line(str(cause))}") from None
-        self.record(base)
+        pending, self.pending = self.pending, None
+        self.record(pending.get())
 
 
 class GpuHoursBudget(Stopper):

@@ -28,7 +28,7 @@ from hpo.space import param_space, scheduler, search_alg
 from hpo.spec import Sweep, SweepSpec
 from hpo.store import Store
 from hpo.teacher import with_teacher
-from hpo.trial import SCORE_KEY, PendingBaseline, base_model_answers, trainable
+from hpo.trial import SCORE_KEY, Answers, FirstTrialBaseline, PendingBaseline, base_model_answers, trainable
 from tracking.hooks import finish_tracking, start_tracking
 from tracking.mlflow_runs import absolute_uri
 from trainers.vocabulary import FINISHED, SweepStatus, TrialStatus
@@ -97,11 +97,11 @@ def run_sweep(
             store.set_tracking(tracker, record)
 
         def tuner() -> Any:
-            # The base model answers while the first trials start; they wait for its answers at their first judging.
-            task = _start_baseline(spec, progress)
-            recorder = BaselineCallback(task, lambda base: _record_baseline(store, progress, base))
+            # The base model answers as the first trials start; they wait for its answers at their first judging.
+            pending = _pending_baseline(spec, progress)
+            recorder = BaselineCallback(pending, lambda base: _record_baseline(store, progress, base))
             callbacks = [recorder, StoreCallback(store, spec), progress, *trackers.callbacks]  # the trackers read what the store wrote
-            return make_tuner(spec, PendingBaseline(task), run_dir, callbacks)
+            return make_tuner(spec, pending, run_dir, callbacks)
 
         return _drive(tuner, store, spec, progress, run_dir, address)
 
@@ -132,13 +132,14 @@ def resume_sweep(name: str, *, runs_dir: str | None = None, address: str | None 
 
         def tuner() -> Any:
             # Tune restores the searcher, the scheduler and the callbacks (they reopen the store) with the trials.
-            return tune.Tuner.restore(experiment, trainable=trainable(spec, baseline), resume_unfinished=True, resume_errored=True)
+            answers = baseline or _answer_now(spec, store, progress)
+            return tune.Tuner.restore(experiment, trainable=trainable(spec, answers), resume_unfinished=True, resume_errored=True)
 
         return _drive(tuner, store, spec, progress, run_dir, address)
 
 
 def _resumable(store: Store, run_dir: Path) -> tuple[SweepSpec, list[str]]:
-    """The stored sweep's spec and the base model's answers, or why it cannot be resumed."""
+    """The stored sweep's spec and the base model's answers (if it recorded them), or why it cannot be resumed."""
     from ray import tune
 
     name, sweep = run_dir.name, store.sweep()
@@ -147,10 +148,7 @@ def _resumable(store: Store, run_dir: Path) -> tuple[SweepSpec, list[str]]:
     spec = SweepSpec.from_store(sweep["spec"], store.path)
     if not tune.Tuner.can_restore(experiment_path(spec, run_dir)):
         raise SweepError(f"sweep {name} stopped before its first trial started, so there is nothing to resume; run it again with --overwrite")
-    baseline = [row["answer"] for row in store.baseline()]
-    if not baseline:
-        raise SweepError(f"sweep {name} stopped before the base model answered; run it again with --overwrite")
-    return spec, baseline
+    return spec, [row["answer"] for row in store.baseline()]  # none if it stopped before the base model answered
 
 
 def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCallback, run_dir: Path, address: str | None) -> SweepOutcome:
@@ -224,25 +222,38 @@ def _record_end(store: Store, spec: SweepSpec, run_dir: Path, seconds: float) ->
     return SweepOutcome(run_dir, status, note)
 
 
-def _start_baseline(spec: SweepSpec, progress: ProgressCallback) -> Any:
-    """The untouched base model answers the judged prompts once per sweep: a Ray task (the driver
-    never loads a model); its ObjectRef.
-
-    On GPUs it holds a trial's GPUs. On CPUs it holds no CPU slot, so that every first trial starts
-    beside it (their worker processes start, load the model and train their first epoch while it
-    answers): the CPUs are briefly shared by one process more than there are slots, instead of a
-    slot waiting for it.
+def _pending_baseline(spec: SweepSpec, progress: ProgressCallback) -> PendingBaseline | FirstTrialBaseline:
+    """The untouched base model answers the judged prompts once per sweep, while the first trials
+    start (the driver never loads a model): in the process of the first trial to start, before it
+    trains (hpo.trial.FirstTrialBaseline), or in a packed sweep in a Ray task of their own.
     """
-    import ray
-
     # the tiny model was built before Ray started (hpo.checks.check_inputs), with its own progress lines
     progress.say(f"Answering {spec.eval.num_prompts} judged prompts with the untouched base model ({spec.model.name}) ...")
+    if spec.resources.pack > 1:  # a pack's member trials hold no model (their pack worker does)
+        return _baseline_task(spec)
+    return FirstTrialBaseline.new()
+
+
+def _answer_now(spec: SweepSpec, store: Store, progress: ProgressCallback) -> list[str]:
+    """The answers of a resumed sweep that stopped before its base model answered, before its trials go on."""
+    progress.say(f"Answering {spec.eval.num_prompts} judged prompts with the untouched base model ({spec.model.name}), first ...")
+    base = _baseline_task(spec).get()
+    _record_baseline(store, progress, base)
+    return base.answers
+
+
+def _baseline_task(spec: SweepSpec) -> PendingBaseline:
+    """The base model's answers in a Ray task. On GPUs it holds a trial's GPUs. On CPUs it holds no
+    CPU slot, so that every first trial starts beside it: the CPUs are briefly shared by one process
+    more than there are slots, instead of a slot waiting for it."""
+    import ray
+
     task = ray.remote(base_model_answers).options(
         num_cpus=spec.resources.cpus_per_trial if spec.resources.gpus_per_trial else 0,
         num_gpus=spec.resources.gpus_per_trial,
         max_retries=0,
     )
-    return task.remote(spec.trial_config({}), spec.quantizes)
+    return PendingBaseline(task.remote(spec.trial_config({}), spec.quantizes))
 
 
 def _record_baseline(store: Store, progress: ProgressCallback, base: Any) -> None:
@@ -255,7 +266,7 @@ def _record_baseline(store: Store, progress: ProgressCallback, base: Any) -> Non
     progress.say(f"Base model: eval_ppl {base.eval_ppl:.3f}{retention}")
 
 
-def make_tuner(spec: SweepSpec, baseline: list[str] | PendingBaseline, run_dir: Path, callbacks: list[Any], trial: Any = None) -> Any:
+def make_tuner(spec: SweepSpec, baseline: Answers, run_dir: Path, callbacks: list[Any], trial: Any = None) -> Any:
     """Ray Tune's Tuner for the sweep: its space, searcher, scheduler, budgets, retries and checkpoint keeping.
 
     `trial` replaces hpo.trial.run_trial (the benchmarks' stand-ins that report without training).

@@ -7,15 +7,19 @@ keys below: a closing report's status, the checkpoint score, and the GPU-hours s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import json
 import math
 import tempfile
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpo.errors import last_line
+from hpo.errors import SweepError, last_line
 from hpo.spec import SweepSpec
 from hpo.store import epoch_score
 from trainers.vocabulary import Baseline, EpochMetrics, TrialResult, TrialStatus
@@ -31,14 +35,118 @@ SCORE_KEY = "checkpoint_score"
 SPENT_KEY = "spent_gpu_hours"  # GPU-hours a trial has held so far, in every report (the budget's input)
 
 
+# Why the base model's answers failed, as the sweep's one line (the CLI prints it and exits 2).
+BASELINE_FAILED = "the base model could not answer the judged prompts: {}"
+
+
 @dataclass(frozen=True)
 class PendingBaseline:
-    """The Ray task computing the base model's answers, while the sweep's first trials start.
+    """The Ray task computing the base model's answers, while the sweep's first trials start: a
+    packed sweep's (its member trials hold no model), or a resumed sweep's that stopped before them.
 
     Wrapped, because tune.with_parameters would wait for a bare ObjectRef before the trial starts.
     """
 
     task: Any  # ray.ObjectRef of base_model_answers (a trainers.vocabulary.Baseline)
+    blocks = True  # the driver may wait for it: a task ends, or fails with an error
+
+    def ready(self) -> bool:
+        import ray
+
+        return bool(ray.wait([self.task], timeout=0)[0])
+
+    def get(self) -> Baseline:
+        """The answers, once computed; SweepError if the task failed."""
+        import ray
+
+        try:
+            return ray.get(self.task)
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise SweepError(BASELINE_FAILED.format(last_line(str(cause)))) from None
+
+    def lost(self, trial_id: str) -> bool:
+        return False  # no trial computes them
+
+
+@dataclass(frozen=True)
+class FirstTrialBaseline:
+    """The base model's answers, computed by the sweep's first trial to start, in its own process
+    before it trains, and posted for the driver and the other trials in Ray's key-value store (the
+    GCS, as Ray Tune keeps its registry) under `key`.
+
+    A Ray task of their own would start one more worker process, which imports torch and
+    transformers again: about 4 CPU-seconds of every sweep, a fifth of a one-trial sweep's CPU on
+    the tiny model (docs/BENCHMARKS.md, section 1). Every other trial waits for the answers at its
+    first judging, and before its first report (so the driver never waits for them).
+    """
+
+    key: str
+    blocks = False  # the driver never waits for it: the trial answering may lose its process
+
+    @classmethod
+    def new(cls) -> FirstTrialBaseline:
+        return cls(f"baseline-{uuid.uuid4().hex}")
+
+    def claim(self, trial_id: str) -> bool:
+        """Whether this trial answers: the first one to ask, or the same trial restarted after its process was lost."""
+        kv = _kv()
+        taken = kv._internal_kv_put(f"{self.key}/claim", trial_id, overwrite=False, namespace=_KV_NAMESPACE)
+        return not taken or self.claimant() == trial_id
+
+    def claimant(self) -> str | None:
+        value = _kv()._internal_kv_get(f"{self.key}/claim", namespace=_KV_NAMESPACE)
+        return value.decode() if value is not None else None
+
+    def answer(self, config: TrialConfig) -> list[str]:
+        """Computes the answers in this process and posts them, or why they failed."""
+        from trainers.worker import baseline_answers, release_memory
+
+        try:
+            base = baseline_answers(config)
+        except Exception as exc:
+            self._post("error", str(exc).encode())
+            raise
+        finally:
+            release_memory()  # the base model goes before the trial loads its own
+        self._post("answers", json.dumps(dataclasses.asdict(base)).encode())
+        return base.answers
+
+    def ready(self) -> bool:
+        """Whether the answers, or why they failed, are posted."""
+        return any(_kv()._internal_kv_exists(f"{self.key}/{kind}", namespace=_KV_NAMESPACE) for kind in ("answers", "error"))
+
+    def get(self, poll_seconds: float = 0.1) -> Baseline:
+        """The answers, waiting until they are posted; SweepError if the base model failed."""
+        kv = _kv()
+        while True:
+            if (answers := kv._internal_kv_get(f"{self.key}/answers", namespace=_KV_NAMESPACE)) is not None:
+                return Baseline(**json.loads(answers))
+            if (error := kv._internal_kv_get(f"{self.key}/error", namespace=_KV_NAMESPACE)) is not None:
+                raise SweepError(BASELINE_FAILED.format(last_line(error.decode())))
+            time.sleep(poll_seconds)
+
+    def lost(self, trial_id: str) -> bool:
+        """Whether `trial_id`, which ended with an error, was answering and took the answers with it."""
+        return self.claimant() == trial_id and not self.ready()
+
+    def forget(self) -> None:
+        """Removes them from Ray's store (a cluster's outlives the sweep); a local Ray's goes with it anyway."""
+        with contextlib.suppress(Exception):  # at the sweep's end, interrupted or not: never worth an error
+            _kv()._internal_kv_del(self.key, del_by_prefix=True, namespace=_KV_NAMESPACE)
+
+    def _post(self, kind: str, value: bytes) -> None:
+        _kv()._internal_kv_put(f"{self.key}/{kind}", value, namespace=_KV_NAMESPACE)
+
+
+_KV_NAMESPACE = "peftsweep"
+
+
+def _kv() -> Any:
+    # Ray's own key-value API, which Ray Tune's registry uses; private, so tests/test_reliability.py checks it with the installed ray.
+    from ray.experimental import internal_kv
+
+    return internal_kv
 
 
 def base_model_answers(config: TrialConfig, quantizes: bool) -> Baseline:
@@ -54,7 +162,12 @@ def base_model_answers(config: TrialConfig, quantizes: bool) -> Baseline:
     return baseline_answers(config)
 
 
-def trainable(spec: SweepSpec, baseline: list[str] | PendingBaseline, trial: Any = None) -> Any:
+# The base model's answers as a trial gets them: computed already (a resumed sweep's, from the
+# store), or still being computed.
+Answers = list[str] | PendingBaseline | FirstTrialBaseline
+
+
+def trainable(spec: SweepSpec, baseline: Answers, trial: Any = None) -> Any:
     """`trial` (default run_trial; a benchmark's stand-in) with the sweep's spec and the base model's
     answers bound, and each trial's resources."""
     from ray import tune
@@ -81,7 +194,7 @@ def packed(spec: SweepSpec, config: TrialConfig) -> bool:
     return spec.resources.pack > 1 and why_alone(config) is None
 
 
-def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str] | PendingBaseline) -> None:
+def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: Answers) -> None:
     """The Ray Tune trainable: a thin adapter from Tune to the worker.
 
     Every epoch is checkpointed, so a trial whose process or node is lost restarts from its last
@@ -107,6 +220,8 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str] | Pen
 
     def report(metrics: EpochMetrics, save: Any) -> None:
         nonlocal held_since
+        if callable(answers):
+            answers()  # the driver stores no epoch before the base model's answers (hpo.callbacks.BaselineCallback)
         gpu_hours = (metrics["train_seconds"] + metrics["eval_seconds"]) * gpus / 3600
         score = epoch_score(metrics.get(objective.metric), metrics["epoch"], objective.mode)
         last.clear()
@@ -125,6 +240,7 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str] | Pen
     checkpoint = tune.get_checkpoint()  # set when Tune restarts a lost trial, or on `peftsweep resume`
     trace = None
     try:
+        answers = _answers(baseline, spec)  # the first trial to start computes them here, first
         # as_directory reads a local checkpoint in place; a copy (from an object store) is removed
         # once the training has read it, so no checkpoint_tmp_* folder outlives the trial.
         with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
@@ -136,7 +252,7 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: list[str] | Pen
             else:
                 from trainers.worker import train
 
-                result = train(config, _answers(baseline), report, resume_from)
+                result = train(config, answers, report, resume_from)
     except Exception as exc:
         if isinstance(exc, PackLost):  # as a lost process: Tune restarts the trial from its checkpoint
             raise
@@ -156,13 +272,17 @@ def release_memory(in_pack: bool) -> None:
         release_memory()
 
 
-def _answers(baseline: list[str] | PendingBaseline) -> BaseAnswers:
-    """The base model's answers, or while they are still being computed a function that the worker
-    calls at its first judging, which waits for them."""
-    import ray
+def _answers(baseline: Answers, spec: SweepSpec | None = None) -> BaseAnswers:
+    """The base model's answers, or while they are still being computed a function that waits for
+    them (called at the first judging, and before the first report). The first trial of a sweep to
+    start (FirstTrialBaseline) computes them now, in its process: `spec` gives their configuration."""
+    if isinstance(baseline, FirstTrialBaseline):
+        from ray import tune
 
-    if isinstance(baseline, PendingBaseline):
-        return lambda: ray.get(baseline.task).answers
+        if baseline.claim(tune.get_context().get_trial_id()) and not baseline.ready():
+            return baseline.answer(spec.trial_config({}))
+    if isinstance(baseline, (PendingBaseline, FirstTrialBaseline)):
+        return functools.cache(lambda: baseline.get().answers)
     return baseline
 
 

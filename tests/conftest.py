@@ -249,7 +249,7 @@ class _CountGenerations(importlib.abc.MetaPathFinder):
 
             def counted(model, *args, **kwargs):
                 with open(os.environ["GENERATIONS_LOG"], "a") as log:
-                    log.write(("trial" if hasattr(model, "peft_config") else "base") + "\\n")
+                    log.write(("trial" if hasattr(model, "peft_config") else "base") + f"@{os.getpid()}\\n")
                 with open(os.environ["BITSANDBYTES_LOG"], "a") as log:
                     kind = "trial" if hasattr(model, "peft_config") else "base"
                     log.write(kind + (":imported" if sys.modules.get("bitsandbytes") else ":absent") + "\\n")
@@ -288,6 +288,7 @@ WANDB_PROJECT = "peftsweep-tests"
 class SmokeRun(Run):
     storage: Path  # storage=: Tune's checkpoints and experiment state, in storage/smoke
     generations: list[str]  # "base" or "trial", one per generate_answers call, in every process
+    generation_pids: list[int]  # the process of each call
     bitsandbytes: list[str]  # "trial:absent", "base:imported", ...: bitsandbytes in that call's process, one per call
     driver_imports: list[str]  # which of torch, transformers, peft and mlflow the driver process imported
 
@@ -318,7 +319,11 @@ def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRu
         "--set", "search.space.learning_rate.grid=[1e-9, 3e-3]", "--set", f"data.source={small_task}", *wandb, env=env, base=environ,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return SmokeRun(runs, runs / "smoke", proc, storage, log.read_text().split(), bnb.read_text().split(), imports.read_text().split())
+    calls = [entry.split("@") for entry in log.read_text().split()]
+    return SmokeRun(
+        runs, runs / "smoke", proc, storage, [kind for kind, _ in calls], [int(pid) for _, pid in calls],
+        bnb.read_text().split(), imports.read_text().split(),
+    )  # fmt: skip
 
 
 def _variants_run(work: Path, small_task: Path, environ: dict[str, str]) -> Run:

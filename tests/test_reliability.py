@@ -285,11 +285,16 @@ def test_a_failed_peak_reset_is_said_and_no_earlier_peak_fails_the_trial(data, b
 
 
 
-# A local Ray (1 CPU) in a process of its own; the base model's task fails, then one answers.
+# A local Ray (1 CPU) in a process of its own. A task: it fails, then one answers. The first trial's
+# answers: two trials claim them, the first answers (here with a model path that does not exist), the
+# other gets the first's error; a trial that claimed them and lost its process stops the sweep.
 BASELINE_TASKS = """
+import types
 import ray
 from hpo.callbacks import BaselineCallback
 from hpo.errors import SweepError
+from hpo.trial import FirstTrialBaseline, PendingBaseline
+from trainers.config import ModelConfig, TrialConfig
 
 def fails():
     raise OSError("model.safetensors: not a safetensors file")
@@ -299,25 +304,66 @@ def answers():
 
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 try:
-    BaselineCallback(ray.remote(fails).options(max_retries=0).remote(), print).wait()
+    BaselineCallback(PendingBaseline(ray.remote(fails).options(max_retries=0).remote()), print).wait()
 except SweepError as exc:
     print(exc)
 recorded = []
-callback = BaselineCallback(ray.remote(answers).remote(), recorded.append)
+callback = BaselineCallback(PendingBaseline(ray.remote(answers).remote()), recorded.append)
 callback.on_trial_result(0, [], None, {})  # an epoch came: the answers are recorded first, once
 callback.on_experiment_end([])
 print(recorded)
+
+first = FirstTrialBaseline.new()
+callback = BaselineCallback(first, print)
+print(first.claim("t_00000"), first.claim("t_00001"), first.claim("t_00000"), first.claimant(), first.ready())
+callback.on_trial_result(0, [], None, {})  # nothing posted yet: the driver does not wait
+try:
+    first.answer(TrialConfig(model=ModelConfig(name="/no/such/model")))
+except Exception as exc:
+    print("the first trial:", type(exc).__name__)
+try:
+    first.get()
+except SweepError as exc:
+    print("the second trial:", exc)
+print(first.ready(), first.lost("t_00000"))
+try:
+    callback.on_step_begin(0, [])
+except SweepError as exc:
+    print("the driver:", exc)
+callback.on_experiment_end([])
+print(first.claimant())  # forgotten at the end
+
+lost = FirstTrialBaseline.new()
+lost.claim("t_00000")
+callback = BaselineCallback(lost, print)
+callback.on_trial_error(0, [], types.SimpleNamespace(trial_id="t_00001"))  # another trial's error: nothing to do with them
+try:
+    callback.on_trial_error(0, [], types.SimpleNamespace(trial_id="t_00000"))
+except SweepError as exc:
+    print(exc)
 ray.shutdown()
 """
 
 
-def test_the_base_models_answers_are_recorded_once_and_its_failure_is_one_line():
-    """hpo.callbacks.BaselineCallback: the base model answers in a Ray task beside the first trials
-    (hpo.driver); its answers are recorded before the first epoch, once, and a task that failed
-    becomes the sweep's one-line SweepError (the CLI prints it and exits 2)."""
+def test_the_base_models_answers_are_recorded_once_and_their_failure_is_one_line():
+    """hpo.callbacks.BaselineCallback and hpo.trial's two ways of computing the base model's answers
+    (the first trial to start, or a Ray task): the answers are recorded once, before the first epoch;
+    the trials wait for them, never the driver for a trial; a failure, or the loss of the trial
+    computing them, becomes the sweep's one-line SweepError (the CLI prints it and exits 2)."""
     proc = subprocess.run([sys.executable, "-c", BASELINE_TASKS], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines() == [
-        "the base model could not answer the judged prompts: model.safetensors: not a safetensors file",
+    failed = "the base model could not answer the judged prompts: "
+    lines = proc.stdout.splitlines()
+    assert lines[:4] == [
+        failed + "model.safetensors: not a safetensors file",
         "['the answers']",
-    ]
+        "True False True t_00000 False",
+        "the first trial: ModelError",
+    ], lines
+    assert lines[4].startswith("the second trial: " + failed) and "/no/such/model" in lines[4], lines
+    assert lines[5:] == [
+        "True False",
+        "the driver: " + lines[4].removeprefix("the second trial: "),
+        "None",
+        failed + "trial t_00000, which was computing them, lost its process",
+    ], lines

@@ -73,8 +73,19 @@ def test_trials_that_differ_only_in_learning_rate_cost_exactly_the_same_flops(sm
 def test_the_base_model_answers_once_per_sweep(smoke_run):
     """Generation is counted in every process of the sweep, Ray's workers included (conftest's
     COUNT_GENERATIONS, a `sitecustomize` module on the sweep's PYTHONPATH)."""
-    assert smoke_run.generations.count("base") == 1  # the baseline task, once
+    assert smoke_run.generations.count("base") == 1  # once, by the first trial
     assert smoke_run.generations.count("trial") == TRIALS * SMOKE_EPOCHS  # each trial after each epoch (8 prompts: one batch)
+
+
+def test_the_base_model_answers_in_the_first_trials_process(smoke_run):
+    """hpo.trial.FirstTrialBaseline: no process of its own (about 4 CPU-seconds of imports per sweep);
+    the first trial's process answers before it trains, and the store has the answers."""
+    base = smoke_run.generation_pids[smoke_run.generations.index("base")]
+    first_trial = smoke_run.generation_pids[smoke_run.generations.index("trial")]
+    assert base == first_trial
+    conn = sqlite3.connect(smoke_run.db)
+    assert conn.execute("SELECT count(*) FROM baseline WHERE answer IS NOT NULL").fetchone()[0] == PROMPTS
+    assert "Base model: eval_ppl" in smoke_run.proc.stderr + smoke_run.proc.stdout
 
 
 def test_the_driver_never_imports_torch(smoke_run):

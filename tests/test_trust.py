@@ -343,10 +343,18 @@ def test_a_sweep_stopped_every_way_resumes_and_finishes_every_epoch_once(tmp_pat
         assert line.startswith("peftsweep: failed: cannot write") and ("full" in line or "No space left" in line), line
         assert "`peftsweep resume sweep` continues" in line and "Traceback" not in err
 
-        # 5. Space again: the last resume finishes the sweep.
+        # 5. Space again: the last resume finishes the sweep. Its store has lost the base model's answers,
+        # as a sweep stopped before they came (in its first seconds): the resume measures them first.
         filler.unlink()
+        answered = query(db, "SELECT * FROM baseline ORDER BY prompt_id")
+        conn = sqlite3.connect(db)  # foreign keys are off in a plain connection: the judgments of the answers stay
+        with conn:
+            conn.execute("DELETE FROM baseline")
+        conn.close()
         last = peftsweep("resume", "sweep", "--runs-dir", str(runs), env=env)
     assert last.returncode == 0, last.stderr[-3000:]
+    assert "judged prompts with the untouched base model (tiny), first ..." in last.stderr
+    assert query(db, "SELECT * FROM baseline ORDER BY prompt_id") == answered and answered
     assert last.stdout.strip() == str(runs / "sweep" / "report.html")
     assert query(db, "SELECT status FROM sweep") == [("completed",)]
     trials = {t: (status, started) for t, status, started in query(db, "SELECT trial_id, status, started_at FROM trials")}

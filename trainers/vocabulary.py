@@ -168,8 +168,8 @@ class TrialResult:
 
 @dataclass
 class Baseline:
-    """The untouched base model on the judged prompts and the eval sets, measured once per sweep (a
-    Ray task's result: defined here, so that the driver reads it without importing the worker, torch)."""
+    """The untouched base model on the judged prompts and the eval sets, measured once per sweep
+    (hpo.trial: defined here, so that the driver reads it without importing the worker, torch)."""
 
     prompts: list[str]
     references: list[str]
