@@ -10,7 +10,8 @@ the ratio is the median makespan of (a) over that of (b).
     .venv/bin/python -m benchmarks.overhead [--trials 8] [--epochs 1] [--repeats 3] [--concurrency 2] [--quick]
 
 The breakdown says where (a)'s extra time goes: start-up (imports, input checks and Ray's start),
-the base model's answers (a Ray task in a fresh worker process), the trainings, and what follows
+the base model's answers (in the first trial's worker, before it trains; the plain script: in its
+first pool process), the trainings, and what follows
 them (Ray's shutdown, the report); per trial, the seconds a trial is held beyond its training and
 evaluation (a fresh process, imports, model load, tokenizing, checkpoints) against the plain
 script's reused processes.
@@ -99,7 +100,7 @@ def run_plain(sweep: Path, concurrency: int) -> dict[str, float]:
 PHASES = [
     ("makespan, launch to exit", "makespan"),
     ("start-up: imports, input checks, Ray start (plain: imports)", "startup"),
-    ("base model answers the judged prompts (peftsweep: a Ray task beside the first trials)", "baseline"),
+    ("Ray up to the base model's answers (peftsweep: the first trial's worker, before it trains)", "baseline"),
     ("launch to the first training's start", "to_first_training"),
     ("first training's start to the last one's end", "trainings"),
     ("after the last training: Ray shutdown, report, exit", "after"),

@@ -11,10 +11,10 @@ from typing import Any, Callable
 from ray.tune import Callback, Stopper
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from hpo.errors import SweepError, last_line
+from hpo.errors import last_line
 from hpo.spec import SweepSpec, flatten_params
 from hpo.store import Store
-from hpo.trial import BASELINE_FAILED, SCORE_KEY, SPENT_KEY, STATUS_KEY, FirstTrialBaseline, PendingBaseline
+from hpo.trial import SCORE_KEY, SPENT_KEY, STATUS_KEY, FirstTrialBaseline, PendingBaseline
 from trainers.vocabulary import TrialStatus
 
 _RAY_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", SCORE_KEY}  # not stored
@@ -118,21 +118,24 @@ class BaselineCallback(Callback):
     task beside the first trials) through `record` as soon as they come, and before any epoch is
     stored, since judging an epoch needs them.
 
-    If they failed, or the trial computing them lost its process for good, the sweep stops:
-    SweepError, raised out of Tuner.fit (the trials waiting for the answers fail with it).
+    If they failed, the sweep stops: SweepError, raised out of Tuner.fit (the trials waiting for
+    the answers fail with it). A trial that was computing them and ended, or lost its process,
+    without posting them, leaves them to the next trial that asks (FirstTrialBaseline.release).
     """
 
     LOOK_EVERY_S = 0.2  # between looks for the answers, while Tune's loop turns
+    # Class defaults: a callback restored from the experiment state of an older version has none of these.
+    pending: PendingBaseline | FirstTrialBaseline | None = None  # None once recorded
+    posted: FirstTrialBaseline | None = None  # removed from Ray's store at the end
+    _next_look = 0.0
 
     def __init__(self, pending: PendingBaseline | FirstTrialBaseline, record: Callable[[Any], None]):
-        self.pending: PendingBaseline | FirstTrialBaseline | None = pending  # None once recorded
-        self.record = record
-        self.posted = pending if isinstance(pending, FirstTrialBaseline) else None  # removed from Ray's store at the end
-        self._next_look = 0.0
+        self.pending, self.record = pending, record
+        self.posted = pending if isinstance(pending, FirstTrialBaseline) else None
 
     def __getstate__(self) -> dict[str, Any]:
         # In Tune's experiment state: a resumed sweep reads the answers from the store.
-        return {"pending": None, "record": None, "posted": None, "_next_look": 0.0}
+        return {"pending": None, "record": None, "posted": None}
 
     def on_step_begin(self, iteration, trials, **info):
         if self.pending is not None and time.monotonic() >= self._next_look:
@@ -145,10 +148,14 @@ class BaselineCallback(Callback):
         if self.pending is not None and (self.pending.blocks or self.pending.ready()):
             self.wait()
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._release(trial)  # Tune restarts it behind the trials waiting for its answers: one of them computes them
+
     def on_trial_error(self, iteration, trials, trial, **info):
-        if self.pending is not None and self.pending.lost(trial.trial_id):
-            self.pending = None
-            raise SweepError(BASELINE_FAILED.format(f"trial {trial.trial_id}, which was computing them, lost its process"))
+        self._release(trial)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._release(trial)
 
     def on_experiment_end(self, trials, **info):
         # every trial failed before its first judging, or the sweep was interrupted (a resumed sweep computes missing answers)
@@ -165,6 +172,10 @@ class BaselineCallback(Callback):
             return
         pending, self.pending = self.pending, None
         self.record(pending.get())
+
+    def _release(self, trial: Any) -> None:
+        if isinstance(self.pending, FirstTrialBaseline):
+            self.pending.release(trial.trial_id)
 
 
 class GpuHoursBudget(Stopper):

@@ -86,6 +86,9 @@ def init_ray(address: str | None) -> None:
     # Tune's default result loggers (JSON, CSV, TensorBoard) duplicate the store, and tensorboardX
     # prints "NaN or Inf found in input tensor." for a failed trial's worst values.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune logs a trial's lost process or error with Ray's whole traceback; the progress lines say it
+    # in one (hpo.progress), the store keeps the error, and Tune its error file in the trial's folder.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     try:
         ray.init(
             address=address,

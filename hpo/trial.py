@@ -65,9 +65,6 @@ class PendingBaseline:
             cause = getattr(exc, "cause", None) or exc
             raise SweepError(BASELINE_FAILED.format(last_line(str(cause)))) from None
 
-    def lost(self, trial_id: str) -> bool:
-        return False  # no trial computes them
-
 
 @dataclass(frozen=True)
 class FirstTrialBaseline:
@@ -76,9 +73,11 @@ class FirstTrialBaseline:
     GCS, as Ray Tune keeps its registry) under `key`.
 
     A Ray task of their own would start one more worker process, which imports torch and
-    transformers again: about 4 CPU-seconds of every sweep, a fifth of a one-trial sweep's CPU on
-    the tiny model (docs/BENCHMARKS.md, section 1). Every other trial waits for the answers at its
-    first judging, and before its first report (so the driver never waits for them).
+    transformers again: about 4 CPU-seconds of every sweep (docs/BENCHMARKS.md, section 1). Every
+    other trial waits for the answers at its first judging and before its first report, so the
+    driver never waits for them. If the trial computing them ends without posting them (its process
+    lost, Tune restarting it behind the trials that wait), the driver releases its claim
+    (BaselineCallback) and the next trial that waits computes them.
     """
 
     key: str
@@ -88,36 +87,31 @@ class FirstTrialBaseline:
     def new(cls) -> FirstTrialBaseline:
         return cls(f"baseline-{uuid.uuid4().hex}")
 
+    def answers(self, trial_id: str, spec: SweepSpec, poll_seconds: float = 0.1) -> list[str]:
+        """In a trial: the answers, computed here if no other trial is computing them, else once posted."""
+        while True:
+            if self.ready():
+                return self.get().answers
+            if self.claim(trial_id):
+                return self._answer(spec)
+            time.sleep(poll_seconds)
+
     def claim(self, trial_id: str) -> bool:
-        """Whether this trial answers: the first one to ask, or the same trial restarted after its process was lost."""
-        kv = _kv()
-        taken = kv._internal_kv_put(f"{self.key}/claim", trial_id, overwrite=False, namespace=_KV_NAMESPACE)
+        """Whether this trial computes them: the first one to ask, the same trial restarted, or the
+        first to ask after the driver released a lost trial's claim."""
+        taken = _kv()._internal_kv_put(f"{self.key}/claim", trial_id, overwrite=False, namespace=_KV_NAMESPACE)
         return not taken or self.claimant() == trial_id
 
     def claimant(self) -> str | None:
         value = _kv()._internal_kv_get(f"{self.key}/claim", namespace=_KV_NAMESPACE)
         return value.decode() if value is not None else None
 
-    def answer(self, config: TrialConfig) -> list[str]:
-        """Computes the answers in this process and posts them, or why they failed."""
-        from trainers.worker import baseline_answers, release_memory
-
-        try:
-            base = baseline_answers(config)
-        except Exception as exc:
-            self._post("error", str(exc).encode())
-            raise
-        finally:
-            release_memory()  # the base model goes before the trial loads its own
-        self._post("answers", json.dumps(dataclasses.asdict(base)).encode())
-        return base.answers
-
     def ready(self) -> bool:
         """Whether the answers, or why they failed, are posted."""
         return any(_kv()._internal_kv_exists(f"{self.key}/{kind}", namespace=_KV_NAMESPACE) for kind in ("answers", "error"))
 
     def get(self, poll_seconds: float = 0.1) -> Baseline:
-        """The answers, waiting until they are posted; SweepError if the base model failed."""
+        """The answers, once posted; SweepError if the base model failed."""
         kv = _kv()
         while True:
             if (answers := kv._internal_kv_get(f"{self.key}/answers", namespace=_KV_NAMESPACE)) is not None:
@@ -126,14 +120,31 @@ class FirstTrialBaseline:
                 raise SweepError(BASELINE_FAILED.format(last_line(error.decode())))
             time.sleep(poll_seconds)
 
-    def lost(self, trial_id: str) -> bool:
-        """Whether `trial_id`, which ended with an error, was answering and took the answers with it."""
-        return self.claimant() == trial_id and not self.ready()
+    def release(self, trial_id: str) -> bool:
+        """In the driver, once `trial_id` ended or lost its process: if it was computing the answers
+        and posted nothing, the next trial to ask computes them. Whether it released them."""
+        if self.claimant() != trial_id or self.ready():
+            return False
+        _kv()._internal_kv_del(f"{self.key}/claim", namespace=_KV_NAMESPACE)
+        return True
 
     def forget(self) -> None:
         """Removes them from Ray's store (a cluster's outlives the sweep); a local Ray's goes with it anyway."""
         with contextlib.suppress(Exception):  # at the sweep's end, interrupted or not: never worth an error
             _kv()._internal_kv_del(self.key, del_by_prefix=True, namespace=_KV_NAMESPACE)
+
+    def _answer(self, spec: SweepSpec) -> list[str]:
+        """Computes the answers in this process and posts them, or why they failed."""
+        from trainers.worker import baseline_answers, release_memory
+
+        try:
+            base = baseline_answers(spec.trial_config({}))
+            release_memory()  # the base model goes before the trial loads its own
+            self._post("answers", json.dumps(dataclasses.asdict(base)).encode())
+        except Exception as exc:
+            self._post("error", (str(exc) or type(exc).__name__).encode())
+            raise
+        return base.answers
 
     def _post(self, kind: str, value: bytes) -> None:
         _kv()._internal_kv_put(f"{self.key}/{kind}", value, namespace=_KV_NAMESPACE)
@@ -241,6 +252,7 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: Answers) -> Non
     trace = None
     try:
         answers = _answers(baseline, spec)  # the first trial to start computes them here, first
+        held_since = time.monotonic()  # that time is no epoch's
         # as_directory reads a local checkpoint in place; a copy (from an object store) is removed
         # once the training has read it, so no checkpoint_tmp_* folder outlives the trial.
         with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
@@ -275,13 +287,14 @@ def release_memory(in_pack: bool) -> None:
 def _answers(baseline: Answers, spec: SweepSpec | None = None) -> BaseAnswers:
     """The base model's answers, or while they are still being computed a function that waits for
     them (called at the first judging, and before the first report). The first trial of a sweep to
-    start (FirstTrialBaseline) computes them now, in its process: `spec` gives their configuration."""
+    start (FirstTrialBaseline) computes them now, in its process, from `spec`."""
     if isinstance(baseline, FirstTrialBaseline):
         from ray import tune
 
-        if baseline.claim(tune.get_context().get_trial_id()) and not baseline.ready():
-            return baseline.answer(spec.trial_config({}))
-    if isinstance(baseline, (PendingBaseline, FirstTrialBaseline)):
+        trial_id = tune.get_context().get_trial_id()
+        answers = functools.cache(lambda: baseline.answers(trial_id, spec))
+        return answers() if baseline.claim(trial_id) else answers
+    if isinstance(baseline, PendingBaseline):
         return functools.cache(lambda: baseline.get().answers)
     return baseline
 

@@ -250,6 +250,10 @@ class _CountGenerations(importlib.abc.MetaPathFinder):
             def counted(model, *args, **kwargs):
                 with open(os.environ["GENERATIONS_LOG"], "a") as log:
                     log.write(("trial" if hasattr(model, "peft_config") else "base") + f"@{os.getpid()}\\n")
+                lose = os.environ.get("LOSE_BASE_PROCESS_ONCE")  # a marker file: the process dies once, as a lost node
+                if lose and not hasattr(model, "peft_config") and not os.path.exists(lose):
+                    open(lose, "w").close()
+                    os.kill(os.getpid(), 9)
                 with open(os.environ["BITSANDBYTES_LOG"], "a") as log:
                     kind = "trial" if hasattr(model, "peft_config") else "base"
                     log.write(kind + (":imported" if sys.modules.get("bitsandbytes") else ":absent") + "\\n")
@@ -319,11 +323,31 @@ def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRu
         "--set", "search.space.learning_rate.grid=[1e-9, 3e-3]", "--set", f"data.source={small_task}", *wandb, env=env, base=environ,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return SmokeRun(runs, runs / "smoke", proc, storage, *_generations(log), bnb.read_text().split(), imports.read_text().split())
+
+
+def _generations(log: Path) -> tuple[list[str], list[int]]:
+    """COUNT_GENERATIONS' log: each call's kind ("base" or "trial") and process."""
     calls = [entry.split("@") for entry in log.read_text().split()]
-    return SmokeRun(
-        runs, runs / "smoke", proc, storage, [kind for kind, _ in calls], [int(pid) for _, pid in calls],
-        bnb.read_text().split(), imports.read_text().split(),
+    return [kind for kind, _ in calls], [int(pid) for _, pid in calls]
+
+
+@dataclass(frozen=True)
+class LostBaselineRun(Run):
+    generations: list[str]  # as SmokeRun's
+    generation_pids: list[int]
+
+
+def _lost_baseline_run(work: Path, small_task: Path, environ: dict[str, str]) -> LostBaselineRun:
+    """Three trials of one epoch, two at a time; the process of the first to start dies (SIGKILL, by
+    COUNT_GENERATIONS' LOSE_BASE_PROCESS_ONCE) as it starts measuring the base model."""
+    env, log, _, _ = _counting(work, environ)
+    runs = work / "runs"
+    proc = peftsweep(
+        "run", "smoke", "--runs-dir", str(runs), "--set", "train.epochs=1", "--set", "search.space.learning_rate.grid=[1e-4, 3e-4, 3e-3]",
+        "--set", f"data.source={small_task}", env={**env, "LOSE_BASE_PROCESS_ONCE": str(work / "lost")}, base=environ,
     )  # fmt: skip
+    return LostBaselineRun(runs, runs / "smoke", proc, *_generations(log))
 
 
 def _variants_run(work: Path, small_task: Path, environ: dict[str, str]) -> Run:
@@ -505,6 +529,7 @@ JOBS: dict[str, Callable[[Path, Path, dict[str, str]], Any]] = {
     "packed_run": _packed_run,
     "benchmark_overhead": _benchmark("overhead"),
     "failing_run": _failing_run,
+    "lost_baseline_run": _lost_baseline_run,
     "benchmark_throughput": _benchmark("throughput"),
     "benchmark_cluster_sim": _benchmark("cluster_sim"),
     "benchmark_gpu_throughput": _benchmark("gpu_throughput"),

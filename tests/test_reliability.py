@@ -286,8 +286,9 @@ def test_a_failed_peak_reset_is_said_and_no_earlier_peak_fails_the_trial(data, b
 
 
 # A local Ray (1 CPU) in a process of its own. A task: it fails, then one answers. The first trial's
-# answers: two trials claim them, the first answers (here with a model path that does not exist), the
-# other gets the first's error; a trial that claimed them and lost its process stops the sweep.
+# answers: one trial claims them and loses its process before posting them; the driver releases its
+# claim, the next trial to ask computes them (here with a model folder that does not exist: they
+# fail), and the third gets the second's error, as does the driver.
 BASELINE_TASKS = """
 import types
 import ray
@@ -302,6 +303,9 @@ def fails():
 def answers():
     return "the answers"
 
+def trial(trial_id):
+    return types.SimpleNamespace(trial_id=trial_id)
+
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 try:
     BaselineCallback(PendingBaseline(ray.remote(fails).options(max_retries=0).remote()), print).wait()
@@ -313,34 +317,37 @@ callback.on_trial_result(0, [], None, {})  # an epoch came: the answers are reco
 callback.on_experiment_end([])
 print(recorded)
 
+no_model = types.SimpleNamespace(trial_config=lambda params: TrialConfig(model=ModelConfig(name="/no/such/model")))
 first = FirstTrialBaseline.new()
 callback = BaselineCallback(first, print)
 print(first.claim("t_00000"), first.claim("t_00001"), first.claim("t_00000"), first.claimant(), first.ready())
 callback.on_trial_result(0, [], None, {})  # nothing posted yet: the driver does not wait
+callback.on_trial_complete(0, [], trial("t_00001"))  # not the trial computing them: nothing released
+print(first.claimant())
+callback.on_trial_recover(0, [], trial("t_00000"))  # lost its process, to be restarted behind the others
+print(first.claimant())
 try:
-    first.answer(TrialConfig(model=ModelConfig(name="/no/such/model")))
+    first.answers("t_00001", no_model)
 except Exception as exc:
-    print("the first trial:", type(exc).__name__)
+    print("the second trial:", type(exc).__name__, first.claimant())
 try:
-    first.get()
+    first.answers("t_00002", no_model)
 except SweepError as exc:
-    print("the second trial:", exc)
-print(first.ready(), first.lost("t_00000"))
+    print("the third trial:", exc)
+callback.on_trial_error(0, [], trial("t_00001"))  # it posted (an error): nothing released
 try:
     callback.on_step_begin(0, [])
 except SweepError as exc:
     print("the driver:", exc)
 callback.on_experiment_end([])
-print(first.claimant())  # forgotten at the end
+print(first.claimant(), first.ready())  # forgotten at the end
 
-lost = FirstTrialBaseline.new()
-lost.claim("t_00000")
-callback = BaselineCallback(lost, print)
-callback.on_trial_error(0, [], types.SimpleNamespace(trial_id="t_00001"))  # another trial's error: nothing to do with them
-try:
-    callback.on_trial_error(0, [], types.SimpleNamespace(trial_id="t_00000"))
-except SweepError as exc:
-    print(exc)
+old = BaselineCallback.__new__(BaselineCallback)
+old.__dict__.update({"task": None, "record": None})  # restored from an older version's experiment state
+old.on_step_begin(0, [])
+old.on_trial_complete(0, [], trial("t_00000"))
+old.on_experiment_end([])
+print("restored: nothing to do")
 ray.shutdown()
 """
 
@@ -348,22 +355,24 @@ ray.shutdown()
 def test_the_base_models_answers_are_recorded_once_and_their_failure_is_one_line():
     """hpo.callbacks.BaselineCallback and hpo.trial's two ways of computing the base model's answers
     (the first trial to start, or a Ray task): the answers are recorded once, before the first epoch;
-    the trials wait for them, never the driver for a trial; a failure, or the loss of the trial
-    computing them, becomes the sweep's one-line SweepError (the CLI prints it and exits 2)."""
+    the trials wait for them, never the driver for a trial; a trial that lost its process before
+    posting them leaves them to the next trial that asks; a failure becomes the sweep's one-line
+    SweepError (the CLI prints it and exits 2)."""
     proc = subprocess.run([sys.executable, "-c", BASELINE_TASKS], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     failed = "the base model could not answer the judged prompts: "
     lines = proc.stdout.splitlines()
-    assert lines[:4] == [
+    assert lines[:6] == [
         failed + "model.safetensors: not a safetensors file",
         "['the answers']",
         "True False True t_00000 False",
-        "the first trial: ModelError",
-    ], lines
-    assert lines[4].startswith("the second trial: " + failed) and "/no/such/model" in lines[4], lines
-    assert lines[5:] == [
-        "True False",
-        "the driver: " + lines[4].removeprefix("the second trial: "),
+        "t_00000",
         "None",
-        failed + "trial t_00000, which was computing them, lost its process",
+        "the second trial: ModelError t_00001",
+    ], lines
+    assert lines[6].startswith("the third trial: " + failed) and "/no/such/model" in lines[6], lines
+    assert lines[7:] == [
+        "the driver: " + lines[6].removeprefix("the third trial: "),
+        "None False",
+        "restored: nothing to do",
     ], lines

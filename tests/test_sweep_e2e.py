@@ -89,8 +89,8 @@ def test_the_base_model_answers_in_the_first_trials_process(smoke_run):
 
 
 def test_the_driver_never_imports_torch(smoke_run):
-    """The driver only schedules: the trials and the base model's task import torch, transformers and
-    peft in Ray's workers. (Each costs the driver seconds to import and again at exit.) Nor mlflow,
+    """The driver only schedules: the trials (and the first of them, the base model) import torch,
+    transformers and peft in Ray's workers. (Each costs the driver seconds to import and again at exit.) Nor mlflow,
     which this sweep does not track to: Ray Tune's census of callbacks would (hpo.runtime.skip_callback_census)."""
     assert smoke_run.driver_imports == []
     assert smoke_run.generations  # the hook ran: the same sitecustomize wrote both logs

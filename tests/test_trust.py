@@ -191,6 +191,23 @@ def test_a_sweep_in_which_every_trial_fails_exits_non_zero_and_keeps_tracebacks(
     assert 'href="errors/' in (failing_run.run_dir / "report.html").read_text()
 
 
+def test_a_first_trial_lost_while_it_measures_the_base_model_leaves_that_to_the_next(lost_baseline_run):
+    """The first trial's process dies as it measures the base model (hpo.trial.FirstTrialBaseline);
+    Tune restarts it behind the third trial, so that both slots hold trials waiting for the answers.
+    The driver releases the lost trial's claim and one of the waiting trials measures the base model:
+    the sweep finishes, each trial once, with the answers, and says it in one line."""
+    proc = lost_baseline_run.proc
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lost_baseline_run.generations.count("base") == 2  # lost, then again
+    first, second = [pid for kind, pid in zip(lost_baseline_run.generations, lost_baseline_run.generation_pids) if kind == "base"]
+    assert first != second
+    assert " lost its process; restarting from epoch 0 (retry 1 of 1)" in proc.stderr and "Traceback" not in proc.stderr
+    db = lost_baseline_run.db
+    assert query(db, "SELECT status, count(*) FROM trials GROUP BY status") == [("completed", 3)]
+    assert query(db, "SELECT count(*) FROM baseline")[0][0] == 8  # sweeps/smoke.yaml: eval.num_prompts
+    assert query(db, "SELECT count(*) FROM epochs WHERE win_rate IS NOT NULL")[0][0] == 3
+
+
 def test_tied_epochs_keep_the_best_epochs_adapter(smoke_run):
     """At learning rate 1e-9 no answer changes, so every verdict is a tie and every epoch's win rate
     is 0.5: the best epoch is the first, and its adapter must be the one kept (with the latest, to
