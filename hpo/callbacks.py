@@ -144,9 +144,7 @@ class BaselineCallback(Callback):
                 self.wait()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        # A trial waits for the answers before its first report (hpo.trial.run_trial); a task's the driver may wait for here too.
-        if self.pending is not None and (self.pending.blocks or self.pending.ready()):
-            self.wait()
+        self._record_if_due()  # a trial waits for the answers before its first report (hpo.trial.run_trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._release(trial)  # Tune restarts it behind the trials waiting for its answers: one of them computes them
@@ -160,8 +158,7 @@ class BaselineCallback(Callback):
     def on_experiment_end(self, trials, **info):
         # every trial failed before its first judging, or the sweep was interrupted (a resumed sweep computes missing answers)
         try:
-            if self.pending is not None and (self.pending.blocks or self.pending.ready()):
-                self.wait()
+            self._record_if_due()
         finally:
             if self.posted is not None:
                 self.posted.forget()
@@ -172,6 +169,11 @@ class BaselineCallback(Callback):
             return
         pending, self.pending = self.pending, None
         self.record(pending.get())
+
+    def _record_if_due(self) -> None:
+        """Records the answers if they are there, or if they come from a task, which the driver may wait for."""
+        if self.pending is not None and (self.pending.blocks or self.pending.ready()):
+            self.wait()
 
     def _release(self, trial: Any) -> None:
         if isinstance(self.pending, FirstTrialBaseline):

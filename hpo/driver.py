@@ -228,7 +228,7 @@ def _pending_baseline(spec: SweepSpec, progress: ProgressCallback) -> PendingBas
     trains (hpo.trial.FirstTrialBaseline), or in a packed sweep in a Ray task of their own.
     """
     # the tiny model was built before Ray started (hpo.checks.check_inputs), with its own progress lines
-    progress.say(f"Answering {spec.eval.num_prompts} judged prompts with the untouched base model ({spec.model.name}) ...")
+    progress.say(f"{_answering(spec)} ...")
     if spec.resources.pack > 1:  # a pack's member trials hold no model (their pack worker does)
         return _baseline_task(spec)
     return FirstTrialBaseline.new()
@@ -236,10 +236,14 @@ def _pending_baseline(spec: SweepSpec, progress: ProgressCallback) -> PendingBas
 
 def _answer_now(spec: SweepSpec, store: Store, progress: ProgressCallback) -> list[str]:
     """The answers of a resumed sweep that stopped before its base model answered, before its trials go on."""
-    progress.say(f"Answering {spec.eval.num_prompts} judged prompts with the untouched base model ({spec.model.name}), first ...")
+    progress.say(f"{_answering(spec)}, first ...")
     base = _baseline_task(spec).get()
     _record_baseline(store, progress, base)
     return base.answers
+
+
+def _answering(spec: SweepSpec) -> str:
+    return f"Answering {spec.eval.num_prompts} judged prompts with the untouched base model ({spec.model.name})"
 
 
 def _baseline_task(spec: SweepSpec) -> PendingBaseline:

@@ -89,12 +89,11 @@ class FirstTrialBaseline:
 
     def answers(self, trial_id: str, spec: SweepSpec, poll_seconds: float = 0.1) -> list[str]:
         """In a trial: the answers, computed here if no other trial is computing them, else once posted."""
-        while True:
-            if self.ready():
-                return self.get().answers
+        while (base := self._posted()) is None:
             if self.claim(trial_id):
                 return self._answer(spec)
             time.sleep(poll_seconds)
+        return base.answers
 
     def claim(self, trial_id: str) -> bool:
         """Whether this trial computes them: the first one to ask, the same trial restarted, or the
@@ -112,13 +111,9 @@ class FirstTrialBaseline:
 
     def get(self, poll_seconds: float = 0.1) -> Baseline:
         """The answers, once posted; SweepError if the base model failed."""
-        kv = _kv()
-        while True:
-            if (answers := kv._internal_kv_get(f"{self.key}/answers", namespace=_KV_NAMESPACE)) is not None:
-                return Baseline(**json.loads(answers))
-            if (error := kv._internal_kv_get(f"{self.key}/error", namespace=_KV_NAMESPACE)) is not None:
-                raise SweepError(BASELINE_FAILED.format(last_line(error.decode())))
+        while (base := self._posted()) is None:
             time.sleep(poll_seconds)
+        return base
 
     def release(self, trial_id: str) -> bool:
         """In the driver, once `trial_id` ended or lost its process: if it was computing the answers
@@ -145,6 +140,15 @@ class FirstTrialBaseline:
             self._post("error", (str(exc) or type(exc).__name__).encode())
             raise
         return base.answers
+
+    def _posted(self) -> Baseline | None:
+        """The answers if they are posted, else None; SweepError if the base model failed."""
+        kv = _kv()
+        if (answers := kv._internal_kv_get(f"{self.key}/answers", namespace=_KV_NAMESPACE)) is not None:
+            return Baseline(**json.loads(answers))
+        if (error := kv._internal_kv_get(f"{self.key}/error", namespace=_KV_NAMESPACE)) is not None:
+            raise SweepError(BASELINE_FAILED.format(last_line(error.decode())))
+        return None
 
     def _post(self, kind: str, value: bytes) -> None:
         _kv()._internal_kv_put(f"{self.key}/{kind}", value, namespace=_KV_NAMESPACE)

@@ -248,14 +248,14 @@ class _CountGenerations(importlib.abc.MetaPathFinder):
             real = module.generate_answers
 
             def counted(model, *args, **kwargs):
+                kind = "trial" if hasattr(model, "peft_config") else "base"
                 with open(os.environ["GENERATIONS_LOG"], "a") as log:
-                    log.write(("trial" if hasattr(model, "peft_config") else "base") + f"@{os.getpid()}\\n")
+                    log.write(f"{kind}@{os.getpid()}\\n")
                 lose = os.environ.get("LOSE_BASE_PROCESS_ONCE")  # a marker file: the process dies once, as a lost node
-                if lose and not hasattr(model, "peft_config") and not os.path.exists(lose):
+                if lose and kind == "base" and not os.path.exists(lose):
                     open(lose, "w").close()
                     os.kill(os.getpid(), 9)
                 with open(os.environ["BITSANDBYTES_LOG"], "a") as log:
-                    kind = "trial" if hasattr(model, "peft_config") else "base"
                     log.write(kind + (":imported" if sys.modules.get("bitsandbytes") else ":absent") + "\\n")
                 return real(model, *args, **kwargs)
 
@@ -289,10 +289,14 @@ WANDB_PROJECT = "peftsweep-tests"
 
 
 @dataclass(frozen=True)
-class SmokeRun(Run):
-    storage: Path  # storage=: Tune's checkpoints and experiment state, in storage/smoke
-    generations: list[str]  # "base" or "trial", one per generate_answers call, in every process
+class CountedRun(Run):
+    generations: list[str]  # "base" or "trial", one per generate_answers call, in every process (COUNT_GENERATIONS)
     generation_pids: list[int]  # the process of each call
+
+
+@dataclass(frozen=True)
+class SmokeRun(CountedRun):
+    storage: Path  # storage=: Tune's checkpoints and experiment state, in storage/smoke
     bitsandbytes: list[str]  # "trial:absent", "base:imported", ...: bitsandbytes in that call's process, one per call
     driver_imports: list[str]  # which of torch, transformers, peft and mlflow the driver process imported
 
@@ -323,7 +327,7 @@ def _smoke_run(work: Path, small_task: Path, environ: dict[str, str]) -> SmokeRu
         "--set", "search.space.learning_rate.grid=[1e-9, 3e-3]", "--set", f"data.source={small_task}", *wandb, env=env, base=environ,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return SmokeRun(runs, runs / "smoke", proc, storage, *_generations(log), bnb.read_text().split(), imports.read_text().split())
+    return SmokeRun(runs, runs / "smoke", proc, *_generations(log), storage, bnb.read_text().split(), imports.read_text().split())
 
 
 def _generations(log: Path) -> tuple[list[str], list[int]]:
@@ -332,13 +336,7 @@ def _generations(log: Path) -> tuple[list[str], list[int]]:
     return [kind for kind, _ in calls], [int(pid) for _, pid in calls]
 
 
-@dataclass(frozen=True)
-class LostBaselineRun(Run):
-    generations: list[str]  # as SmokeRun's
-    generation_pids: list[int]
-
-
-def _lost_baseline_run(work: Path, small_task: Path, environ: dict[str, str]) -> LostBaselineRun:
+def _lost_baseline_run(work: Path, small_task: Path, environ: dict[str, str]) -> CountedRun:
     """Three trials of one epoch, two at a time; the process of the first to start dies (SIGKILL, by
     COUNT_GENERATIONS' LOSE_BASE_PROCESS_ONCE) as it starts measuring the base model."""
     env, log, _, _ = _counting(work, environ)
@@ -347,7 +345,7 @@ def _lost_baseline_run(work: Path, small_task: Path, environ: dict[str, str]) ->
         "run", "smoke", "--runs-dir", str(runs), "--set", "train.epochs=1", "--set", "search.space.learning_rate.grid=[1e-4, 3e-4, 3e-3]",
         "--set", f"data.source={small_task}", env={**env, "LOSE_BASE_PROCESS_ONCE": str(work / "lost")}, base=environ,
     )  # fmt: skip
-    return LostBaselineRun(runs, runs / "smoke", proc, *_generations(log))
+    return CountedRun(runs, runs / "smoke", proc, *_generations(log))
 
 
 def _variants_run(work: Path, small_task: Path, environ: dict[str, str]) -> Run:
