@@ -50,14 +50,27 @@ _stopping: list[threading.Thread] = []  # local Ray runtimes shutting down (stop
 
 
 def stop_ray_later() -> None:
-    """Shut the local Ray runtime down in a thread of its own (a second or two of stopping processes),
-    so that the caller goes on meanwhile: the CLI writes the report. The process waits for it before it
-    exits (a non-daemon thread), and so does the next init_ray."""
-    import ray
-
-    thread = threading.Thread(target=ray.shutdown, name="peftsweep-ray-shutdown")
+    """Shut the local Ray runtime down in a thread of its own (a fraction of a second of stopping
+    processes), so that the caller goes on meanwhile: the CLI writes the report. The process waits for
+    it before it exits (a non-daemon thread), and so does the next init_ray."""
+    thread = threading.Thread(target=_stop_ray, name="peftsweep-ray-shutdown")
     thread.start()
     _stopping.append(thread)
+
+
+def _stop_ray() -> None:
+    """ray.shutdown, less a second: the autoscaler's monitor is killed first, as Ray kills it anyway.
+
+    ray.shutdown stops the GCS before the monitor, and the monitor answers SIGTERM by reporting its
+    "failure" to that GCS, which no longer answers; after a second ray.shutdown sends SIGKILL. A local
+    Ray has nothing to autoscale. (A private API of ray's head node, tested with the installed ray.)
+    """
+    import ray
+
+    node = ray._private.worker._global_node
+    if node is not None and node.head:
+        node.kill_monitor(check_alive=False)
+    ray.shutdown()
 
 
 def ray_stopped() -> None:

@@ -175,6 +175,32 @@ def test_the_reaper_ends_a_killed_drivers_processes(tmp_path):
     assert _alive(workers) == []
 
 
+STOP_RAY = """
+import json, os, ray
+from hpo.reaper import descendants
+from hpo.runtime import init_ray, ray_stopped, stop_ray_later
+
+init_ray(None)
+node = ray._private.worker._global_node
+started = descendants({os.getpid()})
+monitor = node.all_processes["monitor"][0].process.pid
+stop_ray_later()
+ray_stopped()
+print(json.dumps({"started": started, "monitor": monitor}))
+"""
+
+
+def test_a_local_ray_stops_whole_its_autoscaler_monitor_too():
+    """hpo.runtime stops a local Ray with its autoscaler's monitor killed first (ray.shutdown would
+    wait a second for it): every process Ray started is gone once the stop has returned."""
+    proc = subprocess.run([sys.executable, "-c", STOP_RAY], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    started = {int(pid): t for pid, t in out["started"].items()}
+    assert out["monitor"] in started and len(started) >= 5, started  # GCS, raylet, monitor, agents, ...
+    assert _alive(started) == [], {pid: _cmdline(pid)[:80] for pid in _alive(started)}
+
+
 def test_a_sweep_in_which_every_trial_fails_exits_non_zero_and_keeps_tracebacks(failing_run):
     proc = failing_run.proc
     assert proc.returncode == 1, proc.stderr[-3000:]
