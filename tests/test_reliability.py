@@ -162,6 +162,72 @@ def test_a_training_stopped_inside_its_report_leaves_no_model_behind(data, basel
     assert [name for i, name in _modules().items() if i not in before] == []
 
 
+FROZEN_WORKER = """
+import gc, json, sys, tempfile, weakref
+from pathlib import Path
+import torch
+from transformers import PreTrainedModel
+from hpo.trial import WorkerProcess, before_trial, release_memory
+from trainers.config import TrialConfig
+from trainers.worker import train
+
+config, baseline = TrialConfig.model_validate_json(sys.argv[1]), json.loads(sys.argv[2])
+gc.disable()  # only the releases collect: what they are for
+
+class Cycle:  # what a stopped training leaves in reference cycles (its frames, the model's hooks)
+    def __init__(self):
+        self.me = self
+
+def modules():
+    return {id(o) for o in gc.get_objects() if isinstance(o, torch.nn.Module)}
+
+def models():
+    return sum(isinstance(o, PreTrainedModel) for o in gc.get_objects())
+
+def trial(report):
+    with tempfile.TemporaryDirectory() as folder:
+        return train(config, baseline, lambda m, save: report(m, lambda: save(Path(folder) / str(m["epoch"]))))
+
+def ends(metrics, save):
+    save()
+
+def stopped(metrics, save):
+    raise SystemExit(0)  # what Ray Tune's session raises in a stopped trial's report
+
+for stop in (False, False, True):  # what run_trial does around its training
+    before_trial(False)  # the first: what the imports made is frozen
+    print("frozen", gc.get_freeze_count() > 0)
+    before = modules()  # the second and third trials': after the first one's imports (activations)
+    try:
+        print(trial(stopped if stop else ends).status.value)
+    except SystemExit:  # Ray Tune drops it: run_trial's end is not reached
+        left = weakref.ref(Cycle())
+        before_trial(False)  # the next trial frees what the stopped one held
+        print("cycle freed", left() is None)
+    else:
+        release_memory(False)  # as run_trial ends
+        WorkerProcess.holding = False
+    print("left", models(), len(modules() - before))
+"""
+
+
+def test_a_reused_worker_freezes_its_imports_and_still_frees_every_trials_model(data, baseline):
+    """hpo.trial.before_trial freezes what a worker process imported before its first trial
+    (gc.freeze: each trial's garbage collection then skips it), and a trial's model is still freed
+    when the trial ends and when ASHA stopped it inside a report. In a process of its own: a frozen
+    pytest process would keep what it holds now."""
+    config = _config(data, epochs=1)
+    proc = subprocess.run(
+        [sys.executable, "-c", FROZEN_WORKER, config.model_dump_json(), json.dumps(baseline)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("frozen", "left", "completed", "cycle"))]
+    # The first trial's own imports (transformers' activation modules) stay; no model does.
+    assert lines[:2] == ["frozen True", "completed"] and lines[2].startswith("left 0 "), lines
+    assert lines[3:] == ["frozen True", "completed", "left 0 0", "frozen True", "cycle freed True", "left 0 0"], lines
+
+
 def _pids(db: Path) -> list[int]:
     """The worker process of each stored epoch."""
     return [json.loads(m)["worker_pid"] for (m,) in query(db, "SELECT metrics_json FROM epochs ORDER BY trial_id, epoch")]
