@@ -7,7 +7,7 @@ as a share of the grid's compute, over several seeds.
    eval seconds after each epoch: the grid's compute, and the best win rate and perplexity it found.
 2. The search: for each seed and each objective (win rate, then eval perplexity), peftsweep's own
    Tune setup (`hpo.driver.make_tuner`: Optuna's TPE through Ray Tune's OptunaSearch, Ray Tune's ASHA
-   with grace period 1 and reduction factor 2, 2 trials at a time) searches the same space, with
+   with grace period 1 and the sweep's default reduction factor, 2 trials at a time) searches the same space, with
    one stand-in in place of the training worker: `replay_trial` reports, epoch by epoch, what the
    grid measured for the configuration TPE proposed, and waits a hundredth of that epoch's seconds
    (so results arrive in about the order real trainings would report them). Everything but the
@@ -20,6 +20,7 @@ same in FLOPs (train + eval FLOPs, trainers.flops): the compute itself, which no
 
     .venv/bin/python -m benchmarks.search_efficiency [--seeds 5] [--samples 12] [--epochs 4] [--keep-grid DIR] [--quick]
     .venv/bin/python -m benchmarks.search_efficiency --grid-store DIR/grid/results.db --seeds 10   # replay a kept grid
+    .venv/bin/python -m benchmarks.search_efficiency --grid-store ... --reduction-factor 2 --startup-trials 3   # other settings
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class Trace(Callback):
 
 
 def search(
-    grid: dict[str, Any], objective: str, seed: int, samples: int, work: Path, startup: int | None = None
+    grid: dict[str, Any], objective: str, seed: int, samples: int, work: Path, startup: int | None = None,
+    reduction_factor: float | None = None,
 ) -> list[dict[str, Any]]:
     """One TPE + ASHA search of the grid's space through peftsweep's Tune setup; the trace of its results."""
     from hpo.driver import make_tuner
@@ -118,7 +120,7 @@ def search(
         "train": {"epochs": grid["epochs"]},
         "search": {"algorithm": "tpe", "space": {n: {"grid": v} for n, v in grid["space"].items()}, "num_samples": samples,
                    "max_concurrent_trials": 2, "seed": seed, "startup_trials": startup},
-        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "scheduler": {"name": "asha", "grace_period": 1, **({"reduction_factor": reduction_factor} if reduction_factor else {})},
         "objectives": [{"metric": objective, "mode": "max" if objective == "win_rate" else "min"}],
     })
     trace = Trace()
@@ -209,7 +211,10 @@ def main() -> None:
     p.add_argument("--keep-grid", type=Path, metavar="DIR", help="run the grid in DIR (a --runs-dir) and keep it there (default: deleted)")
     p.add_argument("--grid-store", type=Path, help="reuse a kept grid run's results.db instead of running the grid")
     p.add_argument("--startup-trials", type=int, help="TPE's random trials before it models results (default: the sweep's default)")
+    p.add_argument("--reduction-factor", type=float, help="ASHA's reduction factor (default: the sweep's default)")
     args = p.parse_args()
+    from hpo.spec import SchedulerSpec
+
     space, prompts, new_tokens = SPACE, 50, 32
     if args.quick:
         args.seeds, args.samples, args.epochs, args.records = 2, 3, 2, args.records or 40
@@ -248,7 +253,7 @@ def main() -> None:
                 for objective in traces:
                     for seed in range(args.seeds):
                         common.log(f"search {objective} seed {seed} ...")
-                        traces[objective][seed] = search(grid, objective, seed, samples, work, args.startup_trials)
+                        traces[objective][seed] = search(grid, objective, seed, samples, work, args.startup_trials, args.reduction_factor)
             finally:
                 ray.shutdown()
     finally:
@@ -261,6 +266,7 @@ def main() -> None:
         "sizes_text": f"grid of {grid['configurations']} LoRA configurations x {grid['epochs']} epochs on {args.records or 800} "
         f"records of the built-in task ({prompts} judged prompts; "
         f"{f'the grid run took {grid_seconds:.0f} s' if grid_seconds else 'from --grid-store'}); TPE + ASHA: {samples} trials per search, "
+        f"ASHA's reduction factor {args.reduction_factor or SchedulerSpec().reduction_factor:g}, "
         f"{args.seeds} seeds per objective, replayed from the grid's results",
         "seconds": time.monotonic() - common.STARTED,
     }
