@@ -67,10 +67,12 @@ def _stop_ray() -> None:
     """
     import ray
 
-    node = ray._private.worker._global_node
-    if node is not None and node.head:
-        node.kill_monitor(check_alive=False)
-    ray.shutdown()
+    try:
+        node = ray._private.worker._global_node
+        if node is not None and node.head:
+            node.kill_monitor(check_alive=False)
+    finally:
+        ray.shutdown()
 
 
 def ray_stopped() -> None:

@@ -103,9 +103,7 @@ class SearchSpec(_Strict):
 class SchedulerSpec(_Strict):
     name: Literal["fifo", "asha"] = Field("fifo", description="fifo: run every trial to the end; asha: stop weak trials early")
     grace_period: int = Field(1, ge=1, description="asha: epochs every trial gets before it can be stopped")
-    reduction_factor: float = Field(
-        4, gt=1, description="asha: keep 1/reduction_factor of trials at each rung (4, as Ray Tune's and Optuna's; docs/BENCHMARKS.md section 3b)"
-    )
+    reduction_factor: float = Field(4, gt=1, description="asha: keep 1/reduction_factor of trials at each rung")
 
 
 OBJECTIVE_METRICS = (*QUALITY_METRICS, *COST_METRICS)  # what a sweep can optimize: a quality or a cost

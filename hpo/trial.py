@@ -273,33 +273,41 @@ def run_trial(params: dict[str, Any], spec: SweepSpec, baseline: Answers) -> Non
             raise
         result = TrialResult(TrialStatus.ERROR, 0, {}, last_line(f"{type(exc).__name__}: {exc}"))
         trace = traceback.format_exc()
-    release_memory(in_pack)  # an idle worker holds no memory (on a GPU, no cached blocks) between trials
-    WorkerProcess.holding = False
+    after_trial(in_pack)  # an idle worker holds no memory (on a GPU, no cached blocks) between trials
     if result.status is not TrialStatus.COMPLETED:
         spent = last.get("gpu_hours", 0.0) + (time.monotonic() - held_since) * gpus / 3600  # the failed epoch's too
         tune.report({**_closing_report(spec, result, last), SPENT_KEY: spent, "traceback": trace})
 
 
-class WorkerProcess:
+@dataclass
+class _Process:
     """What a worker process carries from one trial to the next (resources.reuse_workers)."""
 
-    frozen = False  # gc.freeze() done after the imports: a collection skips the objects they made
-    holding = False  # a trial began, and its end did not release what it held (ASHA stopped it inside a report)
+    frozen: bool = False  # gc.freeze() done before the first trial: collections skip what the imports made
+    unreleased: bool = False  # a trial began and did not reach after_trial (ASHA stopped it inside a report)
+
+
+_process = _Process()
 
 
 def before_trial(in_pack: bool) -> None:
-    """Ready this process for a trial: free what an earlier trial left (one that ASHA stopped ended by
-    an exception raised in tune.report, unwound only now) and, before the first, freeze what the
-    imports made. Each trial's release of its memory, a full garbage collection, then looks only at
-    the objects made since: about 0.15 s less per collection on the built-in model (docs/BENCHMARKS.md)."""
+    """Free what an earlier trial in this process left, and before the first trial freeze what the imports made."""
     if in_pack:
         return
-    if WorkerProcess.holding or not WorkerProcess.frozen:
+    if _process.unreleased or not _process.frozen:
         release_memory(in_pack)  # imports torch and the worker first
-    if not WorkerProcess.frozen:
-        gc.freeze()
-        WorkerProcess.frozen = True
-    WorkerProcess.holding = True
+    if not _process.frozen:
+        gc.freeze()  # each trial's collection then looks only at what trials made (docs/BENCHMARKS.md, section 1)
+        _process.frozen = True
+    _process.unreleased = True
+
+
+def after_trial(in_pack: bool) -> None:
+    """Free what the trial held."""
+    if in_pack:
+        return
+    release_memory(in_pack)
+    _process.unreleased = False
 
 
 def release_memory(in_pack: bool) -> None:

@@ -167,14 +167,15 @@ import gc, json, sys, tempfile, weakref
 from pathlib import Path
 import torch
 from transformers import PreTrainedModel
-from hpo.trial import WorkerProcess, before_trial, release_memory
+from hpo.trial import after_trial, before_trial
 from trainers.config import TrialConfig
 from trainers.worker import train
 
 config, baseline = TrialConfig.model_validate_json(sys.argv[1]), json.loads(sys.argv[2])
 gc.disable()  # only the releases collect: what they are for
+cycles = []  # weak references to reference cycles the trials left
 
-class Cycle:  # what a stopped training leaves in reference cycles (its frames, the model's hooks)
+class Cycle:
     def __init__(self):
         self.me = self
 
@@ -192,6 +193,7 @@ def ends(metrics, save):
     save()
 
 def stopped(metrics, save):
+    cycles.append(weakref.ref(Cycle()))  # garbage once the trial's frames are gone, freed by a collection only
     raise SystemExit(0)  # what Ray Tune's session raises in a stopped trial's report
 
 for stop in (False, False, True):  # what run_trial does around its training
@@ -201,31 +203,32 @@ for stop in (False, False, True):  # what run_trial does around its training
     try:
         print(trial(stopped if stop else ends).status.value)
     except SystemExit:  # Ray Tune drops it: run_trial's end is not reached
-        left = weakref.ref(Cycle())
-        before_trial(False)  # the next trial frees what the stopped one held
-        print("cycle freed", left() is None)
+        pass
     else:
-        release_memory(False)  # as run_trial ends
-        WorkerProcess.holding = False
-    print("left", models(), len(modules() - before))
+        after_trial(False)
+        print("left", models(), len(modules() - before))
+before_trial(False)  # the next trial frees what the stopped one held
+left = len(modules() - before)
+gc.unfreeze()  # what was frozen is counted too: a model frozen by mistake would stay
+print("left", models(), left, "cycles", sum(ref() is not None for ref in cycles))
 """
 
 
 def test_a_reused_worker_freezes_its_imports_and_still_frees_every_trials_model(data, baseline):
     """hpo.trial.before_trial freezes what a worker process imported before its first trial
-    (gc.freeze: each trial's garbage collection then skips it), and a trial's model is still freed
-    when the trial ends and when ASHA stopped it inside a report. In a process of its own: a frozen
-    pytest process would keep what it holds now."""
+    (gc.freeze: each trial's garbage collection then skips it); after_trial still frees a trial's
+    model, and the next before_trial what a trial stopped inside its report left, cycles too. In a
+    process of its own: a frozen pytest process would keep what it holds now."""
     config = _config(data, epochs=1)
     proc = subprocess.run(
         [sys.executable, "-c", FROZEN_WORKER, config.model_dump_json(), json.dumps(baseline)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("frozen", "left", "completed", "cycle"))]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("frozen", "left", "completed"))]
     # The first trial's own imports (transformers' activation modules) stay; no model does.
     assert lines[:2] == ["frozen True", "completed"] and lines[2].startswith("left 0 "), lines
-    assert lines[3:] == ["frozen True", "completed", "left 0 0", "frozen True", "cycle freed True", "left 0 0"], lines
+    assert lines[3:] == ["frozen True", "completed", "left 0 0", "frozen True", "left 0 0 cycles 0"], lines
 
 
 def _pids(db: Path) -> list[int]:

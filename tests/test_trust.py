@@ -184,20 +184,31 @@ init_ray(None)
 node = ray._private.worker._global_node
 started = descendants({os.getpid()})
 monitor = node.all_processes["monitor"][0].process.pid
+shutdown, monitor_at_shutdown = ray.shutdown, []
+
+def recording_shutdown():
+    monitor_at_shutdown.append("monitor" in node.all_processes)
+    shutdown()
+
+ray.shutdown = recording_shutdown
 stop_ray_later()
 ray_stopped()
-print(json.dumps({"started": started, "monitor": monitor}))
+print(json.dumps({"started": started, "monitor": monitor, "monitor_at_shutdown": monitor_at_shutdown}))
 """
 
 
-def test_a_local_ray_stops_whole_its_autoscaler_monitor_too():
+def test_a_local_rays_monitor_is_killed_before_its_shutdown_and_no_process_is_left():
     """hpo.runtime stops a local Ray with its autoscaler's monitor killed first (ray.shutdown would
-    wait a second for it): every process Ray started is gone once the stop has returned."""
+    wait a second for it), and every process Ray started ends."""
     proc = subprocess.run([sys.executable, "-c", STOP_RAY], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["monitor_at_shutdown"] == [False], out
     started = {int(pid): t for pid, t in out["started"].items()}
     assert out["monitor"] in started and len(started) >= 5, started  # GCS, raylet, monitor, agents, ...
+    deadline = time.monotonic() + 15  # the raylet's agents may still be exiting
+    while _alive(started) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _alive(started) == [], {pid: _cmdline(pid)[:80] for pid in _alive(started)}
 
 
