@@ -105,17 +105,35 @@ def init_ray(address: str | None) -> None:
     # in one (hpo.progress), the store keeps the error, and Tune its error file in the trial's folder.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     try:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            configure_logging=True,
-        )
+        with _no_log_monitor():
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                configure_logging=True,
+            )
     except ConnectionError as exc:
         raise SweepError(f"Ray cluster at {address} does not answer ({exc}); check --address / RAY_ADDRESS") from None
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(_state_copy_in_one_line)
+
+
+@contextlib.contextmanager
+def _no_log_monitor() -> Any:
+    """A local Ray started here has no log monitor: it forwards the workers' output to the driver,
+    which a sweep does not ask for (log_to_driver=False). Started beside the raylet, it made ray.init
+    wait a second longer in 7 of 18 starts on 2 cores; without it, in 1 of 21 (docs/BENCHMARKS.md,
+    section 1). A private API of ray's head node, tested with the installed ray; a Ray joined at an
+    address keeps its own."""
+    from ray._private.node import Node
+
+    start = Node.start_log_monitor
+    Node.start_log_monitor = lambda self: None
+    try:
+        yield
+    finally:
+        Node.start_log_monitor = start
 
 
 def _state_copy_in_one_line(record: logging.LogRecord) -> bool:

@@ -182,6 +182,8 @@ from hpo.runtime import init_ray, ray_stopped, stop_ray_later
 
 init_ray(None)
 node = ray._private.worker._global_node
+assert "log_monitor" not in node.all_processes, node.all_processes  # forwards output nobody asked for
+assert ray.get(ray.remote(lambda: "a task runs").remote()) == "a task runs"
 started = descendants({os.getpid()})
 monitor = node.all_processes["monitor"][0].process.pid
 shutdown, monitor_at_shutdown = ray.shutdown, []
@@ -198,8 +200,8 @@ print(json.dumps({"started": started, "monitor": monitor, "monitor_at_shutdown":
 
 
 def test_a_local_rays_monitor_is_killed_before_its_shutdown_and_no_process_is_left():
-    """hpo.runtime stops a local Ray with its autoscaler's monitor killed first (ray.shutdown would
-    wait a second for it), and every process Ray started ends."""
+    """hpo.runtime starts a local Ray without its log monitor and stops it with its autoscaler's
+    monitor killed first (ray.shutdown would wait a second for it); every process Ray started ends."""
     proc = subprocess.run([sys.executable, "-c", STOP_RAY], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])
