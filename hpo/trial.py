@@ -292,10 +292,10 @@ _process = _Process()
 
 def before_trial(in_pack: bool) -> None:
     """Free what an earlier trial in this process left, and before the first trial freeze what the imports made."""
-    if in_pack:
+    if in_pack:  # a pack's member trial holds no model (its pack worker does)
         return
     if _process.unreleased or not _process.frozen:
-        release_memory(in_pack)  # imports torch and the worker first
+        _release_memory()  # imports torch and the worker first
     if not _process.frozen:
         gc.freeze()  # each trial's collection then looks only at what trials made (docs/BENCHMARKS.md, section 1)
         _process.frozen = True
@@ -306,16 +306,14 @@ def after_trial(in_pack: bool) -> None:
     """Free what the trial held."""
     if in_pack:
         return
-    release_memory(in_pack)
+    _release_memory()
     _process.unreleased = False
 
 
-def release_memory(in_pack: bool) -> None:
-    """trainers.worker.release_memory, in a process that trains; a pack's member trial holds no model."""
-    if not in_pack:
-        from trainers.worker import release_memory
+def _release_memory() -> None:
+    from trainers.worker import release_memory
 
-        release_memory()
+    release_memory()
 
 
 def _answers(baseline: Answers, spec: SweepSpec | None = None) -> BaseAnswers:
