@@ -25,8 +25,10 @@ same in FLOPs (train + eval FLOPs, trainers.flops): the compute itself, which no
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -39,6 +41,7 @@ if __package__ in (None, ""):  # run as a file: python benchmarks/search_efficie
 
 from benchmarks import common  # first: its clock starts at import
 
+import numpy as np  # noqa: E402
 from ray.tune import Callback  # noqa: E402  (Ray reads RAY_TMPDIR when it starts, not at import)
 
 SPACE = {"learning_rate": [1e-4, 1e-3, 1e-2], "lora_r": [4, 16], "lora_alpha_per_rank": [1, 4]}  # 12 configurations
@@ -145,16 +148,83 @@ def compute_to_reach(trace: list[dict[str, Any]], reached: Any, unit: str = "com
     return until, spent
 
 
-def summarize(grid: dict[str, Any], traces: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, Any]:
+def random_order_trace(
+    table: dict[tuple, list[dict[str, float]]], order: list[tuple], objective: str, reduction_factor: float | None = None,
+    keep: set[tuple] | None = None, slots: int = 2,
+) -> list[dict[str, Any]]:
+    """The results a search would report that proposes `order` (distinct configurations), `slots` at a time.
+
+    Simulated from the grid's table, without Ray: each epoch takes its measured seconds. Early
+    stopping is Ray Tune's ASHA rule on `objective` (`reduction_factor`, grace period 1: a trial
+    continues past a rung when its result is not worse than the rung's (1 - 1/factor) quantile of
+    the results recorded there before it), or, without a factor, a perfect one: every configuration
+    not in `keep` stops after its first epoch.
+    """
+    epochs = len(next(iter(table.values())))
+    rungs = {} if reduction_factor is None else {
+        reduction_factor ** k: [] for k in range(int(math.log(epochs) / math.log(reduction_factor) + 1e-9) + 1)
+    }
+    queue, running, trace = list(order), [], []  # running: (time its next epoch ends, slot, config, epoch index)
+
+    def start(now: float, slot: int) -> None:
+        if queue:
+            config = queue.pop(0)
+            heapq.heappush(running, (now + table[config][0]["epoch_compute"], slot, config, 0))
+
+    for slot in range(slots):
+        start(0.0, slot)
+    while running:
+        now, slot, config, i = heapq.heappop(running)
+        row = table[config][i]
+        trace.append({"trial_id": str(config), **row})
+        go_on = i + 1 < len(table[config])
+        if reduction_factor is None:
+            go_on = go_on and (i > 0 or config in keep)
+        elif row["epoch"] in rungs:
+            recorded, value = rungs[row["epoch"]], -row["eval_ppl"] if objective == "eval_ppl" else row["win_rate"]
+            go_on = go_on and (not recorded or value >= float(np.nanpercentile(recorded, 100 * (1 - 1 / reduction_factor))))
+            recorded.append(value)
+        if go_on:
+            heapq.heappush(running, (now + table[config][i + 1]["epoch_compute"], slot, config, i + 1))
+        else:
+            start(now, slot)
+    return trace
+
+
+def random_orders(
+    table: dict[tuple, list[dict[str, float]]], grid: dict[str, Any], objective: str, reached: Any,
+    reduction_factor: float, orders: int = 2000,
+) -> dict[str, float]:
+    """What a search that proposes the grid's configurations in a random order, each once, would need:
+    the median share of the grid's compute (seconds) until it comes within reach, with Ray Tune's
+    ASHA rule and with a perfect one (every configuration that never comes within reach stops after
+    its first epoch). A reference for the searches' figures: not a Ray Tune run."""
+    good = {config for config, rows in table.items() if any(reached(r) for r in rows)}
+    rng = random.Random(0)
+    shares: dict[str, list[float]] = {"asha": [], "perfect": []}
+    for _ in range(orders):
+        order = rng.sample(list(table), len(table))
+        for rule, trace in (("asha", random_order_trace(table, order, objective, reduction_factor)),
+                            ("perfect", random_order_trace(table, order, objective, keep=good))):
+            shares[rule].append(compute_to_reach(trace, reached)[0] / grid["compute"])
+    return {rule: common.median(values) for rule, values in shares.items()}
+
+
+def summarize(
+    grid: dict[str, Any], traces: dict[str, dict[int, list[dict[str, Any]]]],
+    table: dict[tuple, list[dict[str, float]]] | None = None, reduction_factor: float = 4,
+) -> dict[str, Any]:
     targets = {
         "win_rate": (lambda r: r["win_rate"] >= grid["best_win_rate"] - WIN_RATE_POINTS - 1e-9,
                      f"within 2 points of the grid's best win rate ({grid['best_win_rate']:.2f})"),
         "eval_ppl": (lambda r: r["eval_ppl"] <= grid["best_eval_ppl"] * (1 + PPL_FRACTION),
                      f"within 1 % of the grid's best eval perplexity ({grid['best_eval_ppl']:.3f})"),
     }
-    seeds, ratios = [], []
+    seeds, ratios, references = [], [], {}
     for objective, by_seed in traces.items():
         reached, describe = targets[objective]
+        if table is not None:
+            references[objective] = random_orders(table, grid, objective, reached, reduction_factor)
         shares, flop_shares = [], []
         for seed, trace in by_seed.items():
             until, total = compute_to_reach(trace, reached)
@@ -175,7 +245,7 @@ def summarize(grid: dict[str, Any], traces: dict[str, dict[int, list[dict[str, A
             f"search efficiency, {label}, FLOPs", common.median(flop_shares), "<=", 0.25,
             "the same in train + eval FLOPs",
         ))
-    return {"ratios": ratios, "grid": grid, "seeds": seeds}
+    return {"ratios": ratios, "grid": grid, "seeds": seeds, "random_order": references}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -193,12 +263,25 @@ def render(result: dict[str, Any]) -> str:
         "",
         common.ratio_table(result["ratios"]),
         "",
+        *_random_order_lines(result),
         f"grid: {g['configurations']} configurations ({space}) x {g['epochs']} epochs, {g['compute']:.0f} train + eval seconds, {g['flops']:.3g} FLOPs; "
         f"best win rate {g['best_win_rate']:.2f}, best eval perplexity {g['best_eval_ppl']:.3f} (over every epoch)",
         "",
         common.table(["objective", "seed", "trials", "epochs reported", "compute to target, s", "search's compute, s",
                       "to target / grid", "search / grid", "to target / grid, FLOPs"], rows),
     ])
+
+
+def _random_order_lines(result: dict[str, Any]) -> list[str]:
+    references = result.get("random_order") or {}
+    if not references:
+        return []
+    shares = "; ".join(
+        f"{'win rate' if objective == 'win_rate' else 'perplexity'} {r['asha']:.3f} with ASHA's rule, {r['perfect']:.3f} with perfect early stopping"
+        for objective, r in references.items()
+    )
+    return [f"for reference, a search that proposes every configuration once in a random order, 2 at a time (simulated "
+            f"from the grid's results, median of 2000 orders, seconds / the grid's): {shares}", ""]
 
 
 def main() -> None:
@@ -260,7 +343,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     result = {
         "benchmark": "search_efficiency",
-        **summarize(grid, traces),
+        **summarize(grid, traces, TABLE, args.reduction_factor or SchedulerSpec().reduction_factor),
         "machine": common.finish_machine(info),
         "sizes": vars(args) | {"json": None, "grid_store": str(args.grid_store)},
         "sizes_text": f"grid of {grid['configurations']} LoRA configurations x {grid['epochs']} epochs on {args.records or 800} "

@@ -84,10 +84,37 @@ def test_search_efficiency(benchmark_search_efficiency):
         assert math.isinf(seed["flops_share_of_grid"]) == math.isinf(seed["compute_to_target"])
         assert seed["flops_share_of_grid"] == math.inf or 0 < seed["flops_share_of_grid"] <= 2.0
     assert grid["flops"] > 0
+    # the random-order reference, printed beside the searches' figures, for both objectives and both stopping rules
+    assert set(result["random_order"]) == {"win_rate", "eval_ppl"}
+    for reference in result["random_order"].values():
+        assert set(reference) == {"asha", "perfect"} and all(v == math.inf or 0 < v <= 2.0 for v in reference.values())
+        assert f"{reference['asha']:.3f} with ASHA's rule, {reference['perfect']:.3f} with perfect early stopping" in stdout
     assert [r["name"] for r in result["ratios"]] == [
         "search efficiency, win rate", "search efficiency, win rate, FLOPs",
         "search efficiency, perplexity", "search efficiency, perplexity, FLOPs",
     ]  # fmt: skip
+
+
+def test_the_random_order_reference_stops_as_ashas_rule_or_a_perfect_one_would():
+    """Three configurations of two 1-s epochs, proposed A, B, C, two at a time (no Ray: a pure simulation)."""
+    from benchmarks.search_efficiency import random_order_trace
+
+    def epochs(ppl):
+        return [{"epoch": e, "eval_ppl": p, "win_rate": 0.5, "epoch_compute": 1.0, "compute": float(e), "flops": float(e)}
+                for e, p in enumerate(ppl, 1)]
+
+    table = {"A": epochs([3.0, 2.0]), "B": epochs([4.0, 3.5]), "C": epochs([1.0, 0.5])}
+    order = ["A", "B", "C"]
+
+    def seen(trace):
+        return [(r["trial_id"], r["epoch"]) for r in trace]
+
+    # perfect: A and B stop after their first epoch, C (kept) runs both, on the slot B freed at 1 s
+    assert seen(random_order_trace(table, order, "eval_ppl", keep={"C"})) == [("A", 1), ("B", 1), ("C", 1), ("C", 2)]
+    # Ray's ASHA, factor 2: A is the rung's first (continues); B is worse than A (stops); C beats the median of A, B
+    assert seen(random_order_trace(table, order, "eval_ppl", reduction_factor=2)) == [("A", 1), ("B", 1), ("A", 2), ("C", 1), ("C", 2)]
+    # on the win rate (all equal here) nobody is worse than the rung's cut: every trial runs both epochs
+    assert len(random_order_trace(table, order, "win_rate", reduction_factor=2)) == 6
 
 
 def test_epoch_folding(benchmark_epoch_folding):
