@@ -105,7 +105,7 @@ def init_ray(address: str | None) -> None:
     # in one (hpo.progress), the store keeps the error, and Tune its error file in the trial's folder.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     try:
-        with _no_log_monitor():
+        with _local_start() if not address else contextlib.nullcontext():
             ray.init(
                 address=address,
                 include_dashboard=False,
@@ -120,20 +120,58 @@ def init_ray(address: str | None) -> None:
 
 
 @contextlib.contextmanager
-def _no_log_monitor() -> Any:
-    """A local Ray started here has no log monitor: it forwards the workers' output to the driver,
-    which a sweep does not ask for (log_to_driver=False). Started beside the raylet, it made ray.init
-    wait a second longer in 7 of 18 starts on 2 cores; without it, in 1 of 21 (docs/BENCHMARKS.md,
-    section 1). A private API of ray's head node, tested with the installed ray; a Ray joined at an
-    address keeps its own."""
+def _local_start() -> Any:
+    """Two changes to how ray.init starts a local Ray (private APIs of ray's head node, tested with
+    the installed ray; a Ray joined at an address is started by `ray start` and left as it is):
+
+    - No log monitor: it forwards the workers' output to the driver, which a sweep does not ask for
+      (log_to_driver=False). Started beside the raylet, it made ray.init wait a second longer in 7
+      of 18 starts on 2 cores; without it, in 1 of 21.
+    - ray.init asks the GCS for its new node through a call that, until the raylet has registered,
+      waits in steps of a second (1.0 s of its 1.7 s on 2 cores, where the raylet registers in about
+      0.3 s). The raylet is looked for here every RAYLET_POLL_S first, so that call answers at once.
+
+    docs/BENCHMARKS.md, section 1, has the measurements.
+    """
+    from ray._private import services
     from ray._private.node import Node
 
-    start = Node.start_log_monitor
-    Node.start_log_monitor = lambda self: None
+    start, get_node = Node.start_log_monitor, services.get_node
+
+    def get_node_once_registered(gcs_address: str, node_id: str) -> dict:
+        _wait_for_raylet(gcs_address, node_id)
+        return get_node(gcs_address, node_id)
+
+    Node.start_log_monitor, services.get_node = (lambda self: None), get_node_once_registered
     try:
         yield
     finally:
-        Node.start_log_monitor = start
+        Node.start_log_monitor, services.get_node = start, get_node
+
+
+RAYLET_POLL_S = 0.02
+RAYLET_WAIT_S = 30  # then Ray's own call waits, and says what went wrong
+
+
+def _wait_for_raylet(gcs_address: str, node_id: str) -> None:
+    """Return once the GCS lists node `node_id` as alive, or after RAYLET_WAIT_S; a question the GCS
+    cannot answer ends the wait early (Ray's own call then waits, or fails, as it would have)."""
+    import time
+
+    from ray._raylet import GcsClient, NodeID
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+    from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest
+
+    try:
+        client = GcsClient(address=gcs_address)
+        selector = GetAllNodeInfoRequest.NodeSelector(node_id=NodeID.from_hex(node_id).binary())
+        deadline = time.monotonic() + RAYLET_WAIT_S
+        while time.monotonic() < deadline:
+            if client.get_all_node_info(timeout=5, node_selectors=[selector], state_filter=GcsNodeInfo.GcsNodeState.ALIVE):
+                return
+            time.sleep(RAYLET_POLL_S)
+    except Exception:
+        return
 
 
 def _state_copy_in_one_line(record: logging.LogRecord) -> bool:

@@ -177,10 +177,21 @@ def test_the_reaper_ends_a_killed_drivers_processes(tmp_path):
 
 STOP_RAY = """
 import json, os, ray
+from ray._private import services
+from ray._raylet import GcsClient
 from hpo.reaper import descendants
 from hpo.runtime import init_ray, ray_stopped, stop_ray_later
 
+get_node, registered_at_get_node = services.get_node, []
+
+def recording_get_node(gcs_address, node_id):  # Ray's own call, which waits in steps of a second for a raylet not yet registered
+    alive = [n.hex() for n, info in GcsClient(address=gcs_address).get_all_node_info(timeout=5).items() if info.state == 0]
+    registered_at_get_node.append(node_id in alive)
+    return get_node(gcs_address, node_id)
+
+services.get_node = recording_get_node
 init_ray(None)
+assert services.get_node is recording_get_node  # put back once Ray has started
 node = ray._private.worker._global_node
 assert "log_monitor" not in node.all_processes, node.all_processes  # forwards output nobody asked for
 assert ray.get(ray.remote(lambda: "a task runs").remote()) == "a task runs"
@@ -195,16 +206,18 @@ def recording_shutdown():
 ray.shutdown = recording_shutdown
 stop_ray_later()
 ray_stopped()
-print(json.dumps({"started": started, "monitor": monitor, "monitor_at_shutdown": monitor_at_shutdown}))
+print(json.dumps({"started": started, "monitor": monitor, "monitor_at_shutdown": monitor_at_shutdown, "registered_at_get_node": registered_at_get_node}))
 """
 
 
 def test_a_local_rays_monitor_is_killed_before_its_shutdown_and_no_process_is_left():
-    """hpo.runtime starts a local Ray without its log monitor and stops it with its autoscaler's
-    monitor killed first (ray.shutdown would wait a second for it); every process Ray started ends."""
+    """hpo.runtime starts a local Ray without its log monitor, asks for its node only once the raylet
+    has registered (Ray's call would wait a second for it), and stops it with its autoscaler's monitor
+    killed first (ray.shutdown would wait a second for it); every process Ray started ends."""
     proc = subprocess.run([sys.executable, "-c", STOP_RAY], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["registered_at_get_node"] == [True], out
     assert out["monitor_at_shutdown"] == [False], out
     started = {int(pid): t for pid, t in out["started"].items()}
     assert out["monitor"] in started and len(started) >= 5, started  # GCS, raylet, monitor, agents, ...
