@@ -41,7 +41,6 @@ if __package__ in (None, ""):  # run as a file: python benchmarks/search_efficie
 
 from benchmarks import common  # first: its clock starts at import
 
-import numpy as np  # noqa: E402
 from ray.tune import Callback  # noqa: E402  (Ray reads RAY_TMPDIR when it starts, not at import)
 
 SPACE = {"learning_rate": [1e-4, 1e-3, 1e-2], "lora_r": [4, 16], "lora_alpha_per_rank": [1, 4]}  # 12 configurations
@@ -148,22 +147,27 @@ def compute_to_reach(trace: list[dict[str, Any]], reached: Any, unit: str = "com
     return until, spent
 
 
+REFERENCE_ORDERS = 2000  # random orders the reference takes the median of
+REFERENCE_SLOTS = 2  # trials at a time, as the searches run
+
+
 def random_order_trace(
     table: dict[tuple, list[dict[str, float]]], order: list[tuple], objective: str, reduction_factor: float | None = None,
-    keep: set[tuple] | None = None, slots: int = 2,
+    keep: frozenset[tuple] = frozenset(), slots: int = REFERENCE_SLOTS,
 ) -> list[dict[str, Any]]:
     """The results a search would report that proposes `order` (distinct configurations), `slots` at a time.
 
-    Simulated from the grid's table, without Ray: each epoch takes its measured seconds. Early
-    stopping is Ray Tune's ASHA rule on `objective` (`reduction_factor`, grace period 1: a trial
-    continues past a rung when its result is not worse than the rung's (1 - 1/factor) quantile of
-    the results recorded there before it), or, without a factor, a perfect one: every configuration
-    not in `keep` stops after its first epoch.
+    Simulated from the grid's table without a Ray runtime: each epoch takes its measured seconds.
+    Early stopping is Ray Tune's own ASHA rule on `objective` (its `_Bracket`, with the sweep's
+    grace period of 1), or, without a `reduction_factor`, a perfect one: every configuration not in
+    `keep` stops after its first epoch.
     """
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
     epochs = len(next(iter(table.values())))
-    rungs = {} if reduction_factor is None else {
-        reduction_factor ** k: [] for k in range(int(math.log(epochs) / math.log(reduction_factor) + 1e-9) + 1)
-    }
+    bracket = _Bracket(min_t=1, max_t=epochs, reduction_factor=reduction_factor, s=0) if reduction_factor else None
+    sign = -1.0 if objective == "eval_ppl" else 1.0  # as ASHAScheduler's mode "min" / "max"
     queue, running, trace = list(order), [], []  # running: (time its next epoch ends, slot, config, epoch index)
 
     def start(now: float, slot: int) -> None:
@@ -177,32 +181,35 @@ def random_order_trace(
         now, slot, config, i = heapq.heappop(running)
         row = table[config][i]
         trace.append({"trial_id": str(config), **row})
-        go_on = i + 1 < len(table[config])
-        if reduction_factor is None:
-            go_on = go_on and (i > 0 or config in keep)
-        elif row["epoch"] in rungs:
-            recorded, value = rungs[row["epoch"]], -row["eval_ppl"] if objective == "eval_ppl" else row["win_rate"]
-            go_on = go_on and (not recorded or value >= float(np.nanpercentile(recorded, 100 * (1 - 1 / reduction_factor))))
-            recorded.append(value)
-        if go_on:
+        if bracket is None:
+            stopped = i == 0 and config not in keep
+        else:
+            stopped = bracket.on_result(_Trial(str(config)), row["epoch"], sign * row[objective]) == TrialScheduler.STOP
+        if i + 1 < len(table[config]) and not stopped:
             heapq.heappush(running, (now + table[config][i + 1]["epoch_compute"], slot, config, i + 1))
         else:
             start(now, slot)
     return trace
 
 
+class _Trial:
+    """What Ray Tune's `_Bracket` reads of a trial."""
+
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
 def random_orders(
-    table: dict[tuple, list[dict[str, float]]], grid: dict[str, Any], objective: str, reached: Any,
-    reduction_factor: float, orders: int = 2000,
+    table: dict[tuple, list[dict[str, float]]], grid: dict[str, Any], objective: str, reached: Any, reduction_factor: float,
 ) -> dict[str, float]:
     """What a search that proposes the grid's configurations in a random order, each once, would need:
     the median share of the grid's compute (seconds) until it comes within reach, with Ray Tune's
     ASHA rule and with a perfect one (every configuration that never comes within reach stops after
     its first epoch). A reference for the searches' figures: not a Ray Tune run."""
-    good = {config for config, rows in table.items() if any(reached(r) for r in rows)}
+    good = frozenset(config for config, rows in table.items() if any(reached(r) for r in rows))
     rng = random.Random(0)
     shares: dict[str, list[float]] = {"asha": [], "perfect": []}
-    for _ in range(orders):
+    for _ in range(REFERENCE_ORDERS):
         order = rng.sample(list(table), len(table))
         for rule, trace in (("asha", random_order_trace(table, order, objective, reduction_factor)),
                             ("perfect", random_order_trace(table, order, objective, keep=good))):
@@ -212,8 +219,9 @@ def random_orders(
 
 def summarize(
     grid: dict[str, Any], traces: dict[str, dict[int, list[dict[str, Any]]]],
-    table: dict[tuple, list[dict[str, float]]] | None = None, reduction_factor: float = 4,
+    table: dict[tuple, list[dict[str, float]]] | None = None, reduction_factor: float | None = None,
 ) -> dict[str, Any]:
+    """The ratios and each seed's figures; with `table` and ASHA's `reduction_factor`, the random-order reference too."""
     targets = {
         "win_rate": (lambda r: r["win_rate"] >= grid["best_win_rate"] - WIN_RATE_POINTS - 1e-9,
                      f"within 2 points of the grid's best win rate ({grid['best_win_rate']:.2f})"),
@@ -223,7 +231,7 @@ def summarize(
     seeds, ratios, references = [], [], {}
     for objective, by_seed in traces.items():
         reached, describe = targets[objective]
-        if table is not None:
+        if table is not None and reduction_factor:
             references[objective] = random_orders(table, grid, objective, reached, reduction_factor)
         shares, flop_shares = [], []
         for seed, trace in by_seed.items():
@@ -280,8 +288,8 @@ def _random_order_lines(result: dict[str, Any]) -> list[str]:
         f"{'win rate' if objective == 'win_rate' else 'perplexity'} {r['asha']:.3f} with ASHA's rule, {r['perfect']:.3f} with perfect early stopping"
         for objective, r in references.items()
     )
-    return [f"for reference, a search that proposes every configuration once in a random order, 2 at a time (simulated "
-            f"from the grid's results, median of 2000 orders, seconds / the grid's): {shares}", ""]
+    return [f"for reference, a search that proposes every configuration once in a random order, {REFERENCE_SLOTS} at a time "
+            f"(simulated from the grid's results, median of {REFERENCE_ORDERS} orders, seconds / the grid's): {shares}", ""]
 
 
 def main() -> None:

@@ -121,17 +121,13 @@ def init_ray(address: str | None) -> None:
 
 @contextlib.contextmanager
 def _local_start() -> Any:
-    """Two changes to how ray.init starts a local Ray (private APIs of ray's head node, tested with
-    the installed ray; a Ray joined at an address is started by `ray start` and left as it is):
+    """A local ray.init without its log monitor, and without waiting a second for its raylet.
 
-    - No log monitor: it forwards the workers' output to the driver, which a sweep does not ask for
-      (log_to_driver=False). Started beside the raylet, it made ray.init wait a second longer in 7
-      of 18 starts on 2 cores; without it, in 1 of 21.
-    - ray.init asks the GCS for its new node through a call that, until the raylet has registered,
-      waits in steps of a second (1.0 s of its 1.7 s on 2 cores, where the raylet registers in about
-      0.3 s). The raylet is looked for here every RAYLET_POLL_S first, so that call answers at once.
-
-    docs/BENCHMARKS.md, section 1, has the measurements.
+    The log monitor forwards the workers' output to the driver, which a sweep declines
+    (log_to_driver=False); started beside the raylet, it often delayed ray.init by a second. And
+    ray.init asks the GCS for its new node through a call that waits in steps of a second until the
+    raylet has registered; the raylet is looked for here every RAYLET_POLL_S first. Private APIs of
+    ray's head node, tested with the installed ray; measured in docs/BENCHMARKS.md, section 1.
     """
     from ray._private import services
     from ray._private.node import Node
@@ -150,7 +146,7 @@ def _local_start() -> Any:
 
 
 RAYLET_POLL_S = 0.02
-RAYLET_WAIT_S = 30  # then Ray's own call waits, and says what went wrong
+RAYLET_WAIT_S = 5  # then Ray's own call waits as before (up to 30 s), and says what went wrong
 
 
 def _wait_for_raylet(gcs_address: str, node_id: str) -> None:

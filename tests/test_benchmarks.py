@@ -109,9 +109,9 @@ def test_the_random_order_reference_stops_as_ashas_rule_or_a_perfect_one_would()
     def seen(trace):
         return [(r["trial_id"], r["epoch"]) for r in trace]
 
-    # perfect: A and B stop after their first epoch, C (kept) runs both, on the slot B freed at 1 s
+    # perfect: A and B stop after their first epoch, C (kept) runs both, on the slot A freed at 1 s
     assert seen(random_order_trace(table, order, "eval_ppl", keep={"C"})) == [("A", 1), ("B", 1), ("C", 1), ("C", 2)]
-    # Ray's ASHA, factor 2: A is the rung's first (continues); B is worse than A (stops); C beats the median of A, B
+    # Ray Tune's ASHA rule (its _Bracket), factor 2: A is the rung's first (continues); B is worse than A (stops); C beats the median of A, B
     assert seen(random_order_trace(table, order, "eval_ppl", reduction_factor=2)) == [("A", 1), ("B", 1), ("A", 2), ("C", 1), ("C", 2)]
     # on the win rate (all equal here) nobody is worse than the rung's cut: every trial runs both epochs
     assert len(random_order_trace(table, order, "win_rate", reduction_factor=2)) == 6

@@ -178,20 +178,22 @@ def test_the_reaper_ends_a_killed_drivers_processes(tmp_path):
 STOP_RAY = """
 import json, os, ray
 from ray._private import services
+from ray._private.node import Node
 from ray._raylet import GcsClient
+from ray.core.generated.gcs_pb2 import GcsNodeInfo
 from hpo.reaper import descendants
 from hpo.runtime import init_ray, ray_stopped, stop_ray_later
 
-get_node, registered_at_get_node = services.get_node, []
+get_node, start_log_monitor, registered_at_get_node = services.get_node, Node.start_log_monitor, []
 
 def recording_get_node(gcs_address, node_id):  # Ray's own call, which waits in steps of a second for a raylet not yet registered
-    alive = [n.hex() for n, info in GcsClient(address=gcs_address).get_all_node_info(timeout=5).items() if info.state == 0]
-    registered_at_get_node.append(node_id in alive)
+    nodes = GcsClient(address=gcs_address).get_all_node_info(timeout=5).items()
+    registered_at_get_node.append(node_id in [n.hex() for n, info in nodes if info.state == GcsNodeInfo.GcsNodeState.ALIVE])
     return get_node(gcs_address, node_id)
 
 services.get_node = recording_get_node
 init_ray(None)
-assert services.get_node is recording_get_node  # put back once Ray has started
+assert services.get_node is recording_get_node and Node.start_log_monitor is start_log_monitor  # put back once Ray has started
 node = ray._private.worker._global_node
 assert "log_monitor" not in node.all_processes, node.all_processes  # forwards output nobody asked for
 assert ray.get(ray.remote(lambda: "a task runs").remote()) == "a task runs"
