@@ -70,11 +70,11 @@ def _stopped(exc: SweepInterrupted | SweepFailed, name: str) -> None:
     """The last line of a sweep that did not complete, and its exit code: 128 + the signal's number
     for an interrupted sweep (130 for Ctrl-C), 1 for a failed one."""
     if isinstance(exc, SweepInterrupted):
-        typer.echo(
-            f"peftsweep: interrupted ({exc}); finished epochs are in the store, and "
-            f"`peftsweep resume {name}` continues the sweep",
-            err=True,
-        )
+        if exc.resumable:
+            said = f"finished epochs are in the store, and `peftsweep resume {name}` continues the sweep"
+        else:
+            said = "it stopped before its first trial started, so there is nothing to resume; run it again with --overwrite"
+        typer.echo(f"peftsweep: interrupted ({exc}); {said}", err=True)
         raise typer.Exit(128 + exc.signum)
     typer.echo(f"peftsweep: failed: {exc}", err=True)
     raise typer.Exit(1)

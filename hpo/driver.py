@@ -177,7 +177,7 @@ def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCal
             finally:
                 progress.stop()
         if signals.received:
-            raise SweepInterrupted(signals.received)
+            raise _interrupted(signals.received, spec, run_dir)
         outcome = _record_end(store, spec, run_dir, time.monotonic() - started)
         if outcome.note:
             progress.say(f"Note: {outcome.note}")
@@ -187,7 +187,7 @@ def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCal
         raise
     except KeyboardInterrupt:
         _finish_quietly(store, SweepStatus.INTERRUPTED, None)
-        raise SweepInterrupted(signals.received or signal.SIGINT) from None
+        raise _interrupted(signals.received or signal.SIGINT, spec, run_dir) from None
     except BaseException as exc:
         fault = _write_fault(exc)
         reason = f"cannot write {fault.filename or store.path}: {fault.strerror}" if isinstance(fault, OSError) else (
@@ -208,6 +208,17 @@ def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCal
             gc.collect()
             stop_ray_later()  # while the CLI writes the report
     return outcome
+
+
+def _interrupted(signum: int, spec: SweepSpec, run_dir: Path) -> SweepInterrupted:
+    """How a signal stopped the sweep: resumable once Ray Tune has saved its state, as `resume` requires."""
+    from ray import tune
+
+    try:
+        resumable = tune.Tuner.can_restore(experiment_path(spec, run_dir))
+    except Exception:  # storage that does not answer now: `resume` says so itself
+        resumable = True
+    return SweepInterrupted(signum, resumable)
 
 
 def _record_end(store: Store, spec: SweepSpec, run_dir: Path, seconds: float) -> SweepOutcome:

@@ -6,12 +6,14 @@ class SweepError(Exception):
 
 
 class SweepInterrupted(Exception):
-    """A signal (Ctrl-C, SIGTERM) stopped the sweep; its store says `interrupted` and `resume` continues it."""
+    """A signal (Ctrl-C, SIGTERM) stopped the sweep; its store says `interrupted` and `resume` continues
+    it, unless it stopped before Ray Tune first saved its state (`resumable` False: run it again)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, resumable: bool = True):
         import signal
 
         self.signum = signum
+        self.resumable = resumable
         super().__init__(signal.Signals(signum).name)
 
 

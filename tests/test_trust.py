@@ -448,3 +448,25 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_an_interrupt_says_resume_only_where_resume_can_continue(smoke_run, tmp_path, capsys):
+    """A sweep stopped before Ray Tune first saved its state cannot be resumed (`resume` refuses it):
+    its interrupt line says to run it again instead of pointing at `resume`."""
+    import typer
+
+    from hpo.cli import _stopped
+    from hpo.driver import _interrupted
+    from hpo.spec import SweepSpec
+
+    with Store.open(smoke_run.db) as store:
+        spec = SweepSpec.from_store(store.sweep()["spec"], store.path)
+    assert _interrupted(signal.SIGINT, spec, smoke_run.run_dir).resumable  # Tune's state is there
+    not_started = _interrupted(signal.SIGINT, spec, tmp_path / "not_started")  # the same storage, no state of its own
+    assert not not_started.resumable
+    stopped_later = _interrupted(signal.SIGTERM, spec, smoke_run.run_dir)
+    for exc, said in ((not_started, "nothing to resume; run it again with --overwrite"), (stopped_later, "`peftsweep resume smoke` continues the sweep")):
+        with pytest.raises(typer.Exit) as exit_:
+            _stopped(exc, "smoke")
+        assert exit_.value.exit_code == 128 + exc.signum
+        assert capsys.readouterr().err.strip().endswith(said)
