@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 if __package__ in (None, ""):  # run as a file: python benchmarks/search_efficiency.py
@@ -147,6 +148,7 @@ def compute_to_reach(trace: list[dict[str, Any]], reached: Any, unit: str = "com
     return until, spent
 
 
+LABELS = {"win_rate": "win rate", "eval_ppl": "perplexity"}  # each objective, as the tables name it
 REFERENCE_ORDERS = 2000  # random orders the reference takes the median of
 REFERENCE_SLOTS = 2  # trials at a time, as the searches run
 
@@ -184,19 +186,13 @@ def random_order_trace(
         if bracket is None:
             stopped = i == 0 and config not in keep
         else:
-            stopped = bracket.on_result(_Trial(str(config)), row["epoch"], sign * row[objective]) == TrialScheduler.STOP
+            trial = SimpleNamespace(trial_id=str(config))  # what _Bracket reads of a trial
+            stopped = bracket.on_result(trial, row["epoch"], sign * row[objective]) == TrialScheduler.STOP
         if i + 1 < len(table[config]) and not stopped:
             heapq.heappush(running, (now + table[config][i + 1]["epoch_compute"], slot, config, i + 1))
         else:
             start(now, slot)
     return trace
-
-
-class _Trial:
-    """What Ray Tune's `_Bracket` reads of a trial."""
-
-    def __init__(self, trial_id: str):
-        self.trial_id = trial_id
 
 
 def random_orders(
@@ -209,8 +205,9 @@ def random_orders(
     good = frozenset(config for config, rows in table.items() if any(reached(r) for r in rows))
     rng = random.Random(0)
     shares: dict[str, list[float]] = {"asha": [], "perfect": []}
+    configs = list(table)
     for _ in range(REFERENCE_ORDERS):
-        order = rng.sample(list(table), len(table))
+        order = rng.sample(configs, len(configs))
         for rule, trace in (("asha", random_order_trace(table, order, objective, reduction_factor)),
                             ("perfect", random_order_trace(table, order, objective, keep=good))):
             shares[rule].append(compute_to_reach(trace, reached)[0] / grid["compute"])
@@ -244,7 +241,7 @@ def summarize(
                 "compute_to_target": until, "search_compute": total, "share_of_grid": until / grid["compute"],
                 "search_share_of_grid": total / grid["compute"], "flops_share_of_grid": flop_shares[-1],
             })
-        label = "win rate" if objective == "win_rate" else "perplexity"
+        label = LABELS[objective]
         ratios.append(common.ratio(
             f"search efficiency, {label}", common.median(shares), "<=", 0.25,
             f"median over {len(shares)} seeds of the compute TPE + ASHA spent to come {describe}, / the grid's compute (seconds)",
@@ -285,7 +282,7 @@ def _random_order_lines(result: dict[str, Any]) -> list[str]:
     if not references:
         return []
     shares = "; ".join(
-        f"{'win rate' if objective == 'win_rate' else 'perplexity'} {r['asha']:.3f} with ASHA's rule, {r['perfect']:.3f} with perfect early stopping"
+        f"{LABELS[objective]} {r['asha']:.3f} with ASHA's rule, {r['perfect']:.3f} with perfect early stopping"
         for objective, r in references.items()
     )
     return [f"for reference, a search that proposes every configuration once in a random order, {REFERENCE_SLOTS} at a time "

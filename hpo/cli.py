@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperArgument, TyperCommand
 
-from hpo.errors import SweepError, SweepFailed, SweepInterrupted
+from hpo.errors import NOT_STARTED, SweepError, SweepFailed, SweepInterrupted
 from trainers.vocabulary import SweepStatus
 
 
@@ -73,7 +73,7 @@ def _stopped(exc: SweepInterrupted | SweepFailed, name: str) -> None:
         if exc.resumable:
             said = f"finished epochs are in the store, and `peftsweep resume {name}` continues the sweep"
         else:
-            said = "it stopped before its first trial started, so there is nothing to resume; run it again with --overwrite"
+            said = f"it {NOT_STARTED}"
         typer.echo(f"peftsweep: interrupted ({exc}); {said}", err=True)
         raise typer.Exit(128 + exc.signum)
     typer.echo(f"peftsweep: failed: {exc}", err=True)

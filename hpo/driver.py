@@ -19,7 +19,7 @@ from typing import Any
 
 from hpo.callbacks import BaselineCallback, GpuHoursBudget, StoreCallback
 from hpo.checks import check_inputs
-from hpo.errors import SweepError, SweepFailed, SweepInterrupted, last_line
+from hpo.errors import NOT_STARTED, SweepError, SweepFailed, SweepInterrupted, last_line
 from hpo.packs import concurrent_trials, start_registry
 from hpo.progress import ProgressCallback
 from hpo.rundir import DriverLock, clear_run_dir, experiment_name, experiment_path, make_run_dir, prepare_storage, runs_root
@@ -140,14 +140,12 @@ def resume_sweep(name: str, *, runs_dir: str | None = None, address: str | None 
 
 def _resumable(store: Store, run_dir: Path) -> tuple[SweepSpec, list[str]]:
     """The stored sweep's spec and the base model's answers (if it recorded them), or why it cannot be resumed."""
-    from ray import tune
-
     name, sweep = run_dir.name, store.sweep()
     if sweep["status"] == SweepStatus.COMPLETED:
         raise SweepError(f"sweep {name} has completed; nothing to resume (its report: peftsweep report {name})")
     spec = SweepSpec.from_store(sweep["spec"], store.path)
-    if not tune.Tuner.can_restore(experiment_path(spec, run_dir)):
-        raise SweepError(f"sweep {name} stopped before its first trial started, so there is nothing to resume; run it again with --overwrite")
+    if not _tune_state_saved(spec, run_dir):
+        raise SweepError(f"sweep {name} {NOT_STARTED}")
     return spec, [row["answer"] for row in store.baseline()]  # none if it stopped before the base model answered
 
 
@@ -212,13 +210,18 @@ def _drive(make_tuner: Any, store: Store, spec: SweepSpec, progress: ProgressCal
 
 def _interrupted(signum: int, spec: SweepSpec, run_dir: Path) -> SweepInterrupted:
     """How a signal stopped the sweep: resumable once Ray Tune has saved its state, as `resume` requires."""
-    from ray import tune
-
     try:
-        resumable = tune.Tuner.can_restore(experiment_path(spec, run_dir))
+        resumable = _tune_state_saved(spec, run_dir)
     except Exception:  # storage that does not answer now: `resume` says so itself
         resumable = True
     return SweepInterrupted(signum, resumable)
+
+
+def _tune_state_saved(spec: SweepSpec, run_dir: Path) -> bool:
+    """Whether Ray Tune has saved the sweep's experiment state, which `resume` restores."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(experiment_path(spec, run_dir))
 
 
 def _record_end(store: Store, spec: SweepSpec, run_dir: Path, seconds: float) -> SweepOutcome:

@@ -17,6 +17,9 @@ class SweepInterrupted(Exception):
         super().__init__(signal.Signals(signum).name)
 
 
+NOT_STARTED = "stopped before its first trial started, so there is nothing to resume; run it again with --overwrite"
+
+
 class SweepFailed(Exception):
     """The sweep ran but no trial finished (every one failed), or it could not go on (its store cannot be written)."""
 

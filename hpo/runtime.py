@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +153,6 @@ RAYLET_WAIT_S = 5  # then Ray's own call waits as before (up to 30 s), and says 
 def _wait_for_raylet(gcs_address: str, node_id: str) -> None:
     """Return once the GCS lists node `node_id` as alive, or after RAYLET_WAIT_S; a question the GCS
     cannot answer ends the wait early (Ray's own call then waits, or fails, as it would have)."""
-    import time
-
     from ray._raylet import GcsClient, NodeID
     from ray.core.generated.gcs_pb2 import GcsNodeInfo
     from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest
